@@ -1,0 +1,24 @@
+"""jaxllm: GPT-style language models in JAX/Flax, with a PyTorch twin (torch_ref) as reference."""
+
+from jaxllm.checkpoint import load_params, save_params
+from jaxllm.config import ModelConfig, flops_per_token
+from jaxllm.convert import from_torch_state_dict, to_torch_state_dict
+from jaxllm.errors import ConfigError, InputError, JaxllmError
+from jaxllm.model import abstract_params, count_params, forward, init_params, logical_axes
+
+__all__ = [
+    "ConfigError",
+    "InputError",
+    "JaxllmError",
+    "ModelConfig",
+    "abstract_params",
+    "count_params",
+    "flops_per_token",
+    "forward",
+    "from_torch_state_dict",
+    "init_params",
+    "load_params",
+    "logical_axes",
+    "save_params",
+    "to_torch_state_dict",
+]

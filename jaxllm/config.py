@@ -1,0 +1,189 @@
+"""The one config schema: model shapes shared by jaxllm and torch_ref, presets, YAML loading.
+
+A config file is YAML with top-level sections; `model:` is the one this module reads. Presets are
+the YAML files shipped in `jaxllm/configs/` (also reachable as `configs/` at the repository root).
+Every field is validated; an unknown or ill-typed key is a `ConfigError` naming it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+from jaxllm.errors import ConfigError
+
+
+class ModelConfig(BaseModel):
+    """Shapes and numerics of a decoder-only transformer (both block families).
+
+    family "gpt": learned positions, LayerNorm with bias, GELU MLP, biases everywhere.
+    family "llama": RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, no biases.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = "custom"
+    family: Literal["gpt", "llama"]
+    vocab_size: PositiveInt
+    context_length: PositiveInt
+    d_model: PositiveInt
+    n_layers: PositiveInt
+    n_heads: PositiveInt
+    n_kv_heads: PositiveInt | None = None  # None: as many as n_heads (multi-head attention)
+    head_dim: PositiveInt | None = None  # None: d_model // n_heads
+    d_ff: PositiveInt  # MLP hidden width (per branch for SwiGLU)
+    gelu: Literal["exact", "tanh"] = "tanh"  # GPT family only; GPT-2 uses tanh
+    tie_embeddings: bool = False
+    norm_eps: PositiveFloat = 1e-5
+    rope_theta: PositiveFloat = 10000.0  # llama family only
+    init_std: PositiveFloat = 0.02
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; params stay float32
+    attention: Literal["xla", "cudnn"] = "xla"  # jax.nn.dot_product_attention implementation
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) unless head_dim is given"
+            )
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
+        if self.family == "llama" and self.dim_per_head % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {self.dim_per_head}")
+        return self
+
+    # Derived shapes -----------------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def use_bias(self) -> bool:
+        return self.family == "gpt"
+
+    # Loading ------------------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str) -> ModelConfig:
+        """A shipped preset by name (`mini`, `advanced`, `gpt2-124m`)."""
+        names = preset_names()
+        if name not in names:
+            raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(names)}")
+        return cls.from_yaml(_presets_dir() / f"{name}.yaml")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ModelConfig:
+        """The `model:` section of a YAML config file."""
+        return cls.from_dict(read_yaml(path).get("model"), source=f"{path}: model")
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "model") -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, cls, source)) from None
+
+    @classmethod
+    def load(cls, preset_or_path: str | Path) -> ModelConfig:
+        """A preset name, or the path of a YAML config file."""
+        path = Path(preset_or_path)
+        if path.suffix in (".yaml", ".yml") or path.exists():
+            return cls.from_yaml(path)
+        return cls.preset(str(preset_or_path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A validated copy with some fields changed (e.g. a reduced-depth test model)."""
+        return self.from_dict({**self.model_dump(), **changes}, source="replace()")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in _presets_dir().glob("*.yaml"))
+
+
+def _presets_dir() -> Path:
+    return Path(str(resources.files("jaxllm") / "configs"))
+
+
+# Known top-level sections of a config file. Later sections (train, mesh, data…) join this set.
+SECTIONS = frozenset({"model"})
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Parse a config file, checking it exists, is YAML, and has only known top-level sections."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with a 'model:' section")
+    for key in data:
+        if key not in SECTIONS:
+            raise ConfigError(f"{path}: unknown section {key!r}{_suggest(key, SECTIONS)}")
+    if "model" not in data:
+        raise ConfigError(f"{path}: missing the 'model:' section")
+    return data
+
+
+def format_validation_error(err: ValidationError, schema: type[BaseModel], source: str) -> str:
+    """One line per problem, naming the dotted key and suggesting the closest valid key."""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(root)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key {key!r}{_suggest(str(e['loc'][-1]), schema.model_fields)}")
+        elif e["type"] == "missing":
+            lines.append(f"missing required key {key!r}")
+        elif e["loc"]:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+        else:
+            lines.append(e["msg"].removeprefix("Value error, "))
+    return f"{source}: " + "; ".join(lines)
+
+
+def _suggest(word: str, options: Any) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, int]:
+    """Matmul FLOPs per token, PaLM-style (appendix B of Chowdhery et al. 2022).
+
+    forward  = 2 * N_matmul + 4 * n_layers * T * n_heads * head_dim
+    training = 3 * forward  (backward costs twice the forward)
+
+    N_matmul counts the weights of every matmul (attention, MLP, output head) and excludes
+    embedding lookups, norms and biases; the second term is QK^T and AV over a context of T
+    (the full context, not halved for causality, as PaLM counts it).
+    """
+    t = seq_len or cfg.context_length
+    d, hd = cfg.d_model, cfg.dim_per_head
+    attn = d * hd * (2 * cfg.n_heads + 2 * cfg.kv_heads)
+    mlp = (3 if cfg.family == "llama" else 2) * d * cfg.d_ff
+    n_matmul = cfg.n_layers * (attn + mlp) + d * cfg.vocab_size
+    forward = 2 * n_matmul + 4 * cfg.n_layers * t * cfg.n_heads * hd
+    return {"n_matmul_params": n_matmul, "forward": forward, "train": 3 * forward}
+
+
+def human_count(n: float) -> str:
+    """1234567 -> '1.23M'."""
+    if n < 1000:
+        return str(int(n))
+    exp = min(int(math.log10(n) // 3), 4)
+    return f"{n / 1000**exp:.3g}{' KMGT'[exp]}"
