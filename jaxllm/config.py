@@ -45,6 +45,9 @@ class ModelConfig(BaseModel):
     init_std: PositiveFloat = 0.02
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; params stay float32
     attention: Literal["xla", "cudnn"] = "xla"  # jax.nn.dot_product_attention implementation
+    # Activation checkpointing per block: "none", "full" (recompute everything in the backward
+    # pass) or "save_dots" (keep matmul outputs, recompute the rest). Numerics are unchanged.
+    remat: Literal["none", "full", "save_dots"] = "none"
 
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelConfig:

@@ -154,6 +154,9 @@ class Block(nn.Module):
         return x_BTD + MLP(self.cfg, name="mlp")(Norm(self.cfg, name="mlp_norm")(x_BTD))
 
 
+_REMAT_POLICIES = {"full": None, "save_dots": jax.checkpoint_policies.dots_saveable}
+
+
 class Transformer(nn.Module):
     """Token ids (B, T) -> float32 logits (B, T, V)."""
 
@@ -173,8 +176,9 @@ class Transformer(nn.Module):
             )
             x_BTD = x_BTD + jnp.take(pos_embed_TD, positions_BT, axis=0)
         x_BTD = x_BTD.astype(cfg.dtype)
+        block = Block if cfg.remat == "none" else nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat])
         for i in range(cfg.n_layers):
-            x_BTD = Block(cfg, name=f"blocks_{i}")(x_BTD, positions_BT)
+            x_BTD = block(cfg, name=f"blocks_{i}")(x_BTD, positions_BT)
         x_BTD = Norm(cfg, name="final_norm")(x_BTD)
         if cfg.tie_embeddings:
             x_2d = x_BTD.reshape(-1, cfg.d_model)

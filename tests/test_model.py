@@ -121,3 +121,26 @@ def test_bad_tokens_get_a_clear_error(tokens, message):
     cfg = TINY["gpt"]
     with pytest.raises(InputError, match=message):
         forward(cfg, init_params(cfg, 0), tokens)
+
+
+@pytest.mark.parametrize("remat", ["full", "save_dots"])
+def test_activation_checkpointing_keeps_param_names_and_gradients(remat):
+    cfg = TINY["gpt"]
+    params = init_params(cfg, 0)
+    tokens = random_tokens(cfg.vocab_size, 2, 8)
+
+    def loss(cfg, p):
+        return forward(cfg, p, tokens).mean()
+
+    plain = jax.jit(jax.grad(loss, argnums=1), static_argnums=0)(cfg, params)
+    rematted = jax.jit(jax.grad(loss, argnums=1), static_argnums=0)(cfg.replace(remat=remat), params)
+    assert jax.tree.structure(plain) == jax.tree.structure(rematted)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematted), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+    def hlo(c):
+        return jax.jit(jax.grad(loss, argnums=1), static_argnums=0).lower(c, params).as_text()
+
+    # jax.checkpoint lowers to optimization barriers around the recomputed block.
+    assert "optimization_barrier" in hlo(cfg.replace(remat=remat))
+    assert "optimization_barrier" not in hlo(cfg)
