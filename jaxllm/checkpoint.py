@@ -7,6 +7,7 @@ that looks complete. `load_params` restores onto given shardings, or onto the de
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,17 @@ CONFIG_FILE = "config.yaml"
 PARAMS_DIR = "params"
 
 
-def save_params(path: str | Path, cfg: ModelConfig, params: Params, *, overwrite: bool = False) -> Path:
+def save_params(
+    path: str | Path,
+    cfg: ModelConfig,
+    params: Params,
+    *,
+    overwrite: bool = False,
+    extra_files: Sequence[str | Path] = (),
+) -> Path:
     """Write `cfg` and `params` to the directory `path` atomically; returns the absolute path.
 
+    `extra_files` (e.g. the tokenizer.json) are copied in before the directory is renamed into place.
     Every JAX process must call it (orbax writes sharded arrays collectively).
     """
     path = Path(path).absolute()
@@ -39,6 +48,8 @@ def save_params(path: str | Path, cfg: ModelConfig, params: Params, *, overwrite
     checkpointer.wait_until_finished()
     if jax.process_index() == 0:
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump({"model": cfg.to_dict()}, sort_keys=False))
+        for file in extra_files:
+            shutil.copy2(file, tmp / Path(file).name)
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
@@ -56,7 +67,8 @@ def load_params(path: str | Path, shardings: Any = None) -> tuple[ModelConfig, P
         raise InputError(f"{path} is not a jaxllm params directory (needs {CONFIG_FILE} and {PARAMS_DIR}/)")
     cfg = ModelConfig.from_yaml(path / CONFIG_FILE)
     target = abstract_params(cfg)
-    if shardings is not None:
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
+    if shardings is None:  # not the saving run's topology (which may have had other devices or hosts)
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), target)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
     params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
     return cfg, params

@@ -35,6 +35,38 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
     print(f"exported {cfg.name} from {args.ckpt_dir} to {args.out_dir} (config.json + model.safetensors)")
 
 
+def cmd_preprocess(args: argparse.Namespace) -> None:
+    from jaxllm.data.preprocess import preprocess
+
+    result = preprocess(
+        args.inputs,
+        args.out,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
+        workers=args.workers,
+        seed=args.seed,
+        glob=args.glob,
+        overwrite=args.overwrite,
+        progress=sys.stderr.isatty(),
+    )
+    print(result.summary())
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from jaxllm import distributed
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    from jaxllm.config import Config
+    from jaxllm.train import train
+
+    overrides = [*args.overrides, *([f"data.path={args.data}"] if args.data else [])]
+    config = Config.load(args.config, overrides)
+    result = train(config, args.out or f"runs/{config.model.name}", resume=args.resume, progress=not args.no_progress)
+    print(f"trained steps {result.start_step + 1}-{result.end_step}, last loss {result.last_loss:.4f}; "
+          f"params in {result.final_dir}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxllm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -57,6 +89,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("export-hf", cmd_export_hf, "export a jaxllm params directory as a Hugging Face GPT-2 directory")
     p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="jaxllm params directory (from save_params / train)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory to create (config.json + model.safetensors)")
+
+    p = command("preprocess", cmd_preprocess, "tokenize text into DATA_DIR: token files, tokenizer, meta.json")
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="INPUT",
+        help="text files, directories (recursive), glob patterns or - for stdin; "
+        "none: the Python standard library's .py files (the default corpus)",
+    )
+    p.add_argument("--out", required=True, metavar="DATA_DIR", help="dataset directory to write")
+    p.add_argument(
+        "--tokenizer",
+        default="bpe",
+        metavar="bpe|byte|PATH",
+        help="train a byte-level BPE (default), plain bytes, or an existing tokenizer.json",
+    )
+    p.add_argument("--vocab-size", type=int, metavar="N", help="BPE vocabulary size (default 1000, as mini)")
+    p.add_argument(
+        "--val-fraction", type=float, default=0.05, metavar="F", help="share of documents held out (default 0.05)"
+    )
+    p.add_argument("--workers", type=int, metavar="W", help="encoding threads (default: all cores)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
+    p.add_argument("--glob", default="*", metavar="PATTERN", help="names of files to take in directories (default *)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in DATA_DIR")
+    p = command("train", cmd_train, "train a model on a preprocessed dataset (sharded over all devices)")
+    p.add_argument("--config", required=True, help="a preset name or YAML config (model/data/train/mesh sections)")
+    p.add_argument("--data", help="DATA_DIR from `jaxllm preprocess` (sets data.path)")
+    p.add_argument("--out", help="run directory (default: runs/MODEL_NAME)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--coordinator", help="multi-host: coordinator HOST:PORT (or JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=int, help="multi-host: number of processes (or JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, help="multi-host: this process's id (or JAX_PROCESS_ID)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.steps=200")
     return parser
 
 

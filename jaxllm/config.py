@@ -1,20 +1,32 @@
 """The one config schema: model shapes shared by jaxllm and torch_ref, presets, YAML loading.
 
-A config file is YAML with top-level sections; `model:` is the one this module reads. Presets are
+A config file is YAML with top-level sections `model`, `data`, `train` and `mesh` (`Config`). Presets are
 the YAML files shipped in `jaxllm/configs/` (also reachable as `configs/` at the repository root).
 Every field is validated; an unknown or ill-typed key is a `ConfigError` naming it.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 from jaxllm.errors import ConfigError
 
@@ -78,9 +90,8 @@ class ModelConfig(BaseModel):
     @classmethod
     def preset(cls, name: str) -> ModelConfig:
         """A shipped preset by name (`mini`, `advanced`, `gpt2-124m`)."""
-        names = preset_names()
-        if name not in names:
-            raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(names)}")
+        if name not in preset_names():
+            raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(preset_names())}")
         return cls.from_yaml(_presets_dir() / f"{name}.yaml")
 
     @classmethod
@@ -100,10 +111,7 @@ class ModelConfig(BaseModel):
     @classmethod
     def load(cls, preset_or_path: str | Path) -> ModelConfig:
         """A preset name, or the path of a YAML config file."""
-        path = Path(preset_or_path)
-        if path.suffix in (".yaml", ".yml") or path.exists():
-            return cls.from_yaml(path)
-        return cls.preset(str(preset_or_path))
+        return cls.from_yaml(config_path(preset_or_path))
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
@@ -117,12 +125,125 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in _presets_dir().glob("*.yaml"))
 
 
+def config_path(preset_or_path: str | Path) -> Path:
+    """The YAML file for a preset name, or the given path if it looks like one."""
+    path = Path(preset_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    if str(preset_or_path) not in preset_names():
+        raise ConfigError(f"unknown preset {str(preset_or_path)!r}; available presets: {', '.join(preset_names())}")
+    return _presets_dir() / f"{preset_or_path}.yaml"
+
+
 def _presets_dir() -> Path:
     return Path(str(resources.files("jaxllm") / "configs"))
 
 
-# Known top-level sections of a config file. Later sections (train, mesh, data…) join this set.
-SECTIONS = frozenset({"model"})
+class TrainConfig(BaseModel):
+    """The training loop: batch, optimizer, schedule, logging, checkpoints."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: PositiveInt = 1000  # optimizer updates
+    seed: int = 0  # parameter init and data order
+    batch_size: PositiveInt = 32  # global sequences per optimizer update
+    grad_accum: PositiveInt = 1  # micro-batches per update (batch_size must be divisible by it)
+    learning_rate: PositiveFloat = 3e-4  # peak, after linear warmup
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to learning_rate * min_lr_ratio
+    warmup_steps: NonNegativeInt = 100
+    weight_decay: NonNegativeFloat = 0.1  # decoupled; not on biases, norms and gains
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: PositiveFloat = 1e-8
+    grad_clip: NonNegativeFloat = 1.0  # global-norm clipping; 0 disables
+    # float32 matmul precision: "highest" is full fp32; "default"/"high" allow TF32/bf16 passes on GPUs.
+    matmul_precision: Literal["default", "high", "highest"] = "default"
+    nonfinite: Literal["stop", "skip"] = "stop"  # on a NaN/inf loss or gradient
+    log_every: PositiveInt = 10
+    eval_every: NonNegativeInt = 200  # 0 disables evaluation
+    eval_batches: PositiveInt = 10
+    checkpoint_every: NonNegativeInt = 500  # 0: only the final params
+    keep_checkpoints: PositiveInt = 3
+    peak_flops: PositiveFloat | None = None  # per-device peak for MFU; None: known table / measured on CPU
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+        return self
+
+
+class MeshConfig(BaseModel):
+    """Device mesh sizes for the named axes; one of them may be -1 ("the rest of the devices")."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    # A named parallelism (see jaxllm/sharding.py): dp, fsdp, tp or fsdp_tp; explicit sizes override it.
+    strategy: Literal["dp", "fsdp", "tp", "fsdp_tp"] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> MeshConfig:
+        sizes = (self.data, self.fsdp, self.tensor)
+        if any(s == 0 or s < -1 for s in sizes):
+            raise ValueError(
+                f"mesh sizes must be positive or -1, got data={self.data} fsdp={self.fsdp} tensor={self.tensor}"
+            )
+        if sizes.count(-1) > 1:
+            raise ValueError("at most one mesh axis may be -1")
+        return self
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str | None = None  # a directory written by `jaxllm preprocess`
+
+
+class Config(BaseModel):
+    """A whole config file: model, data, train and mesh sections."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+
+    @classmethod
+    def load(cls, preset_or_path: str | Path, overrides: Sequence[str] = ()) -> Config:
+        """A preset or YAML file, with dotted `key=value` overrides (`train.steps=200 mesh.fsdp=2`)."""
+        path = config_path(preset_or_path)
+        data = apply_overrides(read_yaml(path), overrides)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, cls, str(path))) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of `data` with each `a.b=value` set; values parse as YAML scalars (`1e-3`, `true`, `null`)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            node[leaf] = raw
+    return data
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -137,8 +258,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with a 'model:' section")
     for key in data:
-        if key not in SECTIONS:
-            raise ConfigError(f"{path}: unknown section {key!r}{_suggest(key, SECTIONS)}")
+        if key not in Config.model_fields:
+            raise ConfigError(f"{path}: unknown section {key!r}{_suggest(key, Config.model_fields)}")
     if "model" not in data:
         raise ConfigError(f"{path}: missing the 'model:' section")
     return data
@@ -150,14 +271,25 @@ def format_validation_error(err: ValidationError, schema: type[BaseModel], sourc
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(root)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"unknown key {key!r}{_suggest(str(e['loc'][-1]), schema.model_fields)}")
+            fields = _schema_at(schema, e["loc"][:-1]).model_fields
+            lines.append(f"unknown key {key!r}{_suggest(str(e['loc'][-1]), fields)}")
         elif e["type"] == "missing":
             lines.append(f"missing required key {key!r}")
-        elif e["loc"]:
-            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+        elif e["type"] == "value_error":
+            lines.append(f"{key}: {e['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(e["msg"].removeprefix("Value error, "))
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
     return f"{source}: " + "; ".join(lines)
+
+
+def _schema_at(schema: type[BaseModel], loc: tuple) -> type[BaseModel]:
+    """The nested model class that the field path `loc` points into."""
+    for part in loc:
+        inner = schema.model_fields[part].annotation if part in schema.model_fields else None
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            break
+        schema = inner
+    return schema
 
 
 def _suggest(word: str, options: Any) -> str:

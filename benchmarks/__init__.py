@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks.NAME`; results are kept in benchmarks/results/."""

@@ -1,0 +1,124 @@
+"""The device mesh and the one table of logical-axis rules.
+
+Parameters carry logical axis names (`jaxllm.model.LOGICAL_AXES`); `RULES` maps each name to mesh
+axes. Switching data parallel -> FSDP -> tensor parallel is a change of mesh shape, never of the
+model or of this table: a mesh axis of size 1 shards nothing.
+
+| strategy | mesh (data, fsdp, tensor) | what is split |
+|---|---|---|
+| `dp`      | (-1, 1, 1)  | the batch; parameters replicated |
+| `fsdp`    | (1, -1, 1)  | the batch, and every parameter's `embed` dim (ZeRO-3 style) |
+| `tp`      | (1, 1, -1)  | heads, MLP width and vocab (Megatron style); the batch replicated |
+| `fsdp_tp` | (1, -1, 2)  | both |
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxllm.config import MeshConfig, ModelConfig
+from jaxllm.errors import ConfigError
+from jaxllm.model import Params, abstract_params, logical_axes
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# The one rules table: logical axis name -> mesh axis (or axes), for parameters and batches.
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "head_dim": None,
+    "positions": None,
+}
+
+# `mesh.strategy`: mesh sizes (data, fsdp, tensor); sizes given explicitly in the config win.
+STRATEGIES = {"dp": (-1, 1, 1), "fsdp": (1, -1, 1), "tp": (1, 1, -1), "fsdp_tp": (1, -1, 2)}
+
+
+def mesh_shape(mesh_cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    """Resolve the strategy and -1 ("the rest of the devices"); check the product is `n_devices`."""
+    sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+    if mesh_cfg.strategy:
+        explicit = mesh_cfg.model_fields_set
+        defaults = STRATEGIES[mesh_cfg.strategy]
+        sizes = [s if a in explicit else d for a, s, d in zip(MESH_AXES, sizes, defaults, strict=True)]
+        if sizes.count(-1) > 1:
+            raise ConfigError(
+                f"mesh.strategy={mesh_cfg.strategy} gives mesh {_describe(sizes)}: at most one axis may be -1; "
+                "set the other mesh sizes to numbers"
+            )
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        if n_devices % known:
+            raise ConfigError(f"mesh {_describe(sizes)} does not divide the {n_devices} devices")
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ConfigError(f"mesh {_describe(sizes)} needs {math.prod(sizes)} devices, but there are {n_devices}")
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+def _describe(sizes: list[int]) -> str:
+    return "(" + ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes, strict=True)) + ")"
+
+
+def make_mesh(mesh_cfg: MeshConfig, devices: list[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh with Auto axis types (GSPMD propagation of shardings)."""
+    devices = devices or jax.devices()
+    shape = mesh_shape(mesh_cfg, len(devices))
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def mesh_spec(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """Map logical names to mesh axes by `RULES`; a dim that its mesh axes do not divide, or whose
+    mesh axis is already used by an earlier dim, stays unsharded (e.g. GPT-2's vocab of 50257)."""
+    used: set[str] = set()
+    out: list[Any] = []
+    for name, size in zip(logical, shape, strict=True):
+        rule = RULES.get(name) if name else None
+        axes = tuple(a for a in ((rule,) if isinstance(rule, str) else rule or ()) if mesh.shape[a] > 1)
+        if not axes or used & set(axes) or size % math.prod(mesh.shape[a] for a in axes):
+            out.append(None)
+            continue
+        used |= set(axes)
+        out.append(axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*out)
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Params:
+    """A `NamedSharding` for every parameter, from its logical axes and the rules."""
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    return jax.tree.map(
+        lambda spec, shape: NamedSharding(mesh, mesh_spec(tuple(spec), shape.shape, mesh)),
+        logical_axes(cfg),
+        abstract_params(cfg),
+        is_leaf=is_spec,
+    )
+
+
+def batch_sharding(mesh: Mesh, global_batch: int, what: str = "batch size") -> NamedSharding:
+    """Token batches (B, T): rows split over the batch axes (data, fsdp), replicated over tensor."""
+    spec = mesh_spec(("batch", None), (global_batch, 1), mesh)
+    n = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+    if spec[0] is None and n > 1:
+        raise ConfigError(f"{what} {global_batch} is not divisible by the data x fsdp devices ({n})")
+    return NamedSharding(mesh, spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def describe_shardings(shardings: Params) -> dict[str, str]:
+    """'blocks_0/attn/query/kernel' -> 'PartitionSpec(...)', for logs and tests."""
+    return {
+        "/".join(k.key for k in path): str(s.spec)
+        for path, s in jax.tree_util.tree_leaves_with_path(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    }
