@@ -49,7 +49,10 @@ def assert_same_params(a_dir, b_dir, exact: bool):
         if exact:
             np.testing.assert_array_equal(x, y)
         else:
-            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+            # Adam moves a parameter by up to lr per step whatever the size of its gradient, so a
+            # coordinate whose gradient is rounding noise (a bias still near 0) may move differently
+            # in the two runs: the bound is 1% of the summed learning rate of the 8 steps (~2e-3).
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-5)
 
 
 def test_killed_run_resumes_to_identical_losses_and_params(byte_dataset, tmp_path):
