@@ -10,11 +10,12 @@ DATA_DIR ?= data/stdlib
 
 .PHONY: demo test lint install clean
 
+# DeepSpeed is installed too (its tests run on CPU); naming torch again keeps pip from replacing that build.
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q '$(TORCH)'
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,deepspeed]' '$(TORCH)'
 	touch $@
 
 install: $(VENV)/.installed
@@ -25,6 +26,7 @@ demo: install $(DATA_DIR)/meta.json
 	$(VENV)/bin/jaxllm info gpt2-124m
 	rm -rf runs/demo
 	$(VENV)/bin/jaxllm train --config mini --data $(DATA_DIR) --out runs/demo
+	$(VENV)/bin/jaxllm generate --checkpoint runs/demo/final --prompt 'def ' --max-new-tokens 60 --seed 0 --num-samples 3
 
 # meta.json is written last, so a complete dataset is kept on the next `make demo` and an
 # interrupted one (no meta.json) is made again; `rm -r $(DATA_DIR)` forces a fresh one.

@@ -4,6 +4,7 @@ from jaxllm.checkpoint import load_params, save_params
 from jaxllm.config import ModelConfig, flops_per_token
 from jaxllm.convert import from_torch_state_dict, to_torch_state_dict
 from jaxllm.errors import ConfigError, InputError, JaxllmError
+from jaxllm.generate import generate, generate_text
 from jaxllm.model import abstract_params, count_params, forward, init_params, logical_axes
 
 __all__ = [
@@ -16,6 +17,8 @@ __all__ = [
     "flops_per_token",
     "forward",
     "from_torch_state_dict",
+    "generate",
+    "generate_text",
     "init_params",
     "load_params",
     "logical_axes",

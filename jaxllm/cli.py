@@ -35,6 +35,20 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
     print(f"exported {cfg.name} from {args.ckpt_dir} to {args.out_dir} (config.json + model.safetensors)")
 
 
+def cmd_export_torch(args: argparse.Namespace) -> None:
+    from jaxllm.torch_io import export_torch
+
+    cfg = export_torch(args.ckpt_dir, args.out)
+    print(f"exported {cfg.name} from {args.ckpt_dir} to {args.out} (torch_ref state dict, safetensors)")
+
+
+def cmd_import_torch(args: argparse.Namespace) -> None:
+    from jaxllm.torch_io import import_torch
+
+    cfg = import_torch(args.file, args.out_dir, args.config)
+    print(f"imported {cfg.name} from {args.file} into {args.out_dir}")
+
+
 def cmd_preprocess(args: argparse.Namespace) -> None:
     from jaxllm.data.preprocess import preprocess
 
@@ -67,6 +81,24 @@ def cmd_train(args: argparse.Namespace) -> None:
           f"params in {result.final_dir}")
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    from jaxllm.generate import sample_checkpoint
+
+    stats = sample_checkpoint(
+        args.checkpoint,
+        args.prompt,
+        tokenizer_path=args.tokenizer,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        num_samples=args.num_samples,
+        stop=args.stop,
+    )
+    print(stats.summary(), file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxllm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -89,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("export-hf", cmd_export_hf, "export a jaxllm params directory as a Hugging Face GPT-2 directory")
     p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="jaxllm params directory (from save_params / train)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory to create (config.json + model.safetensors)")
+
+    p = command("export-torch", cmd_export_torch, "export a jaxllm params directory as a torch_ref state dict")
+    p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="jaxllm params directory (from save_params / train)")
+    p.add_argument("out", metavar="OUT.safetensors", help="file to create (torch_ref names, float32)")
+
+    p = command("import-torch", cmd_import_torch, "import a torch_ref state dict into a jaxllm params directory")
+    p.add_argument("file", metavar="IN.safetensors", help="torch_ref state dict (e.g. RUN/final/model.safetensors)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="jaxllm params directory to create")
+    p.add_argument("--config", help="preset or YAML whose model section fits the weights (default: the file's own)")
 
     p = command("preprocess", cmd_preprocess, "tokenize text into DATA_DIR: token files, tokenizer, meta.json")
     p.add_argument(
@@ -123,6 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes (or JAX_NUM_PROCESSES)")
     p.add_argument("--process-id", type=int, help="multi-host: this process's id (or JAX_PROCESS_ID)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.steps=200")
+
+    p = command("generate", cmd_generate, "sample text from a checkpoint, streaming it; prints tokens/s at the end")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="params directory (config.yaml, params/)")
+    p.add_argument("--prompt", default="", help="text to continue (default: empty, start from end-of-text)")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json to use (default: DIR/tokenizer.json)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N", help="default: what the context leaves, at most 256")
+    p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the K most likely tokens (default 0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1: off)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same text (default 0)")
+    p.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples of the prompt (default 1)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
+
     return parser
 
 

@@ -191,7 +191,7 @@ class MeshConfig(BaseModel):
             raise ValueError(
                 f"mesh sizes must be positive or -1, got data={self.data} fsdp={self.fsdp} tensor={self.tensor}"
             )
-        if sizes.count(-1) > 1:
+        if sizes.count(-1) > 1 and not self.strategy:  # with a strategy, sharding.mesh_shape checks the result
             raise ValueError("at most one mesh axis may be -1")
         return self
 

@@ -4,15 +4,23 @@ Shapes are written into names: B batch, T time, D d_model, N query heads, K kv h
 H head_dim, F d_ff, V vocab. Every parameter carries logical axis names (see `LOGICAL_AXES`) so
 that a sharding rules table can place it on a mesh without touching this file.
 
-Public functions are pure and jit-able: `init_params`, `forward`, `count_params`,
-`logical_axes`, `abstract_params`.
+Public functions are pure and jit-able: `init_params`, `forward`, `forward_cached`, `init_cache`,
+`count_params`, `logical_axes`, `abstract_params`.
+
+Inference with a KV cache (`forward_cached`): every layer keeps a preallocated `KVCache` of S
+positions per row, holding only the K kv heads (grouped-query attention caches K, not N, heads).
+Entry s of row b is the key/value of that row's token at position s, so rows advance
+independently: each token is written at its own position and attends to the entries at positions
+<= its own. Entries past a row's current position (right padding, or an earlier request's leftovers
+in a reused slot) are therefore never read, and must not be: a row's positions 0..p-1 must have
+been written before position p is computed.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -93,13 +101,63 @@ def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
     return out.astype(x_BTNH.dtype)
 
 
+class KVCache(NamedTuple):
+    """One layer's key/value cache: kv heads only, entry s holding the token at position s.
+
+    Laid out (B, K, S, H), heads before positions, so the attention matmuls read it in place
+    (a (B, S, K, H) cache cost XLA a transposed copy of the whole cache per layer and step).
+    """
+
+    k_BKSH: jax.Array
+    v_BKSH: jax.Array
+
+
+Cache = tuple[KVCache, ...]  # one per layer
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
+    """A zeroed cache of `length` positions for `batch` rows, in the compute dtype."""
+    shape = (batch, cfg.kv_heads, length, cfg.dim_per_head)
+    return tuple(KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.n_layers))
+
+
+def cached_attention(q_BTNH: jax.Array, cache: KVCache, positions_BT: jax.Array) -> jax.Array:
+    """Each query attends to the cache entries at positions <= its own.
+
+    The G = N / K query heads of a group share their kv head without repeating the cache, and the
+    matmuls take the cache as their left operand, contracting head_dim in place: on XLA's CPU
+    backend this ran 2-3x faster than the (queries x keys) form once the cache outgrows the caches.
+    M = G * T indexes (query head in group, time).
+    """
+    b, t, n, h = q_BTNH.shape
+    k, s = cache.k_BKSH.shape[1], cache.k_BKSH.shape[2]
+    g = n // k
+    q_BKMH = q_BTNH.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
+    batch_dims = ((0, 1), (0, 1))
+    scores_BKSM = jax.lax.dot_general(
+        cache.k_BKSH.astype(q_BTNH.dtype), q_BKMH, (((3,), (3,)), batch_dims), preferred_element_type=jnp.float32
+    )
+    visible_B1S1T = (jnp.arange(s)[None, :, None] <= positions_BT[:, None, :])[:, None, :, None, :]
+    scores_BKSGT = jnp.where(visible_B1S1T, scores_BKSM.reshape(b, k, s, g, t) / math.sqrt(h), -jnp.inf)
+    probs_BKSM = jax.nn.softmax(scores_BKSGT, axis=2).astype(q_BTNH.dtype).reshape(b, k, s, g * t)
+    o_BKMH = jax.lax.dot_general(probs_BKSM, cache.v_BKSH.astype(q_BTNH.dtype), (((2,), (2,)), batch_dims))
+    return o_BKMH.reshape(b, k, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
 class Attention(nn.Module):
-    """Causal self-attention; grouped-query when n_kv_heads < n_heads."""
+    """Causal self-attention; grouped-query when n_kv_heads < n_heads.
+
+    Without a cache: attention within `x_BTD`. With one: the new keys/values are written at
+    `positions_BT`, and each query attends to the cache entries at positions <= its own.
+    Returns (output, updated cache or None).
+    """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
+    def __call__(
+        self, x_BTD: jax.Array, positions_BT: jax.Array, cache: KVCache | None = None
+    ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.cfg
         n, k, h = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
@@ -115,10 +173,19 @@ class Attention(nn.Module):
         if cfg.family == "llama":
             q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_theta)
             k_BTKH = rope(k_BTKH, positions_BT, cfg.rope_theta)
-        o_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=cfg.attention)
-        return Dense(
+        if cache is None:
+            o_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=cfg.attention)
+        else:
+            rows_B1 = jnp.arange(x_BTD.shape[0])[:, None]
+            cache = KVCache(  # index arrays around a slice: the update is laid out (B, T, K, H)
+                cache.k_BKSH.at[rows_B1, :, positions_BT].set(k_BTKH.astype(cache.k_BKSH.dtype), mode="drop"),
+                cache.v_BKSH.at[rows_B1, :, positions_BT].set(v_BTKH.astype(cache.v_BKSH.dtype), mode="drop"),
+            )
+            o_BTNH = cached_attention(q_BTNH, cache, positions_BT)
+        out_BTD = Dense(
             (cfg.d_model,), ("heads", "head_dim", "embed"), cfg.use_bias, cfg.dtype, out_std, n_in=2, name="out"
         )(o_BTNH)
+        return out_BTD, cache
 
 
 class MLP(nn.Module):
@@ -149,21 +216,35 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
-        x_BTD = x_BTD + Attention(self.cfg, name="attn")(Norm(self.cfg, name="attn_norm")(x_BTD), positions_BT)
-        return x_BTD + MLP(self.cfg, name="mlp")(Norm(self.cfg, name="mlp_norm")(x_BTD))
+    def __call__(
+        self, x_BTD: jax.Array, positions_BT: jax.Array, cache: KVCache | None = None
+    ) -> tuple[jax.Array, KVCache | None]:
+        attn_BTD, cache = Attention(self.cfg, name="attn")(Norm(self.cfg, name="attn_norm")(x_BTD), positions_BT, cache)
+        x_BTD = x_BTD + attn_BTD
+        return x_BTD + MLP(self.cfg, name="mlp")(Norm(self.cfg, name="mlp_norm")(x_BTD)), cache
 
 
 _REMAT_POLICIES = {"full": None, "save_dots": jax.checkpoint_policies.dots_saveable}
 
 
 class Transformer(nn.Module):
-    """Token ids (B, T) -> float32 logits (B, T, V)."""
+    """Token ids (B, T) -> float32 logits (B, T, V).
+
+    With a `cache` (one `KVCache` per layer) it returns (logits, updated cache). `logits_at_B`
+    (an index along T per row) keeps only those tokens' logits, (B, 1, V): a prefill needs just
+    each prompt's last token, and skips the (B, T, V) output head.
+    """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        tokens_BT: jax.Array,
+        positions_BT: jax.Array | None = None,
+        cache: Cache | None = None,
+        logits_at_B: jax.Array | None = None,
+    ) -> jax.Array | tuple[jax.Array, Cache]:
         cfg = self.cfg
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
@@ -177,8 +258,13 @@ class Transformer(nn.Module):
             x_BTD = x_BTD + jnp.take(pos_embed_TD, positions_BT, axis=0)
         x_BTD = x_BTD.astype(cfg.dtype)
         block = Block if cfg.remat == "none" else nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat])
+        new_cache = []
         for i in range(cfg.n_layers):
-            x_BTD = block(cfg, name=f"blocks_{i}")(x_BTD, positions_BT)
+            layer_cache = None if cache is None else cache[i]
+            x_BTD, layer_cache = block(cfg, name=f"blocks_{i}")(x_BTD, positions_BT, layer_cache)
+            new_cache.append(layer_cache)
+        if logits_at_B is not None:
+            x_BTD = jnp.take_along_axis(x_BTD, logits_at_B[:, None, None], axis=1)
         x_BTD = Norm(cfg, name="final_norm")(x_BTD)
         if cfg.tie_embeddings:
             x_2d = x_BTD.reshape(-1, cfg.d_model)
@@ -187,7 +273,8 @@ class Transformer(nn.Module):
             logits_BTV = Dense((cfg.vocab_size,), ("embed", "vocab"), False, cfg.dtype, cfg.init_std, name="lm_head")(
                 x_BTD
             )
-        return logits_BTV.astype(jnp.float32)
+        logits_BTV = logits_BTV.astype(jnp.float32)
+        return logits_BTV if cache is None else (logits_BTV, tuple(new_cache))
 
 
 # Pure functional API ---------------------------------------------------------------------------
@@ -226,6 +313,23 @@ def forward(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, positions_BT
     """
     check_tokens(cfg, tokens_BT)
     return Transformer(cfg).apply({"params": params}, tokens_BT, positions_BT)
+
+
+def forward_cached(
+    cfg: ModelConfig,
+    params: Params,
+    tokens_BT: jax.Array,
+    positions_BT: jax.Array,
+    cache: Cache,
+    logits_at_B: jax.Array | None = None,
+) -> tuple[jax.Array, Cache]:
+    """(float32 logits, updated cache) for tokens at explicit per-row positions. Pure; jit it.
+
+    Writes each token's keys/values into `cache` at its position, then attends to the entries at
+    positions <= its own (see the module docstring). Logits are (B, T, V), or (B, 1, V) at
+    `logits_at_B`. No value checks: the caller (the generation engine) validates its inputs.
+    """
+    return Transformer(cfg).apply({"params": params}, tokens_BT, positions_BT, cache, logits_at_B)
 
 
 def check_tokens(cfg: ModelConfig, tokens_BT: Any) -> None:

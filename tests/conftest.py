@@ -41,3 +41,73 @@ def byte_dataset(tmp_path_factory):
         on_warning=lambda _: None,
     )
     return out
+
+
+# A tiny checkpoint with a BPE tokenizer, for the generation and serving tests ------------------------
+
+SENTENCES = [
+    "the cat sat on the mat.",
+    "the dog sat on the log.",
+    "a cat and a dog met on a mat by the log.",
+    "one small model writes short text, token by token.",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file(tmp_path_factory):
+    """A byte-level BPE `tokenizer.json` (vocab 300, with <|endoftext|>) trained on SENTENCES."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(SENTENCES, trainer)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, tokenizer_file):
+    """(directory with tokenizer.json, the same without it, cfg, params): `mini` shrunk to context 48."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    from jaxllm import ModelConfig, init_params, save_params
+
+    vocab = Tokenizer.from_file(str(tokenizer_file)).get_vocab_size()
+    cfg = ModelConfig.preset("mini").replace(vocab_size=vocab, context_length=48, init_std=0.2)
+    params = init_params(cfg, 0)
+    root = tmp_path_factory.mktemp("ckpt")
+    bare = save_params(root / "bare", cfg, params)
+    full = save_params(root / "full", cfg, params)
+    shutil.copy(tokenizer_file, full / "tokenizer.json")
+    return full, bare, cfg, params
+
+
+# Serving --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def serve_tokenizer(checkpoint):
+    from jaxllm.generate import load_tokenizer
+
+    return load_tokenizer(checkpoint[0])
+
+
+@pytest.fixture(scope="session")
+def serve_engine(checkpoint, serve_tokenizer):
+    """A started, warmed-up serving engine over the tiny checkpoint: 4 slots, prefill batches of up to 2."""
+    from serve_helpers import SLOTS
+
+    from jaxllm.serve import Engine, EngineSettings
+
+    _, _, cfg, params = checkpoint
+    engine = Engine(cfg, params, serve_tokenizer, EngineSettings(slots=SLOTS, max_queue=64, max_prefill_batch=2))
+    engine.start()
+    assert engine.wait_ready(300), "the engine did not warm up"
+    yield engine
+    engine.stop()

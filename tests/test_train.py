@@ -64,7 +64,7 @@ def test_training_lowers_the_loss(byte_dataset, tmp_path):
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     assert len(evals) == 2 and evals[-1] < first - 2.0
     timed = [r for r in rows if "tokens_per_s" in r]
-    assert timed and all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in timed)
+    assert timed and all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in timed)  # the CPU peak is measured: no upper bound
     assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 1000
     assert (tmp_path / "run" / "final" / "tokenizer.json").exists()
 

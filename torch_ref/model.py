@@ -2,12 +2,18 @@
 
 Module and parameter names mirror `jaxllm/model.py` (`blocks.0.attn.query.weight` here is
 `blocks_0/attn/query/kernel` there), so the two files read side by side and the weight conversion
-is a renaming plus transposes. Shapes: B batch, T time, D d_model, N heads, K kv heads, H head_dim.
+is a renaming plus transposes. Shapes: B batch, T time, D d_model, N heads, K kv heads, H head_dim,
+S cache length.
+
+KV cache (as jaxllm's `forward_cached`): one `KVCache` per layer, kv heads only, entry s of row b
+holding that row's token at position s; tokens are written at their own positions (updated in
+place) and attend to the entries at positions <= their own, so rows advance independently.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +54,23 @@ def rope(x_BNTH: torch.Tensor, positions_BT: torch.Tensor, theta: float) -> torc
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x_BNTH.dtype)
 
 
+class KVCache(NamedTuple):
+    """One layer's key/value cache (updated in place): kv heads only, entry s = position s."""
+
+    k_BKSH: torch.Tensor
+    v_BKSH: torch.Tensor
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, device: str | torch.device = "cpu") -> list[KVCache]:
+    """A zeroed cache of `length` positions for `batch` rows, in the compute dtype."""
+    shape = (batch, cfg.kv_heads, length, cfg.dim_per_head)
+    dtype = _DTYPES[cfg.dtype]
+    return [
+        KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        for _ in range(cfg.n_layers)
+    ]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -58,7 +81,7 @@ class Attention(nn.Module):
         self.value = nn.Linear(d, k * h, bias=cfg.use_bias)
         self.out = nn.Linear(n * h, d, bias=cfg.use_bias)
 
-    def forward(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         cfg = self.cfg
         b, t, _ = x_BTD.shape
         q_BNTH = self.query(x_BTD).view(b, t, cfg.n_heads, -1).transpose(1, 2)
@@ -67,9 +90,23 @@ class Attention(nn.Module):
         if cfg.family == "llama":
             q_BNTH = rope(q_BNTH, positions_BT, cfg.rope_theta)
             k_BKTH = rope(k_BKTH, positions_BT, cfg.rope_theta)
-        o_BNTH = F.scaled_dot_product_attention(
-            q_BNTH, k_BKTH, v_BKTH, is_causal=True, enable_gqa=cfg.kv_heads != cfg.n_heads
-        )
+        if cache is None:
+            o_BNTH = F.scaled_dot_product_attention(
+                q_BNTH, k_BKTH, v_BKTH, is_causal=True, enable_gqa=cfg.kv_heads != cfg.n_heads
+            )
+        else:
+            rows_B1 = torch.arange(b, device=x_BTD.device)[:, None]
+            cache.k_BKSH[rows_B1, :, positions_BT] = k_BKTH.transpose(1, 2).to(cache.k_BKSH.dtype)
+            cache.v_BKSH[rows_B1, :, positions_BT] = v_BKTH.transpose(1, 2).to(cache.v_BKSH.dtype)
+            s = cache.k_BKSH.shape[2]
+            mask_B1TS = (torch.arange(s, device=x_BTD.device) <= positions_BT[:, :, None])[:, None]
+            o_BNTH = F.scaled_dot_product_attention(
+                q_BNTH,
+                cache.k_BKSH.to(q_BNTH.dtype),
+                cache.v_BKSH.to(q_BNTH.dtype),
+                attn_mask=mask_B1TS,
+                enable_gqa=cfg.kv_heads != cfg.n_heads,
+            )
         return self.out(o_BNTH.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -96,13 +133,17 @@ class Block(nn.Module):
         self.attn_norm, self.attn = Norm(cfg), Attention(cfg)
         self.mlp_norm, self.mlp = Norm(cfg), MLP(cfg)
 
-    def forward(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor) -> torch.Tensor:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT)
+    def forward(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, cache)
         return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
 
 class Transformer(nn.Module):
-    """Token ids (B, T) -> float32 logits (B, T, V)."""
+    """Token ids (B, T) -> float32 logits (B, T, V).
+
+    With a `cache` (one `KVCache` per layer, updated in place) tokens sit at `positions_BT`;
+    `logits_at_B` (an index along T per row) keeps only those tokens' logits, (B, 1, V).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -131,7 +172,13 @@ class Transformer(nn.Module):
                 residual_out = name.endswith(("attn.out.weight", "mlp.proj.weight", "mlp.down.weight"))
                 p.normal_(0.0, out_std if residual_out else std)
 
-    def forward(self, tokens_BT: torch.Tensor, positions_BT: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens_BT: torch.Tensor,
+        positions_BT: torch.Tensor | None = None,
+        cache: list[KVCache] | None = None,
+        logits_at_B: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         cfg = self.cfg
         b, t = tokens_BT.shape
         if t > cfg.context_length:
@@ -143,8 +190,10 @@ class Transformer(nn.Module):
             x_BTD = x_BTD + self.pos_embed(positions_BT)
         x_BTD = x_BTD.to(_DTYPES[cfg.dtype])
         with torch.autocast(x_BTD.device.type, _DTYPES[cfg.dtype], enabled=cfg.dtype != "float32"):
-            for block in self.blocks:
-                x_BTD = block(x_BTD, positions_BT)
+            for i, block in enumerate(self.blocks):
+                x_BTD = block(x_BTD, positions_BT, None if cache is None else cache[i])
+            if logits_at_B is not None:
+                x_BTD = x_BTD[torch.arange(b, device=x_BTD.device), logits_at_B][:, None]
             x_BTD = self.final_norm(x_BTD)
             logits_BTV = self.lm_head(x_BTD)
         return logits_BTV.float()

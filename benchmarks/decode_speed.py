@@ -1,0 +1,255 @@
+"""Decode speed on this machine: jaxllm vs torch_ref vs Hugging Face `transformers`, side by side.
+
+    python -m benchmarks.decode_speed            # mini and advanced, batch 1 and 16
+    python -m benchmarks.decode_speed --quick    # a smoke run (fewer tokens and repetitions)
+
+Decode tokens/s = batch * (N - 1) / (t(N) - t(1)), where t(n) is the median wall time of a whole
+`generate` call for n new tokens (greedy, random weights, the same random prompts): the difference
+removes prefill and per-call set-up, leaving N - 1 decode steps. Warm-up calls (compilation
+included) are not timed. Rows:
+
+- jaxllm: `jaxllm.generate` (one jitted prefill, then a jitted `lax.while_loop` decode).
+- torch_ref: `torch_ref.generate` (eager PyTorch, own KV cache), from the same weights; and the
+  same with `compile=True` (`torch.compile` of the model).
+- transformers GPT2LMHeadModel: `generate` at the GPT-style config of the same shape (for
+  `advanced`, a GPT-2 with its width, depth, heads, vocab and MLP width; it has no RoPE/GQA/SwiGLU).
+- transformers LlamaForCausalLM (advanced only): `generate` at the exact `advanced` architecture.
+
+Writes benchmarks/results/decode_speed.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+import torch
+
+import jaxllm
+import torch_ref
+from jaxllm import ModelConfig, init_params, to_torch_state_dict
+
+RESULTS = Path(__file__).parent / "results"
+torch._dynamo.config.cache_size_limit = 64  # prefill and decode shapes per configuration
+SETTINGS = {"mini": {"prompt": 8, "new": 56}, "advanced": {"prompt": 16, "new": 128}}
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict:
+    import flax
+    import transformers
+
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jax_backend": jax.default_backend(),
+        "flax": flax.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "load_average_at_start": os.getloadavg()[0],
+    }
+
+
+def decode_rates(runners: dict[str, Callable[[int], Callable[[], object]]], batch: int, new: int, reps: int) -> dict:
+    """{name: figures}: each runner timed for `new` tokens and for 1, repetitions interleaved.
+
+    Interleaving spreads any change in background load over every implementation, and a short
+    pause before each timing lets the other framework's worker threads go idle.
+    """
+    calls = {name: (make(new), make(1)) for name, make in runners.items()}
+    for run_n, run_1 in calls.values():  # warm-up: compilation, caches, allocator
+        run_n(), run_1()
+    times: dict[str, dict[str, list[float]]] = {name: {"new": [], "one": []} for name in calls}
+    for _ in range(reps):
+        for name, (run_n, run_1) in calls.items():
+            for key, run in (("new", run_n), ("one", run_1)):
+                time.sleep(0.2)
+                start = time.perf_counter()
+                run()
+                times[name][key].append(time.perf_counter() - start)
+    out = {}
+    for name, t in times.items():
+        t_n, t_1 = statistics.median(t["new"]), statistics.median(t["one"])
+        out[name] = {
+            "tokens_per_s": batch * (new - 1) / (t_n - t_1),
+            "t_new_s": t_n,
+            "t_one_s": t_1,
+            "t_new_all_s": t["new"],
+            "t_one_all_s": t["one"],
+        }
+    return out
+
+
+def hf_gpt2(cfg: ModelConfig):
+    import transformers
+
+    hf_cfg = transformers.GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.context_length,
+        n_embd=cfg.d_model,
+        n_layer=cfg.n_layers,
+        n_head=cfg.n_heads,
+        n_inner=cfg.d_ff,
+        activation_function="gelu_new",
+        tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(hf_cfg).eval()
+
+
+def hf_llama(cfg: ModelConfig):
+    import transformers
+
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.kv_heads,
+        max_position_embeddings=cfg.context_length,
+        rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(hf_cfg).eval()
+
+
+def hf_runner(model, prompts: np.ndarray) -> Callable[[int], Callable[[], object]]:
+    input_ids = torch.from_numpy(prompts)
+    mask = torch.ones_like(input_ids)
+
+    def make(n: int) -> Callable[[], object]:
+        def run() -> object:
+            with torch.inference_mode():
+                return model.generate(
+                    input_ids,
+                    attention_mask=mask,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=0,
+                    eos_token_id=None,
+                )
+
+        return run
+
+    return make
+
+
+def bench(preset: str, batch: int, reps: int, new: int | None) -> list[dict]:
+    cfg = ModelConfig.preset(preset)
+    n_new = new or SETTINGS[preset]["new"]
+    prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, SETTINGS[preset]["prompt"]))
+    prompt_lists = prompts.tolist()
+    params = init_params(cfg, 0)
+    model = torch_ref.build_model(cfg)
+    model.load_state_dict(to_torch_state_dict(cfg, params))
+    model.eval()
+
+    runners = {
+        "jaxllm": lambda n: lambda: jaxllm.generate(cfg, params, prompt_lists, max_new_tokens=n),
+        "torch_ref": lambda n: lambda: torch_ref.generate(model, prompt_lists, max_new_tokens=n),
+        "torch_ref + torch.compile": lambda n: (
+            lambda: torch_ref.generate(model, prompt_lists, max_new_tokens=n, compile=True)
+        ),
+    }
+    if cfg.family == "gpt":
+        runners["transformers GPT2LMHeadModel"] = hf_runner(hf_gpt2(cfg), prompts)
+    else:
+        runners["transformers GPT2LMHeadModel (GPT-style, same shape)"] = hf_runner(hf_gpt2(cfg), prompts)
+        runners["transformers LlamaForCausalLM (same architecture)"] = hf_runner(hf_llama(cfg), prompts)
+    torch._dynamo.reset()  # fresh torch.compile caches per configuration (shapes differ)
+    rows = []
+    for name, r in decode_rates(runners, batch, n_new, reps).items():
+        row = {"preset": preset, "batch": batch, "impl": name, "prompt": prompts.shape[1], "new_tokens": n_new, **r}
+        print(f"{preset:9s} batch {batch:2d}  {name:55s} {r['tokens_per_s']:9.1f} tokens/s", flush=True)
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], info: dict, command: str, reps: int) -> str:
+    lines = [
+        "# Decode speed (CPU)",
+        "",
+        f"Command: `{command}`. Greedy decoding, random weights, float32; decode tokens/s = batch x (N-1) / "
+        f"(t(N) - t(1)) with t the median of {reps} timed `generate` calls after a warm-up (compilation excluded).",
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} cores (torch threads {info['torch_threads']}); Python "
+        f"{info['python']}, jax {info['jax']} ({info['jax_backend']}), flax {info['flax']}, torch {info['torch']}, "
+        f"transformers {info['transformers']}, numpy {info['numpy']}. Load average (1 min) at start "
+        f"{info['load_average_at_start']:.2f}, at end {info['load_average_at_end']:.2f}.",
+        "",
+        "| preset | batch | prompt | new tokens | implementation | decode tokens/s | vs transformers | vs torch_ref |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        same = [x for x in rows if x["preset"] == r["preset"] and x["batch"] == r["batch"]]
+        hf = next(x for x in same if x["impl"].startswith("transformers GPT2"))
+        ref = next(x for x in same if x["impl"] == "torch_ref")
+        lines.append(
+            f"| {r['preset']} | {r['batch']} | {r['prompt']} | {r['new_tokens']} | {r['impl']} | "
+            f"{r['tokens_per_s']:.1f} | {r['tokens_per_s'] / hf['tokens_per_s']:.2f}x | "
+            f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["mini", "advanced"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per figure (median reported)")
+    parser.add_argument("--new-tokens", type=int, help="override N (default: mini 56, advanced 128)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 repetitions, 16 new tokens, no files")
+    args = parser.parse_args()
+    reps, new = (2, 16) if args.quick else (args.reps, args.new_tokens)
+    info = machine()
+    if info["load_average_at_start"] > 0.5:
+        print(f"warning: load average {info['load_average_at_start']:.1f}: other work shares these cores", flush=True)
+    rows = [row for preset in args.presets for batch in args.batches for row in bench(preset, batch, reps, new)]
+    info["load_average_at_end"] = os.getloadavg()[0]
+    if args.quick:
+        return
+    command = "python -m benchmarks.decode_speed" + (
+        ""
+        if (args.presets, args.batches, args.reps, args.new_tokens) == (["mini", "advanced"], [1, 16], 5, None)
+        else " (custom arguments)"
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "decode_speed.json").write_text(json.dumps({"machine": info, "reps": reps, "rows": rows}, indent=2))
+    (RESULTS / "decode_speed.md").write_text(markdown(rows, info, command, reps))
+    print((RESULTS / "decode_speed.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

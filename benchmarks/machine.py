@@ -1,0 +1,66 @@
+"""What every benchmark records about where it ran, and how it writes its results files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+DEFAULT_PACKAGES = ("jax", "jaxlib", "flax", "torch", "numpy")
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def machine_info(packages: Sequence[str] = DEFAULT_PACKAGES) -> dict[str, Any]:
+    """CPU model, cores, GPU (if torch sees one), Python and package versions, load at start."""
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_average_at_start": round(os.getloadavg()[0], 2),
+    }
+    try:
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        info["gpu"] = None
+    for name in packages:
+        try:
+            info[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            info[name] = None
+    return info
+
+
+def describe(info: dict[str, Any]) -> str:
+    """One line for a markdown report."""
+    versions = ", ".join(
+        f"{k} {v}" for k, v in info.items() if k not in ("cpu", "cores", "gpu", "python", "load_average_at_start") and v
+    )
+    gpu = f", GPU {info['gpu']}" if info.get("gpu") else ""
+    return (
+        f"{info['cpu']}, {info['cores']} cores{gpu}; Python {info['python']}, {versions}; "
+        f"load average {info['load_average_at_start']} at start"
+    )
+
+
+def write_results(name: str, data: dict[str, Any], markdown: str, out_dir: Path = RESULTS) -> tuple[Path, Path]:
+    """`name.json` and `name.md` under `out_dir`, each written under a temporary name first."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = (out_dir / f"{name}.json", out_dir / f"{name}.md")
+    for path, text in zip(paths, (json.dumps(data, indent=2) + "\n", markdown), strict=True):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return paths
