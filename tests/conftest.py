@@ -101,9 +101,9 @@ def serve_tokenizer(checkpoint):
 @pytest.fixture(scope="session")
 def serve_engine(checkpoint, serve_tokenizer):
     """A started, warmed-up serving engine over the tiny checkpoint: 4 slots, prefill batches of up to 2."""
-    from serve_helpers import SLOTS
-
     from jaxllm.serve import Engine, EngineSettings
+
+    from serve_helpers import SLOTS
 
     _, _, cfg, params = checkpoint
     engine = Engine(cfg, params, serve_tokenizer, EngineSettings(slots=SLOTS, max_queue=64, max_prefill_batch=2))

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_corpus import write_corpus
 
 import jaxllm.data.preprocess as pp
 from jaxllm.config import ModelConfig
@@ -28,6 +27,8 @@ from jaxllm.data import (
 )
 from jaxllm.data.index import read_windows
 from jaxllm.errors import ConfigError, InputError
+
+from data_corpus import write_corpus
 
 CONTEXT, BATCH = 16, 8
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_corpus import write_corpus
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 import jaxllm.data.preprocess as pp
@@ -17,6 +16,8 @@ from jaxllm.data.corpus import default_corpus, default_corpus_root
 from jaxllm.data.meta import read_meta, token_dtype
 from jaxllm.data.tokenizer import EOT, byte_to_unicode
 from jaxllm.errors import InputError
+
+from data_corpus import write_corpus
 
 OUTPUT_FILES = ("train.bin", "val.bin", "tokenizer.json", "meta.json")
 

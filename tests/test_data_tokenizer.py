@@ -7,7 +7,6 @@ import random
 
 import numpy as np
 import pytest
-from data_corpus import TRICKY, make_text
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -25,6 +24,8 @@ from jaxllm.data.tokenizer import (
     vocab_size_of,
 )
 from jaxllm.errors import ConfigError, InputError
+
+from data_corpus import TRICKY, make_text
 
 U16 = np.dtype(np.uint16)
 ODD_TEXTS = [

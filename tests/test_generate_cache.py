@@ -12,12 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import requires_cuda
 
 import torch_ref
 from jaxllm import ModelConfig, forward, generate, init_params, to_torch_state_dict
 from jaxllm.sampling import SamplingParams
 from torch_ref.model import init_cache as torch_init_cache
+
+from conftest import requires_cuda
 
 # The module, not the function `jaxllm.generate` that the package exports under the same name.
 engine = importlib.import_module("jaxllm.generate")

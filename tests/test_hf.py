@@ -7,11 +7,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import random_tokens
 from safetensors.numpy import load_file
 
 from jaxllm import InputError, ModelConfig, forward, init_params, load_params, save_params
 from jaxllm.hf import export_hf, import_hf
+
+from conftest import random_tokens
 
 transformers = pytest.importorskip("transformers", reason="transformers (dev extra) is needed for HF parity")
 

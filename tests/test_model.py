@@ -4,10 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_tokens
 
 from jaxllm import InputError, ModelConfig, abstract_params, forward, init_params, logical_axes
 from jaxllm.model import LOGICAL_AXES
+
+from conftest import random_tokens
 
 TINY = {
     "gpt": ModelConfig.preset("mini").replace(vocab_size=97, n_layers=2, context_length=16),

@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import random_tokens, requires_cuda
 
 import torch_ref
 from jaxllm import InputError, ModelConfig, forward, from_torch_state_dict, init_params, to_torch_state_dict
+
+from conftest import random_tokens, requires_cuda
 
 CONFIGS = {
     "mini": ModelConfig.preset("mini"),

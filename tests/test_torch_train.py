@@ -13,7 +13,6 @@ import sys
 import jax
 import numpy as np
 import pytest
-from parity_helpers import LOSS_RTOL, PARAM_ATOL, assert_params_agree, export_init, made_once
 
 from jaxllm import ConfigError, InputError, load_params
 from jaxllm.cli import main as jaxllm_main
@@ -23,6 +22,8 @@ from jaxllm.model import init_params
 from torch_ref import train as torch_train
 from torch_ref.parity import compare_params, compare_runs, step_losses
 from torch_ref.train_deepspeed import load_deepspeed_config, resolve_deepspeed_config
+
+from parity_helpers import LOSS_RTOL, PARAM_ATOL, assert_params_agree, export_init, made_once
 
 TINY = ["model.vocab_size=257", "model.n_layers=2", "train.batch_size=8", "train.warmup_steps=2"]
 QUIET = ["train.log_every=1", "train.eval_every=0", "train.checkpoint_every=0"]

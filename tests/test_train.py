@@ -64,7 +64,8 @@ def test_training_lowers_the_loss(byte_dataset, tmp_path):
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     assert len(evals) == 2 and evals[-1] < first - 2.0
     timed = [r for r in rows if "tokens_per_s" in r]
-    assert timed and all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in timed)  # the CPU peak is measured: no upper bound
+    # The CPU peak is measured at start (a busy machine can under-measure it): no upper bound on MFU.
+    assert timed and all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in timed)
     assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 1000
     assert (tmp_path / "run" / "final" / "tokenizer.json").exists()
 
