@@ -34,6 +34,15 @@ Params = dict[str, Any]
 
 # The logical axis names used on parameters. The sharding module maps each to a mesh axis.
 LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "positions")
+# Activation constraints (the residual stream and the logits), by the same rules table. They only
+# act under `flax.linen.logical_axis_rules` and a mesh (the training loop sets both); elsewhere
+# they are no-ops. "embed" yields to "batch" when both would use the fsdp axis.
+ACT_BTD = ("batch", None, "embed")
+ACT_BTV = ("batch", None, "vocab")
+
+
+def _constrain(x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:
+    return nn.with_logical_constraint(x, logical)
 
 
 def _param(module: nn.Module, name: str, init: Any, shape: Sequence[int], axes: Sequence[str | None]):
@@ -256,12 +265,13 @@ class Transformer(nn.Module):
                 self, "pos_embed", embed_init, (cfg.context_length, cfg.d_model), ("positions", "embed")
             )
             x_BTD = x_BTD + jnp.take(pos_embed_TD, positions_BT, axis=0)
-        x_BTD = x_BTD.astype(cfg.dtype)
+        x_BTD = _constrain(x_BTD.astype(cfg.dtype), ACT_BTD)
         block = Block if cfg.remat == "none" else nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat])
         new_cache = []
         for i in range(cfg.n_layers):
             layer_cache = None if cache is None else cache[i]
             x_BTD, layer_cache = block(cfg, name=f"blocks_{i}")(x_BTD, positions_BT, layer_cache)
+            x_BTD = _constrain(x_BTD, ACT_BTD)
             new_cache.append(layer_cache)
         if logits_at_B is not None:
             x_BTD = jnp.take_along_axis(x_BTD, logits_at_B[:, None, None], axis=1)
@@ -273,7 +283,7 @@ class Transformer(nn.Module):
             logits_BTV = Dense((cfg.vocab_size,), ("embed", "vocab"), False, cfg.dtype, cfg.init_std, name="lm_head")(
                 x_BTD
             )
-        logits_BTV = logits_BTV.astype(jnp.float32)
+        logits_BTV = _constrain(logits_BTV.astype(jnp.float32), ACT_BTV)
         return logits_BTV if cache is None else (logits_BTV, tuple(new_cache))
 
 

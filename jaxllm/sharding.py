@@ -112,6 +112,11 @@ def batch_sharding(mesh: Mesh, global_batch: int, what: str = "batch size") -> N
     return NamedSharding(mesh, spec)
 
 
+def logical_rules() -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+    """`RULES` as the (name, mesh axes) pairs `flax.linen.logical_axis_rules` takes (activations)."""
+    return tuple(RULES.items())
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import optax
 import orbax.checkpoint as ocp
@@ -33,7 +34,7 @@ from jaxllm.errors import ConfigError, InputError, JaxllmError
 from jaxllm.metrics import MetricsLogger, peak_flops, plot_loss_curve
 from jaxllm.model import abstract_params, init_params
 from jaxllm.optim import make_optimizer
-from jaxllm.sharding import batch_sharding, make_mesh, param_shardings, replicated
+from jaxllm.sharding import batch_sharding, logical_rules, make_mesh, param_shardings, replicated
 from jaxllm.train_step import eval_step, init_state, train_step
 
 
@@ -116,7 +117,7 @@ def train(
         options=ocp.CheckpointManagerOptions(max_to_keep=tcfg.keep_checkpoints, enable_async_checkpointing=True),
     )
     start = manager.latest_step() if resume else None
-    with jax.default_matmul_precision(tcfg.matmul_precision):
+    with jax.default_matmul_precision(tcfg.matmul_precision), mesh, nn.logical_axis_rules(logical_rules()):
         if start is not None:
             restored = manager.restore(
                 start,
