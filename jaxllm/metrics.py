@@ -71,6 +71,41 @@ def datasheet_peak(kind: str, dtype: str, matmul_precision: str) -> float | None
     return None
 
 
+class StepClock:
+    """Throughput between log rows: step time, tokens/s and MFU, shared by jaxllm and torch_ref loops.
+
+    The first step (compilation, warm-up) is not timed; `pause()` after evaluation or checkpointing
+    restarts the clock, so neither counts as step time.
+    """
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float):
+        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak_flops
+        self._mark: float | None = None
+        self._steps = 0
+
+    def step_done(self) -> None:
+        if self._mark is None:
+            self._mark = time.perf_counter()
+        else:
+            self._steps += 1
+
+    def pause(self) -> None:
+        self._mark, self._steps = time.perf_counter(), 0
+
+    def rates(self) -> dict[str, float]:
+        """`step_time_s`, `tokens_per_s`, `mfu` since the last call (empty before any timed step)."""
+        if not self._steps or self._mark is None:
+            return {}
+        step_time = (time.perf_counter() - self._mark) / self._steps
+        tokens_per_s = self.tokens_per_step / step_time
+        self.pause()
+        return {
+            "step_time_s": step_time,
+            "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * self.flops_per_token / self.peak,
+        }
+
+
 class MetricsLogger:
     """Appends one JSON object per row to metrics.jsonl; mirrors scalars to TensorBoard if present."""
 

@@ -14,7 +14,6 @@ Run directory layout::
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -31,7 +30,7 @@ from jaxllm.checkpoint import save_params
 from jaxllm.config import Config, flops_per_token
 from jaxllm.data.loader import check_data_matches_model, make_loader
 from jaxllm.errors import ConfigError, InputError, JaxllmError
-from jaxllm.metrics import MetricsLogger, peak_flops, plot_loss_curve
+from jaxllm.metrics import MetricsLogger, StepClock, peak_flops, plot_loss_curve
 from jaxllm.model import abstract_params, init_params
 from jaxllm.optim import make_optimizer
 from jaxllm.sharding import batch_sharding, logical_rules, make_mesh, param_shardings, replicated
@@ -173,18 +172,14 @@ def _loop(
     from tqdm.auto import tqdm
 
     mcfg, tcfg = config.model, config.train
-    tokens_per_step = tcfg.batch_size * mcfg.context_length
-    train_flops = flops_per_token(mcfg)["train"]
+    clock = StepClock(tcfg.batch_size * mcfg.context_length, flops_per_token(mcfg)["train"], peak)
     bar = tqdm(total=tcfg.steps, initial=start, disable=not (progress and jax.process_index() == 0), unit="step")
-    last_loss, t_mark, steps_timed = float("nan"), None, 0
+    last_loss = float("nan")
     for step in range(start + 1, tcfg.steps + 1):
         batch = loader.to_global(next(loader), batch_sh)
         state, metrics = step_fn(state, batch)
         metrics = jax.device_get(metrics)
-        if t_mark is None:  # the first step includes compilation: time from its end
-            t_mark = time.perf_counter()
-        else:
-            steps_timed += 1
+        clock.step_done()
         if not metrics["finite"]:
             what = (
                 f"non-finite loss or gradient at step {step} (loss={metrics['loss']}, grad_norm={metrics['grad_norm']})"
@@ -204,17 +199,13 @@ def _loop(
                 "loss": float(metrics["loss"]),
                 "lr": float(metrics["lr"]),
                 "grad_norm": float(metrics["grad_norm"]),
+                **clock.rates(),
             }
-            if steps_timed:
-                step_time = (time.perf_counter() - t_mark) / steps_timed
-                tps = tokens_per_step / step_time
-                row.update(step_time_s=step_time, tokens_per_s=tps, mfu=tps * train_flops / peak)
-                t_mark, steps_timed = time.perf_counter(), 0
             logger.log(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
         if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
             logger.log({"step": step, "eval_loss": evaluate(config, state["params"], eval_fn, batch_sh)})
-            t_mark, steps_timed = time.perf_counter(), 0  # evaluation time is not step time
+            clock.pause()  # evaluation time is not step time
         if tcfg.checkpoint_every and (step % tcfg.checkpoint_every == 0 or step == tcfg.steps):
             manager.save(
                 step,
@@ -222,7 +213,7 @@ def _loop(
                     state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(loader.get_state())
                 ),
             )
-            t_mark, steps_timed = time.perf_counter(), 0  # nor is checkpointing
+            clock.pause()  # nor is checkpointing
         bar.update(1)
     bar.close()
     return state, last_loss

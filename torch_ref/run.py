@@ -38,7 +38,7 @@ from torch import nn
 
 from jaxllm.config import Config, ModelConfig, TrainConfig, flops_per_token
 from jaxllm.errors import ConfigError, InputError, JaxllmError
-from jaxllm.metrics import MetricsLogger, datasheet_peak, plot_loss_curve
+from jaxllm.metrics import MetricsLogger, StepClock, datasheet_peak, plot_loss_curve
 from torch_ref.data import TorchBatches
 from torch_ref.optim import learning_rate
 
@@ -323,16 +323,12 @@ def _loop(
     from tqdm.auto import tqdm
 
     mcfg, tcfg = config.model, config.train
-    tokens_per_step = tcfg.batch_size * mcfg.context_length
-    train_flops = flops_per_token(mcfg)["train"]
+    clock = StepClock(tcfg.batch_size * mcfg.context_length, flops_per_token(mcfg)["train"], peak)
     bar = tqdm(total=tcfg.steps, initial=start, disable=not (progress and dist.is_main), unit="step")
-    last_loss, t_mark, steps_timed = float("nan"), None, 0
+    last_loss = float("nan")
     for step in range(start + 1, tcfg.steps + 1):
         out = trainer.train_step(next(loader))
-        if t_mark is None:  # the first step includes warm-up (allocations, compilation): time from its end
-            t_mark = time.perf_counter()
-        else:
-            steps_timed += 1
+        clock.step_done()
         if not out.finite:
             _non_finite(step, out, tcfg, logger, dist)
         else:
@@ -340,22 +336,17 @@ def _loop(
         if step % tcfg.log_every == 0 or step == tcfg.steps:
             # The rate of update `step` (counted from 1 here, from 0 in the schedule), as jaxllm logs it.
             row = {"step": step, "loss": out.loss, "lr": learning_rate(tcfg, step - 1), "grad_norm": out.grad_norm}
-            if steps_timed:
-                step_time = (time.perf_counter() - t_mark) / steps_timed
-                tps = tokens_per_step / step_time
-                row.update(step_time_s=step_time, tokens_per_s=tps, mfu=tps * train_flops / peak)
-                t_mark, steps_timed = time.perf_counter(), 0
-            logger.log(row)
+            logger.log({**row, **clock.rates()})
             bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
         if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
             logger.log({"step": step, "eval_loss": evaluate(config, trainer, dist)})
-            t_mark, steps_timed = time.perf_counter(), 0  # evaluation time is not step time
+            clock.pause()  # evaluation time is not step time
         if tcfg.checkpoint_every and (step % tcfg.checkpoint_every == 0 or step == tcfg.steps):
             trainer.save(ckpt_dir, step, {"loader": loader.state_dict()})
             if dist.is_main:
                 prune_checkpoints(ckpt_dir, tcfg.keep_checkpoints)
             dist.barrier()
-            t_mark, steps_timed = time.perf_counter(), 0  # nor is checkpointing
+            clock.pause()  # nor is checkpointing
         bar.update(1)
     bar.close()
     return last_loss
