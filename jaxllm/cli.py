@@ -99,6 +99,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(stats.summary(), file=sys.stderr)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from jaxllm.serve import EngineSettings, serve
+
+    settings = EngineSettings(
+        slots=args.slots,
+        max_queue=args.max_queue,
+        steps_per_call=args.steps_per_call,
+        max_prefill_batch=args.max_prefill_batch,
+        timeout_s=args.timeout,
+    )
+    serve(args.checkpoint, args.host, args.port, settings=settings, tokenizer_path=args.tokenizer,
+          model_name=args.model_name, threads=args.threads)  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxllm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -177,6 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples of the prompt (default 1)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
 
+    p = command("serve", cmd_serve, "serve a checkpoint over an OpenAI-compatible HTTP API (see docs/serve.md)")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="params directory (config.yaml, params/)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json to use (default: DIR/tokenizer.json)")
+    p.add_argument("--model-name", metavar="ID", help="model id in the API (default: the config's name)")
+    p.add_argument("--slots", type=int, default=16, metavar="N", help="requests decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N", help="waiting requests before 429 (default 64)")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per-request time limit (default 120)")
+    p.add_argument("--steps-per-call", type=int, default=4, metavar="K", help="decode steps between joins (default 4)")
+    p.add_argument("--max-prefill-batch", type=int, default=4, metavar="N", help="prompts per prefill (default 4)")
+    p.add_argument("--threads", type=int, metavar="N", help="HTTP threads (default: slots + queue + 8)")
     return parser
 
 

@@ -1,0 +1,407 @@
+"""The serving engine: one worker thread owns the model and batches requests continuously.
+
+Built on the slot engine of `jaxllm.generate` (`prefill`, `decode`, `Collector`); nothing here
+samples or validates by itself.
+
+- Request threads call `submit(req)` with a request checked by `jaxllm.generate.check_request`;
+  each prompt of it is a *row*. The job waits in a bounded queue (full: `ServeError` 429).
+- The worker thread keeps one `DecodeState` of `slots` KV-cache slots. Each loop it (1) frees the
+  slots of cancelled (client gone) and expired jobs, (2) takes rows from the queue into free slots
+  and prefills them (batches of up to `max_prefill_batch`), (3) runs up to `steps_per_call` decode
+  steps for every busy slot at once, (4) reads the tokens back, turns them into final text with a
+  `Collector` per row (stop ids, stop strings), and posts `Delta` / `Finished` events to each job's
+  own queue. A finished row leaves its slot at once; the next row joins on the next loop.
+- Row i of a request draws with the key fold_in(key(seed), i), whichever slot it lands in and
+  whatever shares the batch: a request gives what `jaxllm.generate` gives for the same arguments.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from jaxllm.config import ModelConfig
+from jaxllm.errors import InputError
+from jaxllm.generate import (
+    Collector,
+    Completion,
+    Prompts,
+    Request,
+    _inference_config,
+    _mark_done,
+    batch_bucket,
+    bucket,
+    decode_jit,
+    init_state_jit,
+    prefill_jit,
+    request_keys,
+)
+from jaxllm.model import Params
+from jaxllm.sampling import SamplingParams
+from jaxllm.serve.errors import ServeError, queue_full, timed_out, unavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the engine batches: slots (concurrent rows), queue bound, steps per device call, time limit."""
+
+    slots: int = 16
+    max_queue: int = 64
+    steps_per_call: int = 4  # decode steps per jitted call: fewer host round trips, coarser joins
+    max_prefill_batch: int = 4  # rows prefilled in one call (a power of two: each size compiles once)
+    max_stop_ids: int = 4
+    timeout_s: float = 120.0
+    warmup: bool = True  # compile every prefill bucket and the decode before reporting ready
+
+    def __post_init__(self) -> None:
+        for name in ("slots", "max_queue", "steps_per_call", "max_stop_ids"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.timeout_s > 0:
+            raise InputError(f"the request timeout must be > 0 s, got {self.timeout_s}")
+        if self.max_prefill_batch < 1 or self.max_prefill_batch & (self.max_prefill_batch - 1):
+            raise InputError(f"max_prefill_batch must be a power of two, got {self.max_prefill_batch}")
+
+
+class Delta(NamedTuple):
+    """More final text of row `row`."""
+
+    row: int
+    text: str
+
+
+class Finished(NamedTuple):
+    """Row `row` is done: the rest of its text, and its `Completion` (all tokens, text, finish reason)."""
+
+    row: int
+    text: str
+    completion: Completion
+
+
+class Failed(NamedTuple):
+    """The whole job failed (time limit, shutdown, engine error); no more events follow."""
+
+    error: ServeError
+
+
+Event = Delta | Finished | Failed
+
+
+class Job:
+    """One submitted request: its checked rows and the queue of events the engine posts for it."""
+
+    def __init__(self, req: Request, timeout_s: float):
+        self.req = req
+        self.timeout_s = timeout_s
+        self.created = time.monotonic()
+        self.deadline = self.created + timeout_s
+        self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self.first_token_at: float | None = None  # set by the engine when a first token is sampled
+        self._cancelled = threading.Event()
+        self.closed = False  # engine side: failed or cancelled; its rows are dropped
+        self.key_data: np.ndarray | None = None  # per-row PRNG key data, made by the engine thread
+
+    def cancel(self) -> None:
+        """Give up on the job (the client left): the engine frees its slots on its next loop."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+@dataclass(eq=False)
+class _Row:
+    job: Job
+    index: int
+    collector: Collector
+    tokens: list[int] = dataclasses.field(default_factory=list)  # final tokens so far (the Collector's callback)
+    shown: str = ""  # text posted so far
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.job.req.prompts[self.index]
+
+
+class Engine:
+    """Continuous batching over a fixed number of KV-cache slots, run by one worker thread (`start`)."""
+
+    def __init__(self, cfg: ModelConfig, params: Params, tokenizer: Any, settings: EngineSettings | None = None):
+        self.cfg = _inference_config(cfg)
+        self.params = params
+        self.tokenizer = tokenizer
+        self.settings = settings or EngineSettings()
+        self.on_decode: Callable[[int], None] | None = None  # called with the busy slots of each decode call
+        self._queue: queue.Queue[Job] = queue.Queue(maxsize=self.settings.max_queue)
+        self._waiting: collections.deque[_Row] = collections.deque()  # rows of jobs taken from the queue
+        self._slots: list[_Row | None] = [None] * self.settings.slots
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._draining = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="jaxllm-engine", daemon=True)
+
+    # Request threads -----------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        self._thread.start()
+        return self
+
+    def submit(self, req: Request) -> Job:
+        """Queue a checked request; raises `ServeError` 429 (queue full) or 503 (not running)."""
+        if self.stopping:
+            raise unavailable("the server is shutting down", "shutting_down")
+        if self._error is not None:
+            raise unavailable(f"the generation engine failed to start: {self._error}", "engine_failed")
+        if len(req.stop_ids) > self.settings.max_stop_ids:
+            raise ServeError(400, f"at most {self.settings.max_stop_ids} stop token ids", param="stop")
+        job = Job(req, self.settings.timeout_s)
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise queue_full(retry_after_s=1) from None
+        return job
+
+    @property
+    def ready(self) -> bool:
+        """The model is loaded and compiled, and the worker is running."""
+        return self._ready.is_set() and self._thread.is_alive() and not self.stopping and self._error is None
+
+    @property
+    def stopping(self) -> bool:
+        """Draining or stopped: new requests get 503."""
+        return self._draining or self._stop.is_set()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout) and self.ready
+
+    def queue_depth(self) -> int:
+        """Jobs waiting in the queue (not yet taken by the worker)."""
+        return self._queue.qsize()
+
+    def busy_slots(self) -> int:
+        return sum(row is not None for row in self._slots)
+
+    def idle(self) -> bool:
+        return self._queue.empty() and not self._waiting and self.busy_slots() == 0
+
+    def drain(self, timeout: float) -> bool:
+        """Refuse new requests (503) and wait up to `timeout` s for the running ones; True if all ended."""
+        self._draining = True
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and not self.idle():
+            time.sleep(0.05)
+        return self.idle()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker; jobs still queued or running fail with 503."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # The worker thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        s = self.settings
+        try:
+            self._key_shape = np.shape(jax.random.key_data(jax.random.key(0)))  # (2,) for the default threefry
+            self._reset_state()
+            if s.warmup:
+                self._warm_up()
+        except Exception as err:  # a model that cannot run: /ready stays 503, requests get 503
+            log.exception("the generation engine failed to start")
+            self._error = err
+            self._fail_everything(unavailable(f"the generation engine failed to start: {err}", "engine_failed"))
+            return
+        self._ready.set()
+        while not self._stop.is_set():
+            try:
+                self._loop_once()
+            except Exception:
+                log.exception("generation engine error; failing the requests in flight and resetting")
+                self._fail_everything(ServeError(500, "internal error in the generation engine"))
+                self._reset_state()
+        self._fail_everything(unavailable("the server is shutting down", "shutting_down"))
+
+    def _reset_state(self) -> None:
+        """Every slot empty. A first prefill (of padding only) gives the state the placement it keeps from
+        then on (committed to the device of the params), which compiled code is keyed on."""
+        s = self.settings
+        self._state = init_state_jit(self.cfg, s.slots, self.cfg.context_length, s.max_stop_ids)
+        self._prefill_rows([], 1, bucket(1, self.cfg.context_length))
+
+    def _warm_up(self) -> None:
+        """Compile what serving will run: each (prefill batch, prompt bucket), the decode, the stop mask."""
+        c = self.cfg.context_length
+        for t in sorted({bucket(n, c) for n in range(1, c + 1)}):
+            b = 1
+            while b <= self.settings.max_prefill_batch:
+                self._prefill_rows([], b, t)  # padding rows only: dropped, the state is unchanged
+                b *= 2
+        self._state = decode_jit(self.cfg, self.params, self._state, np.int32(self.settings.steps_per_call))
+        self._state = _mark_done(self._state, np.zeros(self.settings.slots, bool))
+        request_keys(0, 1)
+        jax.block_until_ready(self._state)
+
+    def _loop_once(self) -> None:
+        self._free_abandoned()
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
+        busy = self.busy_slots()
+        if busy == 0:
+            if not self._waiting:
+                self._take_job(block=True)
+            return
+        self._state = decode_jit(self.cfg, self.params, self._state, np.int32(self.settings.steps_per_call))
+        if self.on_decode is not None:
+            self.on_decode(busy)
+        self._deliver()
+
+    def _take_job(self, block: bool) -> bool:
+        """Move the next live job from the queue into `_waiting` (one row per prompt)."""
+        while True:
+            try:
+                job = self._queue.get(timeout=0.05) if block else self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if self._close_if_abandoned(job):
+                continue
+            n = len(job.req.prompts)
+            job.key_data = np.asarray(jax.random.key_data(request_keys(job.req.seed, batch_bucket(n))))
+            self._waiting.extend(_Row(job, i, Collector(_one_row(job.req, i), self.tokenizer, None)) for i in range(n))
+            return True
+
+    def _admit(self) -> list[tuple[int, _Row]]:
+        """Rows into free slots, from `_waiting` and then the queue."""
+        admitted = []
+        free = [i for i, row in enumerate(self._slots) if row is None]
+        while free:
+            if not self._waiting and not self._take_job(block=False):
+                break
+            row = self._waiting.popleft()
+            if self._close_if_abandoned(row.job):
+                continue
+            slot = free.pop(0)
+            self._slots[slot] = row
+            row.collector.callback = lambda _, token, row=row: row.tokens.append(token)
+            admitted.append((slot, row))
+        return admitted
+
+    def _prefill(self, admitted: list[tuple[int, _Row]]) -> None:
+        admitted = sorted(admitted, key=lambda sr: len(sr[1].prompt))  # similar lengths share a bucket
+        step = self.settings.max_prefill_batch
+        for i in range(0, len(admitted), step):
+            chunk = admitted[i : i + step]
+            t = bucket(max(len(row.prompt) for _, row in chunk), self.cfg.context_length)
+            self._prefill_rows(chunk, batch_bucket(len(chunk)), t)
+
+    def _prefill_rows(self, chunk: list[tuple[int, _Row]], b: int, t: int) -> None:
+        """One jitted prefill of `chunk` padded to b rows of t tokens (a slot index past the end drops a row)."""
+        s = self.settings
+        tokens_BT = np.zeros((b, t), np.int32)
+        lengths_B = np.ones((b,), np.int32)
+        max_new_B = np.zeros((b,), np.int32)
+        slots_B = np.full((b,), s.slots, np.int32)
+        stop_ids_BX = np.full((b, s.max_stop_ids), -1, np.int32)
+        sampling = SamplingParams.full(b)
+        key_data = np.zeros((b, *self._key_shape), np.uint32)
+        for i, (slot, row) in enumerate(chunk):
+            req = row.job.req
+            tokens_BT[i, : len(row.prompt)] = row.prompt
+            lengths_B[i], max_new_B[i], slots_B[i] = len(row.prompt), req.max_new_tokens, slot
+            stop_ids_BX[i, : len(req.stop_ids)] = req.stop_ids
+            sampling.temperature_B[i], sampling.top_k_B[i], sampling.top_p_B[i] = req.temperature, req.top_k, req.top_p
+            key_data[i] = row.job.key_data[row.index]
+        prompts = Prompts(tokens_BT, lengths_B, max_new_B, jax.random.wrap_key_data(key_data), sampling, stop_ids_BX)
+        self._state, _ = prefill_jit(self.cfg, self.params, self._state, prompts, slots_B)
+
+    def _deliver(self) -> None:
+        """Read every busy slot's tokens back, post its new text, and free the slots that finished."""
+        seq_BS, positions_B, done_B = jax.device_get((self._state.seq_BS, self._state.positions_B, self._state.done_B))
+        now = time.monotonic()
+        stopped = np.zeros(self.settings.slots, bool)
+        for slot, row in enumerate(self._slots):
+            if row is None:
+                continue
+            raw = seq_BS[slot, len(row.prompt) : positions_B[slot] + 1].tolist()
+            if raw and row.job.first_token_at is None:
+                row.job.first_token_at = now
+            done = bool(done_B[slot])
+            seen = len(row.tokens)
+            row.collector.update([raw], [done])
+            new_text = self._new_text(row) if len(row.tokens) > seen else ""
+            if row.collector.final[0]:
+                completion = row.collector.results[0]
+                text = completion.text or ""
+                rest = text[len(row.shown) :] if text.startswith(row.shown) else ""
+                row.job.events.put(Finished(row.index, new_text + rest, completion))
+                self._slots[slot] = None
+                stopped[slot] = not done  # a stop string ended it: stop its decoding too
+            elif new_text:
+                row.job.events.put(Delta(row.index, new_text))
+        if stopped.any():
+            self._state = _mark_done(self._state, stopped)
+
+    def _new_text(self, row: _Row) -> str:
+        """Text of the row's final tokens beyond what was posted; a partial UTF-8 character waits."""
+        text = self.tokenizer.decode(row.tokens).rstrip("\ufffd")
+        if not (text.startswith(row.shown) and len(text) > len(row.shown)):
+            return ""
+        new, row.shown = text[len(row.shown) :], text
+        return new
+
+    def _close_if_abandoned(self, job: Job) -> bool:
+        """Close a cancelled or expired job (posting `Failed` when expired); True if it is closed."""
+        if not job.closed and (job.cancelled or time.monotonic() > job.deadline):
+            job.closed = True
+            if not job.cancelled:
+                job.events.put(Failed(timed_out(job.timeout_s)))
+        return job.closed
+
+    def _free_abandoned(self) -> None:
+        """Free the slots of closed, cancelled and expired jobs, then tell the expired ones."""
+        now = time.monotonic()
+        freed = np.zeros(self.settings.slots, bool)
+        jobs = {}
+        for slot, row in enumerate(self._slots):
+            if row is not None and (row.job.closed or row.job.cancelled or now > row.job.deadline):
+                self._slots[slot] = None
+                freed[slot] = True
+                jobs[id(row.job)] = row.job
+        if freed.any():
+            self._state = _mark_done(self._state, freed)
+        for job in jobs.values():
+            self._close_if_abandoned(job)
+
+    def _fail_everything(self, error: ServeError) -> None:
+        jobs = {id(row.job): row.job for row in [*self._slots, *self._waiting] if row is not None}
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            jobs[id(job)] = job
+        for job in jobs.values():
+            if not job.closed:
+                job.closed = True
+                job.events.put(Failed(error))
+        self._slots = [None] * self.settings.slots
+        self._waiting.clear()
+
+
+def _one_row(req: Request, i: int) -> Request:
+    """Row i of a request on its own (what its Collector sees)."""
+    return dataclasses.replace(req, prompts=[req.prompts[i]])

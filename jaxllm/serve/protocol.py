@@ -1,0 +1,322 @@
+"""The OpenAI completions protocol: JSON body -> checked engine request, results -> response JSON / SSE.
+
+Pure functions (no Flask, no threads). Field rules (null means "not given": the default):
+
+| field | type | default | rule |
+|---|---|---|---|
+| `prompt` | string, list of strings, token ids, list of token-id lists | required | "" is end-of-text |
+| `max_tokens` | integer | 16 | >= 0; prompt + max_tokens <= the context, else 400 `context_length_exceeded` |
+| `temperature` | number | 1 | 0 to 2 (0 is greedy) |
+| `top_p` | number | 1 | > 0 and <= 1 |
+| `top_k` | integer | 0 (off) | >= 0 (an extension of the OpenAI API) |
+| `n` | integer | 1 | 1 to 128; prompts x n <= 128 |
+| `stop` | string or list of up to 4 non-empty strings | none | |
+| `seed` | integer | random | the same seed and request give the same text |
+| `stream`, `stream_options.include_usage` | boolean | false | |
+| `model` | string | the served model | must be the served model's id, else 404 |
+| `best_of` | integer | n | must equal n |
+| `echo`, `logprobs`, `suffix` | | | only false / null / null |
+| `frequency_penalty`, `presence_penalty`, `logit_bias` | | | only 0 / 0 / {} |
+| `user` | string | | ignored |
+
+Values are then checked by `jaxllm.generate.check_request` (token ids, the context), the same check
+`jaxllm.generate` makes; its message comes back as a 400.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import secrets
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from jaxllm.config import ModelConfig
+from jaxllm.errors import InputError
+from jaxllm.generate import Completion, Request, check_request, end_of_text_id
+from jaxllm.serve.errors import ServeError, bad_request
+
+MAX_ROWS = 128  # prompts x n in one request
+MAX_STOP = 4
+NEUTRAL = {  # OpenAI fields accepted only at the value that changes nothing
+    "echo": (False,),
+    "logprobs": (),
+    "suffix": (),
+    "frequency_penalty": (0,),
+    "presence_penalty": (0,),
+    "logit_bias": ({},),
+}
+FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream",
+          "stream_options", "best_of", "user", *NEUTRAL}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CompletionParams:
+    """A parsed `POST /v1/completions` body (types and ranges checked, defaults filled in)."""
+
+    prompts: list[str | list[int]]
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    n: int = 1
+    stop: list[str] = dataclasses.field(default_factory=list)
+    seed: int | None = None
+    stream: bool = False
+    include_usage: bool = False
+    model: str | None = None
+
+
+def parse_json(data: bytes) -> Any:
+    """The request body as JSON (no NaN/Infinity), or a 400."""
+    try:
+        return json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and bad UTF-8 are ValueErrors
+        raise bad_request(f"the request body is not valid JSON: {err}") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _given(body: dict[str, Any], name: str) -> bool:
+    return body.get(name) is not None
+
+
+def _integer(body: dict[str, Any], name: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
+    if not _given(body, name):
+        return default
+    value = body[name]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request(f"{name} must be an integer, got {json.dumps(value)[:40]}", name)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise bad_request(f"{name} must be {_range(lo, hi)}, got {value}", name)
+    return value
+
+
+def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    if not _given(body, name):
+        return default
+    value = body[name]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise bad_request(f"{name} must be a number, got {json.dumps(value)[:40]}", name)
+    value = float(value) if abs(value) < 1e300 else math.inf
+    if not (lo < value if lo_open else lo <= value) or not value <= hi:
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise bad_request(f"{name} must be in {interval}, got {value:g}", name)
+    return value
+
+
+def _boolean(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise bad_request(f"{name} must be true or false, got {json.dumps(value)[:40]}", name)
+    return bool(value)
+
+
+def _range(lo: int | None, hi: int | None) -> str:
+    if lo is not None and hi is not None:
+        return f"between {lo} and {hi}"
+    return f">= {lo}" if lo is not None else f"<= {hi}"
+
+
+def _is_ids(x: Any) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def _prompts(body: dict[str, Any]) -> list[str | list[int]]:
+    if "prompt" not in body or body["prompt"] is None:
+        raise bad_request("prompt is required", "prompt")
+    p = body["prompt"]
+    if isinstance(p, str):
+        return [p]
+    if _is_ids(p):
+        return [p]
+    if isinstance(p, list) and p and (all(isinstance(x, str) for x in p) or all(_is_ids(x) for x in p)):
+        return list(p)
+    raise bad_request(
+        "prompt must be a string, a non-empty list of strings, a list of token ids or a list of token-id lists",
+        "prompt",
+    )
+
+
+def _stop(body: dict[str, Any]) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP:
+        raise bad_request(f"stop must be a non-empty string or a list of at most {MAX_STOP} of them", "stop")
+    return list(stops)
+
+
+def parse_completion(body: Any) -> CompletionParams:
+    """Check a `/v1/completions` body's fields (types, ranges); raises `ServeError` 400 naming the field."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    unknown = sorted(set(body) - FIELDS)
+    if unknown:
+        raise bad_request(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
+    for name, neutral in NEUTRAL.items():
+        if _given(body, name) and body[name] not in neutral:
+            raise bad_request(f"{name} is not supported by this server", name)
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad_request("model must be a string", "model")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise bad_request("user must be a string", "user")
+    prompts = _prompts(body)
+    n = _integer(body, "n", 1, 1, MAX_ROWS)
+    if _given(body, "best_of") and _integer(body, "best_of", n) != n:
+        raise bad_request("best_of must equal n (this server returns every sample)", "best_of")
+    if len(prompts) * n > MAX_ROWS:
+        raise bad_request(f"prompts x n must be <= {MAX_ROWS}, got {len(prompts)} x {n}", "n")
+    stream = _boolean(body, "stream")
+    options = body.get("stream_options")
+    if options is not None:
+        if not stream:
+            raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+            raise bad_request('stream_options must be an object like {"include_usage": true}', "stream_options")
+    include_usage = _boolean(options, "include_usage") if isinstance(options, dict) else False
+    return CompletionParams(
+        prompts=prompts,
+        max_tokens=_integer(body, "max_tokens", 16, 0),
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        top_k=_integer(body, "top_k", 0, 0),
+        n=n,
+        stop=_stop(body),
+        seed=_integer(body, "seed", 0) if _given(body, "seed") else None,
+        stream=stream,
+        include_usage=include_usage,
+        model=model,
+    )
+
+
+def text_stops(cfg: ModelConfig, tokenizer: Any, stop: Sequence[str]) -> list[str | int]:
+    """Stop strings plus the end-of-text id, as `jaxllm.generate_text` stops."""
+    eot = end_of_text_id(tokenizer)
+    return [*stop, *([eot] if eot is not None and eot < cfg.vocab_size else [])]
+
+
+def to_request(params: CompletionParams, cfg: ModelConfig, tokenizer: Any) -> tuple[Request, int]:
+    """(the engine request: one row per prompt x n, prompt-major; prompt tokens counted once per prompt).
+
+    Tokenizes string prompts ("" is the end-of-text token alone), refuses a prompt + max_tokens past
+    the context (400 `context_length_exceeded`), then checks everything with `check_request`.
+    """
+    eot = end_of_text_id(tokenizer)
+    prompts = []
+    for i, p in enumerate(params.prompts):
+        ids = tokenizer.encode(p).ids if isinstance(p, str) else p
+        if not ids:
+            if eot is None:
+                raise bad_request(f"prompt {i} is empty and the tokenizer has no end-of-text token", "prompt")
+            ids = [eot]
+        prompts.append(ids)
+    c = cfg.context_length
+    for i, ids in enumerate(prompts):
+        if len(ids) + params.max_tokens > c:
+            raise bad_request(
+                f"This model's maximum context length is {c} tokens, however you requested "
+                f"{len(ids) + params.max_tokens} tokens ({len(ids)} in prompt {i}; {params.max_tokens} for the "
+                f"completion). Please reduce the prompt or max_tokens.",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+    seed = params.seed if params.seed is not None else secrets.randbits(32)
+    stops = text_stops(cfg, tokenizer, params.stop)
+    try:
+        req = check_request(
+            cfg, prompts, params.max_tokens, params.temperature, params.top_k, params.top_p, seed, stops, tokenizer
+        )
+    except InputError as err:
+        raise bad_request(str(err), "prompt" if str(err).startswith("prompt") else None) from None
+    rows = [p for p in req.prompts for _ in range(params.n)]
+    return dataclasses.replace(req, prompts=rows), sum(map(len, prompts))
+
+
+# Responses ---------------------------------------------------------------------------------------
+
+
+def completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+
+def completion_response(
+    id: str, model: str, created: int, results: Sequence[Completion], prompt_tokens: int
+) -> dict[str, Any]:
+    """The non-streaming response body."""
+    return {
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [_choice(i, c.text or "", c.finish_reason) for i, c in enumerate(results)],
+        "usage": usage(prompt_tokens, sum(len(c.tokens) for c in results)),
+    }
+
+
+def chunk(
+    id: str,
+    model: str,
+    created: int,
+    choices: list[tuple[int, str, str | None]],
+    usage_: dict[str, int] | None = None,
+    with_usage: bool = False,
+) -> dict[str, Any]:
+    """One streamed chunk: (index, text, finish_reason) per choice; `usage` only when requested."""
+    body: dict[str, Any] = {
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [_choice(i, text, reason) for i, text, reason in choices],
+    }
+    if with_usage:
+        body["usage"] = usage_
+    return body
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    """One Server-Sent Event: `data: <json>` and a blank line."""
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+SSE_DONE = sse("[DONE]")
+SSE_PING = b": ping\n\n"  # a comment line: clients ignore it; writing it notices a client that left
+
+
+def error_event(err: ServeError) -> bytes:
+    return sse(err.body())
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def check_model(params: CompletionParams, served: str) -> None:
+    if params.model is not None and params.model != served:
+        raise ServeError(
+            404, f"The model '{params.model}' does not exist; this server serves '{served}'", param="model",
+            code="model_not_found",
+        )  # fmt: skip
