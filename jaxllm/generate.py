@@ -203,7 +203,8 @@ decode_jit = jax.jit(decode, static_argnums=0, donate_argnums=2)
 
 
 @jax.jit
-def _mark_done(state: DecodeState, finished_B: jax.Array) -> DecodeState:
+def mark_done(state: DecodeState, finished_B: jax.Array) -> DecodeState:
+    """Mark the slots in `finished_B` done (stopped, cancelled or freed); they take no more tokens."""
     return state._replace(done_B=state.done_B | finished_B)
 
 
@@ -439,7 +440,7 @@ def complete(
     req = check_request(cfg, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, tokenizer)
     if req.max_new_tokens == 0:
         return [Completion([], "" if tokenizer is not None else None, "length") for _ in req.prompts]
-    cfg = _inference_config(cfg)
+    cfg = inference_config(cfg)
     b, s, x, prompts_in = _plan(cfg, req)
     n = len(req.prompts)
     rows = Collector(req, tokenizer, callback)
@@ -456,12 +457,12 @@ def complete(
         if ended:
             finished_B = np.zeros((b,), bool)
             finished_B[ended] = True
-            state = _mark_done(state, finished_B)
+            state = mark_done(state, finished_B)
         state = decode_jit(cfg, params, state, np.int32(steps))
     return rows.results  # type: ignore[return-value]
 
 
-def _inference_config(cfg: ModelConfig) -> ModelConfig:
+def inference_config(cfg: ModelConfig) -> ModelConfig:
     """Recomputation (remat) only matters for gradients: inference shares the compiled code without it."""
     return cfg if cfg.remat == "none" else cfg.replace(remat="none")
 
@@ -491,7 +492,7 @@ def precompile(cfg: ModelConfig, params: Params, req: Request) -> None:
     Runs the prefill once: the decode is compiled for the state it returns, whose placement
     (committed to the device of `params` or not) is part of what a compiled function is keyed on.
     """
-    cfg = _inference_config(cfg)
+    cfg = inference_config(cfg)
     b, s, x, prompts_in = _plan(cfg, req)
     state, _ = prefill_jit(cfg, params, init_state_jit(cfg, b, s, x), prompts_in, np.arange(b, dtype=np.int32))
     decode_jit.lower(cfg, params, state, np.int32(1)).compile()

@@ -37,12 +37,12 @@ from jaxllm.generate import (
     Completion,
     Prompts,
     Request,
-    _inference_config,
-    _mark_done,
     batch_bucket,
     bucket,
     decode_jit,
+    inference_config,
     init_state_jit,
+    mark_done,
     prefill_jit,
     request_keys,
 )
@@ -139,7 +139,7 @@ class Engine:
     """Continuous batching over a fixed number of KV-cache slots, run by one worker thread (`start`)."""
 
     def __init__(self, cfg: ModelConfig, params: Params, tokenizer: Any, settings: EngineSettings | None = None):
-        self.cfg = _inference_config(cfg)
+        self.cfg = inference_config(cfg)
         self.params = params
         self.tokenizer = tokenizer
         self.settings = settings or EngineSettings()
@@ -251,7 +251,7 @@ class Engine:
                 self._prefill_rows([], b, t)  # padding rows only: dropped, the state is unchanged
                 b *= 2
         self._state = decode_jit(self.cfg, self.params, self._state, np.int32(self.settings.steps_per_call))
-        self._state = _mark_done(self._state, np.zeros(self.settings.slots, bool))
+        self._state = mark_done(self._state, np.zeros(self.settings.slots, bool))
         request_keys(0, 1)
         jax.block_until_ready(self._state)
 
@@ -353,7 +353,7 @@ class Engine:
             elif new_text:
                 row.job.events.put(Delta(row.index, new_text))
         if stopped.any():
-            self._state = _mark_done(self._state, stopped)
+            self._state = mark_done(self._state, stopped)
 
     def _new_text(self, row: _Row) -> str:
         """Text of the row's final tokens beyond what was posted; a partial UTF-8 character waits."""
@@ -382,7 +382,7 @@ class Engine:
                 freed[slot] = True
                 jobs[id(row.job)] = row.job
         if freed.any():
-            self._state = _mark_done(self._state, freed)
+            self._state = mark_done(self._state, freed)
         for job in jobs.values():
             self._close_if_abandoned(job)
 
