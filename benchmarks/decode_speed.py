@@ -41,9 +41,9 @@ torch._dynamo.config.cache_size_limit = 64  # prefill and decode shapes per conf
 SETTINGS = {"mini": {"prompt": 8, "new": 56}, "advanced": {"prompt": 16, "new": 128}}
 
 
-def machine() -> dict:
-    info = machine_info(("jax", "jaxlib", "flax", "torch", "transformers", "numpy"))
-    return {**info, "torch_threads": torch.get_num_threads(), "jax_backend": jax.default_backend()}
+def runtime() -> dict:
+    """What the frameworks run with, beyond `benchmarks.machine.machine_info`."""
+    return {"torch_threads": torch.get_num_threads(), "jax_backend": jax.default_backend()}
 
 
 def _busy_cpu_seconds() -> float:
@@ -199,15 +199,15 @@ def bench(preset: str, batch: int, reps: int, new: int | None) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], info: dict, command: str, reps: int) -> str:
+def markdown(rows: list[dict], info: dict, run: dict, command: str, reps: int) -> str:
     lines = [
         "# Decode speed (CPU)",
         "",
         f"Command: `{command}`. Greedy decoding, random weights, float32; decode tokens/s = batch x (N-1) / "
         f"(t(N) - t(1)) with t the median of {reps} timed `generate` calls after a warm-up (compilation excluded).",
         "",
-        f"Machine: {describe(info)}, {info['load_average_at_end']:.2f} at end (1-minute averages); torch threads "
-        f"{info['torch_threads']}, jax backend {info['jax_backend']}. These cores are shared with other work: a "
+        f"Machine: {describe(info)}, {run['load_average_at_end']:.2f} at end (1-minute averages); torch threads "
+        f"{run['torch_threads']}, jax backend {run['jax_backend']}. These cores are shared with other work: a "
         f"timing during which other processes used more than 5% of a core was discarded and repeated "
         f"({sum(r['timings_discarded_for_load'] for r in rows)} discarded in this run).",
         "",
@@ -223,7 +223,22 @@ def markdown(rows: list[dict], info: dict, command: str, reps: int) -> str:
             f"{r['tokens_per_s']:.1f} | {r['tokens_per_s'] / hf['tokens_per_s']:.2f}x | "
             f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x |"
         )
+    lines += ["", "Goals (issue 6): jaxllm >= 3x transformers GPT2LMHeadModel at batch 1, and >= torch_ref everywhere."]
+    for r in (x for x in rows if x["impl"] == "jaxllm"):
+        same = [x for x in rows if x["preset"] == r["preset"] and x["batch"] == r["batch"]]
+        hf = next(x for x in same if x["impl"].startswith("transformers GPT2"))["tokens_per_s"]
+        best_torch = max(x["tokens_per_s"] for x in same if x["impl"].startswith("torch_ref"))
+        checks = [
+            f"{r['tokens_per_s'] / best_torch:.2f}x the faster torch_ref: {_mark(r['tokens_per_s'] >= best_torch)}"
+        ]
+        if r["batch"] == 1:
+            checks.insert(0, f"{r['tokens_per_s'] / hf:.2f}x transformers: {_mark(r['tokens_per_s'] >= 3 * hf)}")
+        lines.append(f"- {r['preset']}, batch {r['batch']}: " + "; ".join(checks))
     return "\n".join(lines) + "\n"
+
+
+def _mark(ok: bool) -> str:
+    return "met" if ok else "NOT met"
 
 
 def main() -> None:
@@ -235,11 +250,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 repetitions, 16 new tokens, no files")
     args = parser.parse_args()
     reps, new = (2, 16) if args.quick else (args.reps, args.new_tokens)
-    info = machine()
+    info = machine_info(("jax", "jaxlib", "flax", "torch", "transformers", "numpy"))
     if info["load_average_at_start"] > 0.5:
         print(f"warning: load average {info['load_average_at_start']:.1f}: other work shares these cores", flush=True)
     rows = [row for preset in args.presets for batch in args.batches for row in bench(preset, batch, reps, new)]
-    info["load_average_at_end"] = round(os.getloadavg()[0], 2)
+    run = {**runtime(), "load_average_at_end": round(os.getloadavg()[0], 2)}
     if args.quick:
         return
     command = "python -m benchmarks.decode_speed" + (
@@ -247,8 +262,8 @@ def main() -> None:
         if (args.presets, args.batches, args.reps, args.new_tokens) == (["mini", "advanced"], [1, 16], 5, None)
         else " (custom arguments)"
     )
-    md = markdown(rows, info, command, reps)
-    write_results("decode_speed", {"machine": info, "reps": reps, "rows": rows}, md)
+    md = markdown(rows, info, run, command, reps)
+    write_results("decode_speed", {"machine": info, "runtime": run, "reps": reps, "rows": rows}, md)
     print(md)
 
 

@@ -113,8 +113,9 @@ def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
 class KVCache(NamedTuple):
     """One layer's key/value cache: kv heads only, entry s holding the token at position s.
 
-    Laid out (B, K, S, H), heads before positions, so the attention matmuls read it in place
-    (a (B, S, K, H) cache cost XLA a transposed copy of the whole cache per layer and step).
+    Laid out (B, K, S, H), heads before positions, so the attention matmuls batch over (B, K) and
+    read each head's positions contiguously (a (B, S, K, H) cache made decode steps about twice as
+    slow at S = 1024 on XLA's CPU backend).
     """
 
     k_BKSH: jax.Array
