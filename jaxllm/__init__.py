@@ -1,5 +1,11 @@
 """jaxllm: GPT-style language models in JAX/Flax, with a PyTorch twin (torch_ref) as reference."""
 
+from jaxllm.host_memory import keep_freed_host_memory
+
+keep_freed_host_memory()  # before JAX starts its threads: see jaxllm/host_memory.py
+
+# ruff: noqa: E402  (the imports below start JAX)
+
 from jaxllm.checkpoint import load_params, save_params
 from jaxllm.config import ModelConfig, flops_per_token
 from jaxllm.convert import from_torch_state_dict, to_torch_state_dict
@@ -20,6 +26,7 @@ __all__ = [
     "generate",
     "generate_text",
     "init_params",
+    "keep_freed_host_memory",
     "load_params",
     "logical_axes",
     "save_params",
