@@ -10,7 +10,9 @@ Writes benchmarks/results/parity.{json,md}. Float32 runs use full-precision matm
 from __future__ import annotations
 
 import argparse
+import sys
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 import torch_ref
-from benchmarks.machine import describe, machine_info, write_results
+from benchmarks.machine import RESULTS, describe, machine_info, write_results
 from jaxllm import ModelConfig, forward, init_params, to_torch_state_dict
 from jaxllm.config import Config, TrainConfig
 from jaxllm.optim import make_optimizer
@@ -90,10 +92,15 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=list(REDUCED))
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--devices", nargs="+", choices=["cpu", "cuda"], help="default: cpu, and cuda when present")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for parity.{json,md}")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and jax.devices()[0].platform == "gpu" else [])
+    cuda = torch.cuda.is_available() and jax.default_backend() == "gpu"
+    devices = args.devices or ["cpu"] + (["cuda"] if cuda else [])
+    if "cuda" in devices and not cuda:
+        raise SystemExit("error: --devices cuda needs a GPU that both torch and JAX see")
     rows = []
     for device in devices:
         for preset in args.presets:
@@ -119,7 +126,8 @@ def main() -> None:
     lines = [
         "# Parity: jaxllm vs torch_ref from the same weights",
         "",
-        f"Command: `python -m benchmarks.parity` ({args.steps} AdamW steps, batch {args.batch}).",
+        f"Command: `{' '.join(['python -m benchmarks.parity', *sys.argv[1:]])}` ({args.steps} AdamW steps, "
+        f"batch {args.batch}).",
         f"Machine: {describe(info)}.",
         "Float32 runs use full-precision matmuls on both sides; bfloat16 is the compute dtype (params float32).",
         "",
@@ -132,7 +140,10 @@ def main() -> None:
         for r in rows
     ]
     paths = write_results(
-        "parity", {"machine": info, "steps": args.steps, "batch": args.batch, "rows": rows}, "\n".join(lines) + "\n"
+        "parity",
+        {"machine": info, "steps": args.steps, "batch": args.batch, "rows": rows},
+        "\n".join(lines) + "\n",
+        args.out,
     )
     print("wrote", *paths)
 

@@ -37,9 +37,7 @@ print(json.dumps({"applied": jaxllm.keep_freed_host_memory(), "faults_per_step":
 
 def faults_per_step(mode: str) -> dict:
     env = {**os.environ, ENV: mode, "XLA_FLAGS": ""}  # one CPU device, as a plain process has
-    out = subprocess.run(
-        [sys.executable, "-c", FAULTS_PER_STEP], capture_output=True, text=True, timeout=300, env=env
-    )
+    out = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

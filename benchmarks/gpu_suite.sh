@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU check, as one prepared script: CUDA parity tests, the parity benchmark on CUDA, and the
+# speed suite (mini, advanced, gpt2-124m; bfloat16, cuDNN attention). Results go under $OUT (the
+# device tool's folder; default benchmarks/results/gpu_suite), a short table is printed last.
+#
+#   bash benchmarks/gpu_wheels.sh          # here, once: the wheels the GPU machine lacks -> .whl/
+#   device run, carry [".whl"], timeout_s 540:  bash benchmarks/gpu_suite.sh
+#
+# Each stage has its own time limit (about 7 minutes together at worst; 4-5 expected) and the
+# speed suite rewrites its results after every preset, so a stage cut short still leaves what it
+# measured. Needs no grain, deepspeed or flask. Without a GPU it runs the same stages on the CPU,
+# small: the CUDA tests skip, parity runs on mini, the speed suite runs --quick.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/results/gpu_suite}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$PY" -c "import pydantic" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then  # carried wheels
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "error: could not install the wheels in .whl/"; exit 1; }
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+"$PY" -c "import jaxllm, torch_ref, benchmarks.speed" \
+  || { echo "error: jaxllm does not import here (missing pydantic? run benchmarks/gpu_wheels.sh and carry .whl)"; exit 1; }
+
+start=$SECONDS
+status=0
+stage() {  # stage NAME LIMIT_S COMMAND...: run with a time limit, log under $OUT, remember failures
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc after $((SECONDS - t0))s"
+  [ "$rc" -eq 0 ] || status=1
+}
+
+if "$PY" -c "import jax, torch, sys; sys.exit(not (torch.cuda.is_available() and jax.default_backend() == 'gpu'))"; then
+  "$PY" -c "import jax, torch; print('GPU:', torch.cuda.get_device_name(0), '| jax', jax.__version__, jax.devices()[0].device_kind, '| torch', torch.__version__)"
+  stage cuda_tests 150 "$PY" -m pytest -m gpu tests/test_parity_torch.py tests/test_generate_cache.py -q -p no:cacheprovider
+  stage parity 90 "$PY" -m benchmarks.parity --devices cuda --out "$OUT"
+  stage speed 210 "$PY" -m benchmarks.speed --device cuda --presets gpt2-124m advanced mini --reps 5 --out "$OUT"
+  SPEED_MD="$OUT/speed_cuda.md"
+else
+  echo "no GPU seen by both torch and JAX: the CPU run of the same stages (small)"
+  stage cuda_tests 150 "$PY" -m pytest -m gpu tests/test_parity_torch.py tests/test_generate_cache.py -q -p no:cacheprovider -rs
+  stage parity 120 "$PY" -m benchmarks.parity --devices cpu --presets mini --steps 3 --out "$OUT"
+  stage speed 300 "$PY" -m benchmarks.speed --quick --presets mini --decode-batches 1 --out "$OUT"
+  SPEED_MD="$OUT/speed.md"
+fi
+
+echo
+echo "== summary ($((SECONDS - start))s in all; files in $OUT)"
+grep -h -E "passed|failed|skipped|error" "$OUT/cuda_tests.log" | tail -1
+[ -f "$OUT/parity.md" ] && grep "^|" "$OUT/parity.md" | cut -d'|' -f2-4,8-10
+if [ -f "$SPEED_MD" ]; then
+  sed -n '/^## Training step/,/^## Forward/p' "$SPEED_MD" | grep "^|" | cut -d'|' -f2,4-8
+  sed -n '/^## Goals/,$p' "$SPEED_MD" | grep "^-"
+else
+  echo "speed: no results (see $OUT/speed.log)"
+  status=1
+fi
+exit $status

@@ -1,0 +1,512 @@
+"""`python -m benchmarks.speed`: jaxllm vs torch_ref eager vs torch_ref + `torch.compile`, side by side.
+
+    python -m benchmarks.speed                          # CPU, float32: mini and advanced
+    python -m benchmarks.speed --device cuda            # GPU, bfloat16, cuDNN attention: all presets
+    python -m benchmarks.speed --quick                  # a smoke run: tiny shapes, files only with --out
+
+In one process, on the same config, batch and machine, for each preset:
+
+- forward latency: one forward pass of a (B, T) batch to float32 logits, no gradients;
+- training: one whole optimizer step at (B, T) -- forward, backward, clipping, AdamW, and the
+  loss and gradient norm read back to the host, as a training loop does -- as tokens/s and MFU;
+- decode: tokens/s at batch 1 and 16, measured as `benchmarks.decode_speed` does (greedy, the
+  difference of two `generate` calls removes the prefill).
+
+Implementations: jaxllm (jitted pure `forward` / `train_step` with donated state / `generate`),
+torch_ref eager (`torch_ref.build_model`, `PlainTrainer`, `torch_ref.generate`) and the same
+with `torch.compile`, all from the same weights. On the CPU a fourth training row runs jaxllm in a
+child process with glibc's default malloc (`JAXLLM_MALLOC=system`), which is what made the step
+slower than PyTorch's before `jaxllm/host_memory.py`.
+
+MFU = training FLOPs per token (`jaxllm.flops_per_token`, PaLM-style) x tokens/s / peak. The peak
+is, on the CPU, the faster of a 1024^3 float32 matmul in JAX and in PyTorch measured in this run
+(one denominator for every row); on a GPU the datasheet bfloat16 peak. Warm-up calls (compilation
+included) are not timed; each figure is the median of `--reps` timings taken in turn across the
+implementations, with min and max as the spread. On the CPU a timing during which other processes
+kept a core more than 5% busy is discarded and repeated (`benchmarks.decode_speed.quiet_timing`).
+
+Writes `speed.json`, `speed.md` and `speed.png` (`speed_cuda.*` on a GPU) under `--out`
+(default benchmarks/results), rewritten after each preset so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX and PyTorch share one GPU here
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import jaxllm
+import torch_ref
+from benchmarks.decode_speed import SETTINGS as DECODE_SETTINGS
+from benchmarks.decode_speed import decode_rates, quiet_timing
+from benchmarks.machine import RESULTS, describe, machine_info, write_results
+from jaxllm.config import Config, flops_per_token
+from jaxllm.host_memory import ENV as MALLOC_ENV
+from jaxllm.metrics import datasheet_peak
+from jaxllm.optim import make_optimizer
+from jaxllm.train_step import init_state, train_step
+from torch_ref.run import Dist, set_numerics
+from torch_ref.train import PlainTrainer
+
+JAX, EAGER, COMPILED = "jaxllm", "torch_ref eager", "torch_ref + torch.compile"
+SYSTEM_MALLOC = "jaxllm, glibc default malloc"
+IMPLS = (JAX, EAGER, COMPILED)
+torch._dynamo.config.cache_size_limit = 64  # prefill and decode shapes per configuration
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What one preset runs at: batch, context, steps per timing, decode prompt and new tokens."""
+
+    batch: int
+    context: int
+    steps_per_timing: int
+    prompt: int
+    new_tokens: int
+
+
+# CPU: each preset's own training batch for mini; advanced and gpt2-124m at full width, depth and
+# vocabulary but a batch a CPU finishes in about a second. GPU: nanoGPT-sized batches.
+SHAPES = {
+    "cpu": {
+        "mini": Shape(32, 64, 5, DECODE_SETTINGS["mini"]["prompt"], DECODE_SETTINGS["mini"]["new"]),
+        "advanced": Shape(4, 256, 1, 16, 64),
+        "gpt2-124m": Shape(4, 256, 1, 16, 64),
+    },
+    "cuda": {
+        "mini": Shape(32, 64, 20, 8, 56),
+        "advanced": Shape(8, 1024, 5, 16, 128),
+        "gpt2-124m": Shape(12, 1024, 5, 16, 128),
+    },
+}
+
+
+def load_config(preset: str, device: str, shape: Shape) -> Config:
+    overrides = [f"train.batch_size={shape.batch}", f"model.context_length={shape.context}", "train.grad_accum=1"]
+    if device == "cuda":
+        overrides += ["model.dtype=bfloat16", "model.attention=cudnn"]
+    return Config.load(preset, overrides)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timings(runners: dict[str, Callable[[], object]], reps: int, device: str) -> dict[str, list[float]]:
+    """Seconds per call of each runner: two warm-up calls, then `reps` timings taken in turn.
+
+    Two: a jitted step's second call may compile again (its inputs are now its own outputs), and
+    `torch.compile` may recompile once with dynamic shapes.
+    """
+    for run in runners.values():
+        run()
+        run()
+    out: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(reps):
+        for name, run in runners.items():
+            if device == "cpu":
+                out[name].append(quiet_timing(run)[0])
+            else:
+                start = time.perf_counter()
+                run()
+                out[name].append(time.perf_counter() - start)
+    return out
+
+
+def summary(seconds: list[float], per_call: float = 1.0) -> dict[str, float]:
+    """Median, min and max of `seconds` divided by the work units in one call."""
+    per = [s / per_call for s in seconds]
+    return {"median_s": statistics.median(per), "min_s": min(per), "max_s": max(per), "n": len(per)}
+
+
+# The three measurements -----------------------------------------------------------------------------
+
+
+def forward_runners(cfg: Config, params, model: torch.nn.Module, device: str) -> dict[str, Callable[[], object]]:
+    mc, shape = cfg.model, (cfg.train.batch_size, cfg.model.context_length)
+    tokens = np.random.default_rng(1).integers(0, mc.vocab_size, shape)
+    tokens_jax = jnp.asarray(tokens, jnp.int32)
+    tokens_torch = torch.from_numpy(tokens).to(device)
+    forward = jax.jit(partial(jaxllm.forward, mc))
+    compiled = torch.compile(model)
+
+    def torch_forward(net: torch.nn.Module) -> Callable[[], object]:
+        def run() -> object:
+            with torch.inference_mode():
+                logits = net(tokens_torch)
+            sync(device)
+            return logits
+
+        return run
+
+    return {
+        JAX: lambda: forward(params, tokens_jax).block_until_ready(),
+        EAGER: torch_forward(model),
+        COMPILED: torch_forward(compiled),
+    }
+
+
+def jax_train_runner(cfg: Config, params, steps: int) -> Callable[[], object]:
+    """`steps` jitted train steps from `params` (copied: the state is donated), reading metrics each step."""
+    optimizer = make_optimizer(cfg.train)
+    step = jax.jit(partial(train_step, cfg.model, cfg.train, optimizer), donate_argnums=0)
+    state = {"s": init_state(jax.tree.map(jnp.copy, params), optimizer)}
+    batches = train_batches(cfg)
+    batches_jax = [jnp.asarray(b, jnp.int32) for b in batches]
+
+    def run() -> None:
+        for i in range(steps):
+            state["s"], metrics = step(state["s"], batches_jax[i % len(batches_jax)])
+            float(metrics["loss"]), float(metrics["grad_norm"])  # as the loop logs them
+
+    return run
+
+
+def torch_train_runner(cfg: Config, state_dict: dict, device: str, compile: bool, steps: int) -> Callable[[], object]:
+    model = torch_ref.build_model(cfg.model, device)
+    model.load_state_dict(state_dict)
+    trainer = PlainTrainer(model, cfg, Dist.from_env(), torch.device(device), compile=compile)
+    batches = [torch.from_numpy(b).to(device) for b in train_batches(cfg)]
+
+    def run() -> None:
+        for i in range(steps):
+            trainer.train_step(batches[i % len(batches)])  # reads loss and grad norm back itself
+
+    return run
+
+
+def train_batches(cfg: Config, n: int = 4) -> list[np.ndarray]:
+    rng = np.random.default_rng(2)
+    shape = (cfg.train.batch_size, cfg.model.context_length + 1)
+    return [rng.integers(0, cfg.model.vocab_size, shape) for _ in range(n)]
+
+
+def decode_runners(cfg: Config, params, model: torch.nn.Module, prompts: list[list[int]]) -> dict:
+    mc = cfg.model
+    return {
+        JAX: lambda n: lambda: jaxllm.generate(mc, params, prompts, max_new_tokens=n),
+        EAGER: lambda n: lambda: torch_ref.generate(model, prompts, max_new_tokens=n),
+        COMPILED: lambda n: lambda: torch_ref.generate(model, prompts, max_new_tokens=n, compile=True),
+    }
+
+
+# One preset ----------------------------------------------------------------------------------------
+
+
+def bench_preset(preset: str, device: str, reps: int, decode_batches: list[int], quick: bool) -> dict:
+    shape = SHAPES[device][preset]
+    if quick:
+        shape = Shape(min(shape.batch, 4), min(shape.context, 64), 1, 4, 8)
+    cfg = load_config(preset, device, shape)
+    mc = cfg.model
+    set_numerics(cfg.train, torch.device(device))
+    params = jax.device_put(jaxllm.init_params(mc, 0), jax.devices("gpu" if device == "cuda" else "cpu")[0])
+    state_dict = jaxllm.to_torch_state_dict(mc, params)
+    model = torch_ref.build_model(mc, device)
+    model.load_state_dict(state_dict)
+    model.eval()
+    tokens_per_step = shape.batch * shape.context
+    result = {"preset": preset, "shape": shape.__dict__, "dtype": mc.dtype, "attention": mc.attention}
+    result["flops_per_token"] = flops_per_token(mc)
+
+    fwd = timings(forward_runners(cfg, params, model, device), reps, device)
+    result["forward"] = {name: summary(t) for name, t in fwd.items()}
+    print_row(preset, "forward ms", {n: s["median_s"] * 1e3 for n, s in result["forward"].items()})
+
+    steps = shape.steps_per_timing
+    train = timings(
+        {
+            JAX: jax_train_runner(cfg, params, steps),
+            EAGER: torch_train_runner(cfg, state_dict, device, False, steps),
+            COMPILED: torch_train_runner(cfg, state_dict, device, True, steps),
+        },
+        reps,
+        device,
+    )
+    result["train"] = {name: summary(t, steps) for name, t in train.items()}
+    if device == "cpu" and not quick:
+        result["train"][SYSTEM_MALLOC] = system_malloc_train(preset, reps)
+    for stats in result["train"].values():
+        stats["tokens_per_s"] = tokens_per_step / stats["median_s"]
+    print_row(preset, "train tokens/s", {n: s["tokens_per_s"] for n, s in result["train"].items()})
+
+    result["decode"] = {}
+    for batch in decode_batches:
+        prompts = np.random.default_rng(3).integers(0, mc.vocab_size, (batch, shape.prompt)).tolist()
+        torch._dynamo.reset()  # fresh torch.compile caches per decode shape
+        rates = decode_rates(decode_runners(cfg, params, model, prompts), batch, shape.new_tokens, reps)
+        result["decode"][str(batch)] = rates
+        print_row(preset, f"decode b{batch} tok/s", {n: r["tokens_per_s"] for n, r in rates.items()})
+    torch._dynamo.reset()
+    return result
+
+
+def system_malloc_train(preset: str, reps: int) -> dict:
+    """jaxllm's CPU train step timed in a child process with glibc's default malloc."""
+    env = {**os.environ, MALLOC_ENV: "system"}
+    cmd = [sys.executable, "-m", "benchmarks.speed", "--jax-train-only", preset, "--reps", str(reps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True, timeout=1800)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def jax_train_only(preset: str, reps: int) -> dict:
+    shape = SHAPES["cpu"][preset]
+    cfg = load_config(preset, "cpu", shape)
+    params = jaxllm.init_params(cfg.model, 0)
+    seconds = timings({JAX: jax_train_runner(cfg, params, shape.steps_per_timing)}, reps, "cpu")[JAX]
+    return {**summary(seconds, shape.steps_per_timing), "malloc_settings_applied": jaxllm.keep_freed_host_memory()}
+
+
+def print_row(preset: str, what: str, values: dict[str, float]) -> None:
+    cells = "  ".join(f"{name}: {v:,.1f}" for name, v in values.items())
+    print(f"{preset:9s} {what:18s} {cells}", flush=True)
+
+
+# Peak and results ----------------------------------------------------------------------------------
+
+
+def cpu_matmul_peaks(n: int = 1024, reps: int = 10) -> dict[str, float]:
+    """Best-of-`reps` float32 FLOP/s of an n^3 matmul in JAX and in PyTorch on this CPU, calls back to back."""
+    a_np = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    a_jax, a_torch = jnp.asarray(a_np), torch.from_numpy(a_np)
+    matmul = jax.jit(lambda x: x @ x)
+    runs = {"jax": lambda: matmul(a_jax).block_until_ready(), "torch": lambda: a_torch @ a_torch}
+    best = {}
+    for name, run in runs.items():
+        for _ in range(3):
+            run()
+        seconds = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            run()
+            seconds.append(time.perf_counter() - start)
+        best[name] = 2 * n**3 / min(seconds)
+    return best
+
+
+def peak(device: str, dtype: str) -> tuple[float, str, dict]:
+    if device == "cpu":
+        measured = cpu_matmul_peaks()
+        source = (
+            f"float32 1024^3 matmul measured in this run: JAX {measured['jax'] / 1e9:.0f} GFLOP/s, "
+            f"PyTorch {measured['torch'] / 1e9:.0f} GFLOP/s; the faster is the peak"
+        )
+        return max(measured.values()), source, measured
+    kind = torch.cuda.get_device_name(0)
+    value = datasheet_peak(kind, dtype, "default") or float("nan")
+    return value, f"datasheet {dtype} dense peak of {kind}", {}
+
+
+def add_mfu(results: list[dict], peak_flops: float) -> None:
+    for r in results:
+        for stats in r["train"].values():
+            stats["mfu"] = r["flops_per_token"]["train"] * stats["tokens_per_s"] / peak_flops
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x"
+
+
+def markdown(data: dict) -> str:
+    run, results = data["run"], data["presets"]
+    lines = [
+        f"# Speed: jaxllm vs torch_ref ({run['device']}, {run['dtype']})",
+        "",
+        f"Command: `{run['command']}`. Each figure: median of {run['reps']} timings after warm-up (min-max in "
+        "brackets), implementations timed in turn. Same weights, batch and machine for every row.",
+        "",
+        f"Machine: {describe(data['machine'])}; load average {run['load_average_at_end']} at end. "
+        f"Peak for MFU: {run['peak_source']}.",
+        "",
+        "## Training step (forward + backward + clipping + AdamW)",
+        "",
+        "| preset | batch x context | implementation | ms/step | tokens/s | MFU | vs torch_ref eager |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        eager = r["train"][EAGER]["tokens_per_s"]
+        for name, s in r["train"].items():
+            lines.append(
+                f"| {r['preset']} | {r['shape']['batch']} x {r['shape']['context']} | {name} | "
+                f"{s['median_s'] * 1e3:.1f} [{s['min_s'] * 1e3:.1f}-{s['max_s'] * 1e3:.1f}] | "
+                f"{s['tokens_per_s']:,.0f} | {s['mfu']:.3f} | {ratio(s['tokens_per_s'], eager)} |"
+            )
+    lines += [
+        "",
+        "## Forward latency (logits of one batch, no gradients)",
+        "",
+        "| preset | batch x context | implementation | ms | speed-up vs torch_ref eager |",
+        "|---|---|---|---:|---:|",
+    ]
+    for r in results:
+        eager = r["forward"][EAGER]["median_s"]
+        for name, s in r["forward"].items():
+            lines.append(
+                f"| {r['preset']} | {r['shape']['batch']} x {r['shape']['context']} | {name} | "
+                f"{s['median_s'] * 1e3:.2f} [{s['min_s'] * 1e3:.2f}-{s['max_s'] * 1e3:.2f}] | "
+                f"{ratio(eager, s['median_s'])} |"
+            )
+    lines += [
+        "",
+        "## Decode (greedy, KV cache)",
+        "",
+        "| preset | batch | prompt + new | implementation | tokens/s | vs torch_ref eager |",
+        "|---|---:|---|---|---:|---:|",
+    ]
+    for r in results:
+        for batch, rates in r["decode"].items():
+            eager = rates[EAGER]["tokens_per_s"]
+            for name, s in rates.items():
+                lines.append(
+                    f"| {r['preset']} | {batch} | {r['shape']['prompt']} + {r['shape']['new_tokens']} | {name} | "
+                    f"{s['tokens_per_s']:,.1f} | {ratio(s['tokens_per_s'], eager)} |"
+                )
+    lines += ["", "## Goals", "", *goals(data)]
+    return "\n".join(lines) + "\n"
+
+
+def goals(data: dict) -> list[str]:
+    out = []
+    for r in data["presets"]:
+        jax_tps = r["train"][JAX]["tokens_per_s"]
+        if data["run"]["device"] == "cpu":
+            eager = r["train"][EAGER]["tokens_per_s"]
+            out.append(
+                f"- {r['preset']} training step, jaxllm >= torch_ref eager on this CPU: "
+                f"{ratio(jax_tps, eager)} ({mark(jax_tps >= eager)})"
+            )
+            for batch, rates in r["decode"].items():
+                best = max(rates[EAGER]["tokens_per_s"], rates[COMPILED]["tokens_per_s"])
+                ok = rates[JAX]["tokens_per_s"] >= best
+                out.append(
+                    f"- {r['preset']} decode batch {batch}, jaxllm >= torch_ref: "
+                    f"{ratio(rates[JAX]['tokens_per_s'], best)} the faster torch_ref ({mark(ok)})"
+                )
+        else:
+            compiled = r["train"][COMPILED]["tokens_per_s"]
+            line = f"- {r['preset']}: jaxllm {ratio(jax_tps, compiled)} torch.compile ({mark(jax_tps >= compiled)})"
+            if r["preset"] == "gpt2-124m":
+                mfu = r["train"][JAX]["mfu"]
+                line += f"; MFU {mfu:.1%} (goal >= 45%: {mark(mfu >= 0.45)})"
+            out.append(line)
+    return out
+
+
+def mark(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def plot(data: dict, path: Path) -> None:
+    """Three panels: training tokens/s, forward latency, decode tokens/s; bars per implementation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = data["presets"]
+    panels = [
+        ("training tokens/s (higher is better)", [(r["preset"], r["train"]) for r in results], "tokens_per_s"),
+        ("forward latency, ms (lower is better)", [(r["preset"], r["forward"]) for r in results], "median_s"),
+        (
+            "decode tokens/s (higher is better)",
+            [(f"{r['preset']} b{b}", rates) for r in results for b, rates in r["decode"].items()],
+            "tokens_per_s",
+        ),
+    ]
+    order = [JAX, SYSTEM_MALLOC, EAGER, COMPILED]
+    colors = {JAX: "tab:blue", SYSTEM_MALLOC: "lightsteelblue", EAGER: "tab:orange", COMPILED: "tab:red"}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    for ax, (title, groups, key) in zip(axes, panels, strict=True):
+        names = [name for name in order if any(name in stats for _, stats in groups)]
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            xs, ys = [], []
+            for g, (_, stats) in enumerate(groups):
+                if name in stats:
+                    value = stats[name][key] * (1e3 if key == "median_s" else 1)
+                    xs.append(g + (i - (len(names) - 1) / 2) * width)
+                    ys.append(value)
+            if xs:
+                ax.bar(xs, ys, width, label=name, color=colors[name])
+        ax.set_xticks(range(len(groups)), [g for g, _ in groups])
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
+    run = data["run"]
+    fig.suptitle(f"jaxllm vs torch_ref, {run['device']} {run['dtype']}: {data['machine']['cpu']}"
+                 + (f", {data['machine']['gpu']}" if data["machine"].get("gpu") else ""))  # fmt: skip
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write(data: dict, out: Path, name: str) -> None:
+    add_mfu(data["presets"], data["run"]["peak_flops"])
+    data["run"]["load_average_at_end"] = round(os.getloadavg()[0], 2)
+    write_results(name, data, markdown(data), out)
+    plot(data, out / f"{name}.png")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--presets", nargs="+", choices=list(SHAPES["cpu"]), help="default: cpu mini advanced, cuda all"
+    )
+    parser.add_argument("--reps", type=int, default=7, help="timings per figure (median reported)")
+    parser.add_argument("--decode-batches", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--out", type=Path, help="folder for the results files (default: benchmarks/results)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny shapes, 2 timings; files with --out")
+    parser.add_argument("--jax-train-only", metavar="PRESET", help=argparse.SUPPRESS)  # the system-malloc child
+    args = parser.parse_args()
+    if args.jax_train_only:
+        print(json.dumps(jax_train_only(args.jax_train_only, args.reps)))
+        return
+    if args.device == "cuda" and not (torch.cuda.is_available() and jax.default_backend() == "gpu"):
+        sys.exit("error: --device cuda needs a GPU that both torch and JAX see")
+    presets = args.presets or (["mini", "advanced"] if args.device == "cpu" else list(SHAPES["cuda"]))
+    reps = 2 if args.quick else args.reps
+    dtype = "float32" if args.device == "cpu" else "bfloat16"
+    info = machine_info(("jax", "jaxlib", "flax", "torch", "numpy"))
+    peak_flops, peak_source, measured = peak(args.device, dtype)
+    command = " ".join(["python -m benchmarks.speed", *sys.argv[1:]])
+    run = {
+        "device": args.device, "dtype": dtype, "reps": reps, "command": command, "peak_flops": peak_flops,
+        "peak_source": peak_source, "cpu_matmul_flops": measured, "torch_threads": torch.get_num_threads(),
+        "jax_backend": jax.default_backend(), "malloc_settings_applied": jaxllm.keep_freed_host_memory(),
+    }  # fmt: skip
+    data = {"machine": info, "run": run, "presets": []}
+    name = "speed" if args.device == "cpu" else "speed_cuda"
+    out = args.out or (None if args.quick else RESULTS)
+    for preset in presets:
+        data["presets"].append(bench_preset(preset, args.device, reps, args.decode_batches, args.quick))
+        if out is not None:
+            write(data, out, name)
+    add_mfu(data["presets"], peak_flops)
+    print("\n".join(goals(data)))
+    print(f"wrote {out / name}.{{json,md,png}}" if out is not None else "quick run: no files written")
+
+
+if __name__ == "__main__":
+    main()
