@@ -210,7 +210,13 @@ def decode_runners(cfg: Config, params, model: torch.nn.Module, prompts: list[li
 # One preset ----------------------------------------------------------------------------------------
 
 
-def bench_preset(preset: str, device: str, reps: int, decode_batches: list[int], quick: bool) -> dict:
+def bench_preset(
+    preset: str, device: str, reps: int, decode_batches: list[int], quick: bool, save: Callable[[dict], None]
+) -> dict:
+    """Training, then forward, then decode figures for one preset; `save(result)` after each section.
+
+    Training first: it carries the goals, and a run cut short by a time limit keeps it.
+    """
     shape = SHAPES[device][preset]
     if quick:
         shape = Shape(min(shape.batch, 4), min(shape.context, 64), 1, 4, 8)
@@ -222,13 +228,8 @@ def bench_preset(preset: str, device: str, reps: int, decode_batches: list[int],
     model = torch_ref.build_model(mc, device)
     model.load_state_dict(state_dict)
     model.eval()
-    tokens_per_step = shape.batch * shape.context
     result = {"preset": preset, "shape": shape.__dict__, "dtype": mc.dtype, "attention": mc.attention}
-    result["flops_per_token"] = flops_per_token(mc)
-
-    fwd = timings(forward_runners(cfg, params, model, device), reps, device)
-    result["forward"] = {name: summary(t) for name, t in fwd.items()}
-    print_row(preset, "forward ms", {n: s["median_s"] * 1e3 for n, s in result["forward"].items()})
+    result.update(flops_per_token=flops_per_token(mc), train={}, forward={}, decode={})
 
     steps = shape.steps_per_timing
     train = timings(
@@ -244,16 +245,22 @@ def bench_preset(preset: str, device: str, reps: int, decode_batches: list[int],
     if device == "cpu" and not quick:
         result["train"][SYSTEM_MALLOC] = system_malloc_train(preset, reps)
     for stats in result["train"].values():
-        stats["tokens_per_s"] = tokens_per_step / stats["median_s"]
+        stats["tokens_per_s"] = shape.batch * shape.context / stats["median_s"]
     print_row(preset, "train tokens/s", {n: s["tokens_per_s"] for n, s in result["train"].items()})
+    save(result)
 
-    result["decode"] = {}
+    fwd = timings(forward_runners(cfg, params, model, device), reps, device)
+    result["forward"] = {name: summary(t) for name, t in fwd.items()}
+    print_row(preset, "forward ms", {n: s["median_s"] * 1e3 for n, s in result["forward"].items()})
+    save(result)
+
     for batch in decode_batches:
         prompts = np.random.default_rng(3).integers(0, mc.vocab_size, (batch, shape.prompt)).tolist()
         torch._dynamo.reset()  # fresh torch.compile caches per decode shape
         rates = decode_rates(decode_runners(cfg, params, model, prompts), batch, shape.new_tokens, reps)
         result["decode"][str(batch)] = rates
         print_row(preset, f"decode b{batch} tok/s", {n: r["tokens_per_s"] for n, r in rates.items()})
+        save(result)
     torch._dynamo.reset()
     return result
 
@@ -355,7 +362,7 @@ def markdown(data: dict) -> str:
         "| preset | batch x context | implementation | ms | speed-up vs torch_ref eager |",
         "|---|---|---|---:|---:|",
     ]
-    for r in results:
+    for r in (r for r in results if r["forward"]):
         eager = r["forward"][EAGER]["median_s"]
         for name, s in r["forward"].items():
             lines.append(
@@ -435,6 +442,9 @@ def plot(data: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     for ax, (title, groups, key) in zip(axes, panels, strict=True):
         names = [name for name in order if any(name in stats for _, stats in groups)]
+        ax.set_title(title)
+        if not names:  # not measured yet
+            continue
         width = 0.8 / len(names)
         for i, name in enumerate(names):
             xs, ys = [], []
@@ -447,7 +457,6 @@ def plot(data: dict, path: Path) -> None:
                 ax.bar(xs, ys, width, label=name, color=colors[name])
         ax.set_xticks(range(len(groups)), [g for g, _ in groups])
         ax.set_yscale("log")
-        ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
@@ -499,10 +508,16 @@ def main() -> None:
     data = {"machine": info, "run": run, "presets": []}
     name = "speed" if args.device == "cpu" else "speed_cuda"
     out = args.out or (None if args.quick else RESULTS)
-    for preset in presets:
-        data["presets"].append(bench_preset(preset, args.device, reps, args.decode_batches, args.quick))
+    done: list[dict] = []
+
+    def save(partial_result: dict) -> None:  # rewrite the files with every figure measured so far
+        data["presets"] = [*done, partial_result]
         if out is not None:
             write(data, out, name)
+
+    for preset in presets:
+        done.append(bench_preset(preset, args.device, reps, args.decode_batches, args.quick, save))
+        data["presets"] = list(done)
     add_mfu(data["presets"], peak_flops)
     print("\n".join(goals(data)))
     print(f"wrote {out / name}.{{json,md,png}}" if out is not None else "quick run: no files written")
