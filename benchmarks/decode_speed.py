@@ -81,8 +81,8 @@ def decode_rates(runners: dict[str, Callable[[int], Callable[[], object]]], batc
     Interleaving spreads any remaining change in background load over every implementation.
     """
     calls = {name: (make(new), make(1)) for name, make in runners.items()}
-    for run_n, run_1 in calls.values():  # warm-up: compilation, caches, allocator
-        run_n(), run_1()
+    for run_n, run_1 in calls.values():  # warm-up, twice: torch.compile recompiles once a shape changes
+        run_n(), run_1(), run_n(), run_1()
     times: dict[str, dict[str, list[float]]] = {name: {"new": [], "one": []} for name in calls}
     discarded = dict.fromkeys(calls, 0)
     for _ in range(reps):

@@ -41,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -386,6 +387,8 @@ def markdown(data: dict) -> str:
                     f"{s['tokens_per_s']:,.1f} | {ratio(s['tokens_per_s'], eager)} |"
                 )
     lines += ["", "## Goals", "", *goals(data)]
+    if data.get("errors"):
+        lines += ["", "## Errors", "", *(f"- {e}" for e in data["errors"])]
     return "\n".join(lines) + "\n"
 
 
@@ -459,7 +462,8 @@ def plot(data: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
     run = data["run"]
     fig.suptitle(f"jaxllm vs torch_ref, {run['device']} {run['dtype']}: {data['machine']['cpu']}"
                  + (f", {data['machine']['gpu']}" if data["machine"].get("gpu") else ""))  # fmt: skip
@@ -505,7 +509,7 @@ def main() -> None:
         "peak_source": peak_source, "cpu_matmul_flops": measured, "torch_threads": torch.get_num_threads(),
         "jax_backend": jax.default_backend(), "malloc_settings_applied": jaxllm.keep_freed_host_memory(),
     }  # fmt: skip
-    data = {"machine": info, "run": run, "presets": []}
+    data = {"machine": info, "run": run, "presets": [], "errors": []}
     name = "speed" if args.device == "cpu" else "speed_cuda"
     out = args.out or (None if args.quick else RESULTS)
     done: list[dict] = []
@@ -516,11 +520,19 @@ def main() -> None:
             write(data, out, name)
 
     for preset in presets:
-        done.append(bench_preset(preset, args.device, reps, args.decode_batches, args.quick, save))
+        try:
+            done.append(bench_preset(preset, args.device, reps, args.decode_batches, args.quick, save))
+        except Exception as e:  # one preset failing (on a GPU met once) must not lose the others
+            traceback.print_exc()
+            data["errors"].append(f"{preset}: {type(e).__name__}: {e}"[:500])
         data["presets"] = list(done)
+        if out is not None and data["errors"]:
+            write(data, out, name)
     add_mfu(data["presets"], peak_flops)
     print("\n".join(goals(data)))
     print(f"wrote {out / name}.{{json,md,png}}" if out is not None else "quick run: no files written")
+    if data["errors"]:
+        sys.exit("errors: " + "; ".join(data["errors"]))
 
 
 if __name__ == "__main__":
