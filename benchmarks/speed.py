@@ -328,12 +328,43 @@ def add_mfu(results: list[dict], peak_flops: float) -> None:
             stats["mfu"] = r["flops_per_token"]["train"] * stats["tokens_per_s"] / peak_flops
 
 
+def ms_cell(s: dict, digits: int) -> str:
+    """'median [min-max]' in milliseconds."""
+    return f"{s['median_s'] * 1e3:.{digits}f} [{s['min_s'] * 1e3:.{digits}f}-{s['max_s'] * 1e3:.{digits}f}]"
+
+
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x"
 
 
+def table(title: str, head: list[str], rows: list[str]) -> list[str]:
+    """A markdown section; the first three columns are text, the rest numbers (right-aligned)."""
+    align = ["---"] * 3 + ["---:"] * (len(head) - 3)
+    return ["", f"## {title}", "", f"| {' | '.join(head)} |", f"|{'|'.join(align)}|", *rows]
+
+
 def markdown(data: dict) -> str:
     run, results = data["run"], data["presets"]
+    shape = lambda r: f"{r['shape']['batch']} x {r['shape']['context']}"  # noqa: E731
+    train_rows = [
+        f"| {r['preset']} | {shape(r)} | {name} | {ms_cell(s, 1)} | {s['tokens_per_s']:,.0f} | {s['mfu']:.3f} | "
+        f"{ratio(s['tokens_per_s'], r['train'][EAGER]['tokens_per_s'])} |"
+        for r in results
+        for name, s in r["train"].items()
+    ]
+    forward_rows = [
+        f"| {r['preset']} | {shape(r)} | {name} | {ms_cell(s, 2)} | "
+        f"{ratio(r['forward'][EAGER]['median_s'], s['median_s'])} |"
+        for r in results
+        for name, s in r["forward"].items()
+    ]
+    decode_rows = [
+        f"| {r['preset']} | {r['shape']['prompt']} + {r['shape']['new_tokens']} | {name} | {batch} | "
+        f"{s['tokens_per_s']:,.1f} | {ratio(s['tokens_per_s'], rates[EAGER]['tokens_per_s'])} |"
+        for r in results
+        for batch, rates in r["decode"].items()
+        for name, s in rates.items()
+    ]
     lines = [
         f"# Speed: jaxllm vs torch_ref ({run['device']}, {run['dtype']})",
         "",
@@ -342,51 +373,26 @@ def markdown(data: dict) -> str:
         "",
         f"Machine: {describe(data['machine'])}; load average {run['load_average_at_end']} at end. "
         f"Peak for MFU: {run['peak_source']}.",
+        *table(
+            "Training step (forward + backward + clipping + AdamW)",
+            ["preset", "batch x context", "implementation", "ms/step", "tokens/s", "MFU", "vs torch_ref eager"],
+            train_rows,
+        ),
+        *table(
+            "Forward latency (logits of one batch, no gradients)",
+            ["preset", "batch x context", "implementation", "ms", "speed-up vs torch_ref eager"],
+            forward_rows,
+        ),
+        *table(
+            "Decode (greedy, KV cache)",
+            ["preset", "prompt + new", "implementation", "batch", "tokens/s", "vs torch_ref eager"],
+            decode_rows,
+        ),
         "",
-        "## Training step (forward + backward + clipping + AdamW)",
+        "## Goals",
         "",
-        "| preset | batch x context | implementation | ms/step | tokens/s | MFU | vs torch_ref eager |",
-        "|---|---|---|---:|---:|---:|---:|",
+        *goals(data),
     ]
-    for r in results:
-        eager = r["train"][EAGER]["tokens_per_s"]
-        for name, s in r["train"].items():
-            lines.append(
-                f"| {r['preset']} | {r['shape']['batch']} x {r['shape']['context']} | {name} | "
-                f"{s['median_s'] * 1e3:.1f} [{s['min_s'] * 1e3:.1f}-{s['max_s'] * 1e3:.1f}] | "
-                f"{s['tokens_per_s']:,.0f} | {s['mfu']:.3f} | {ratio(s['tokens_per_s'], eager)} |"
-            )
-    lines += [
-        "",
-        "## Forward latency (logits of one batch, no gradients)",
-        "",
-        "| preset | batch x context | implementation | ms | speed-up vs torch_ref eager |",
-        "|---|---|---|---:|---:|",
-    ]
-    for r in (r for r in results if r["forward"]):
-        eager = r["forward"][EAGER]["median_s"]
-        for name, s in r["forward"].items():
-            lines.append(
-                f"| {r['preset']} | {r['shape']['batch']} x {r['shape']['context']} | {name} | "
-                f"{s['median_s'] * 1e3:.2f} [{s['min_s'] * 1e3:.2f}-{s['max_s'] * 1e3:.2f}] | "
-                f"{ratio(eager, s['median_s'])} |"
-            )
-    lines += [
-        "",
-        "## Decode (greedy, KV cache)",
-        "",
-        "| preset | batch | prompt + new | implementation | tokens/s | vs torch_ref eager |",
-        "|---|---:|---|---|---:|---:|",
-    ]
-    for r in results:
-        for batch, rates in r["decode"].items():
-            eager = rates[EAGER]["tokens_per_s"]
-            for name, s in rates.items():
-                lines.append(
-                    f"| {r['preset']} | {batch} | {r['shape']['prompt']} + {r['shape']['new_tokens']} | {name} | "
-                    f"{s['tokens_per_s']:,.1f} | {ratio(s['tokens_per_s'], eager)} |"
-                )
-    lines += ["", "## Goals", "", *goals(data)]
     if data.get("errors"):
         lines += ["", "## Errors", "", *(f"- {e}" for e in data["errors"])]
     return "\n".join(lines) + "\n"

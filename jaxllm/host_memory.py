@@ -11,8 +11,10 @@ keep the freed heap top (`M_TRIM_THRESHOLD`), and to use one arena: a thread are
 hold a block above 64 MiB falls back to `mmap` whatever `M_MMAP_MAX` says, while the main arena
 grows with `brk`. The cost: the process keeps its peak heap size rather than returning it to the
 system. `mallopt` takes the trim threshold as an int, so a free heap top above 2 GiB (the larger
-presets' steps) is still returned, and faulted in again, now and then. `import jaxllm` calls it (before JAX starts its threads, which then share the main arena);
-set `JAXLLM_MALLOC=system` to leave glibc's defaults alone. Elsewhere than glibc it does nothing.
+presets' steps) is still returned, and faulted in again, now and then.
+
+`import jaxllm` calls it (before JAX starts its threads, which then share the main arena); set
+`JAXLLM_MALLOC=system` to leave glibc's defaults alone. Elsewhere than glibc it does nothing.
 """
 
 from __future__ import annotations
