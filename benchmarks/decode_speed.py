@@ -75,11 +75,22 @@ def quiet_timing(run: Callable[[], object], max_tries: int = 30) -> tuple[float,
     return elapsed, max_tries  # never quiet: keep the last, and say so in the results
 
 
-def decode_rates(runners: dict[str, Callable[[int], Callable[[], object]]], batch: int, new: int, reps: int) -> dict:
+def plain_timing(run: Callable[[], object]) -> tuple[float, int]:
+    """(seconds, 0): the wall time of `run()`, without `quiet_timing`'s load check (GPU runs)."""
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start, 0
+
+
+def decode_rates(
+    runners: dict[str, Callable[[int], Callable[[], object]]], batch: int, new: int, reps: int, quiet: bool = True
+) -> dict:
     """{name: figures}: each runner timed for `new` tokens and for 1, repetitions interleaved.
 
     Interleaving spreads any remaining change in background load over every implementation.
+    `quiet=False` skips the CPU-load check (on a GPU machine background CPU use says little).
     """
+    timing = quiet_timing if quiet else plain_timing
     calls = {name: (make(new), make(1)) for name, make in runners.items()}
     for run_n, run_1 in calls.values():  # warm-up, twice: torch.compile recompiles once a shape changes
         run_n(), run_1(), run_n(), run_1()
@@ -88,7 +99,7 @@ def decode_rates(runners: dict[str, Callable[[int], Callable[[], object]]], batc
     for _ in range(reps):
         for name, (run_n, run_1) in calls.items():
             for key, run in (("new", run_n), ("one", run_1)):
-                seconds, thrown = quiet_timing(run)
+                seconds, thrown = timing(run)
                 times[name][key].append(seconds)
                 discarded[name] += thrown
     out = {}

@@ -55,7 +55,7 @@ import torch
 import jaxllm
 import torch_ref
 from benchmarks.decode_speed import SETTINGS as DECODE_SETTINGS
-from benchmarks.decode_speed import decode_rates, quiet_timing
+from benchmarks.decode_speed import decode_rates, plain_timing, quiet_timing
 from benchmarks.machine import RESULTS, describe, machine_info, write_results
 from jaxllm.config import Config, flops_per_token
 from jaxllm.host_memory import ENV as MALLOC_ENV
@@ -122,12 +122,7 @@ def timings(runners: dict[str, Callable[[], object]], reps: int, device: str) ->
     out: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(reps):
         for name, run in runners.items():
-            if device == "cpu":
-                out[name].append(quiet_timing(run)[0])
-            else:
-                start = time.perf_counter()
-                run()
-                out[name].append(time.perf_counter() - start)
+            out[name].append((quiet_timing if device == "cpu" else plain_timing)(run)[0])
     return out
 
 
@@ -258,7 +253,8 @@ def bench_preset(
     for batch in decode_batches:
         prompts = np.random.default_rng(3).integers(0, mc.vocab_size, (batch, shape.prompt)).tolist()
         torch._dynamo.reset()  # fresh torch.compile caches per decode shape
-        rates = decode_rates(decode_runners(cfg, params, model, prompts), batch, shape.new_tokens, reps)
+        runners = decode_runners(cfg, params, model, prompts)
+        rates = decode_rates(runners, batch, shape.new_tokens, reps, quiet=device == "cpu")
         result["decode"][str(batch)] = rates
         print_row(preset, f"decode b{batch} tok/s", {n: r["tokens_per_s"] for n, r in rates.items()})
         save(result)
