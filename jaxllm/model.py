@@ -35,7 +35,7 @@ Params = dict[str, Any]
 # The logical axis names used on parameters. The sharding module maps each to a mesh axis.
 LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "positions")
 # Activation constraints (the residual stream and the logits), by the same rules table. They only
-# act under `flax.linen.logical_axis_rules` and a mesh (the training loop sets both); elsewhere
+# act under `flax.linen.logical_axis_rules` and `jax.set_mesh` (the training loop sets both); elsewhere
 # they are no-ops. "embed" yields to "batch" when both would use the fsdp axis.
 ACT_BTD = ("batch", None, "embed")
 ACT_BTV = ("batch", None, "vocab")
@@ -256,16 +256,24 @@ class Transformer(nn.Module):
         logits_at_B: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, Cache]:
         cfg = self.cfg
+        contiguous = positions_BT is None  # positions 0..T-1 in every row (training, scoring)
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
         embed_init = nn.initializers.normal(cfg.init_std)
         token_embed_VD = _param(self, "token_embed", embed_init, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
-        x_BTD = jnp.take(token_embed_VD, tokens_BT, axis=0)
+        # The table gathered over its embed dim before the lookup, as FSDP gathers every weight before
+        # use: the lookup's gradient is then a scatter into a vocab-sharded table, which XLA partitions
+        # without replicating the batch-sharded (b, t, d) updates.
+        x_BTD = jnp.take(_constrain(token_embed_VD, ("vocab", None)), tokens_BT, axis=0)
         if cfg.family == "gpt":
             pos_embed_TD = _param(
                 self, "pos_embed", embed_init, (cfg.context_length, cfg.d_model), ("positions", "embed")
             )
-            x_BTD = x_BTD + jnp.take(pos_embed_TD, positions_BT, axis=0)
+            # A slice where positions are 0..T-1: its gradient is a sum over the batch, where a
+            # lookup's is a scatter that XLA cannot partition without replicating (b, t, d) updates.
+            x_BTD = x_BTD + (
+                pos_embed_TD[None, : tokens_BT.shape[1]] if contiguous else jnp.take(pos_embed_TD, positions_BT, axis=0)
+            )
         x_BTD = _constrain(x_BTD.astype(cfg.dtype), ACT_BTD)
         block = Block if cfg.remat == "none" else nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat])
         new_cache = []

@@ -15,8 +15,11 @@ model or of this table: a mesh axis of size 1 shards nothing.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -115,6 +118,15 @@ def batch_sharding(mesh: Mesh, global_batch: int, what: str = "batch size") -> N
 def logical_rules() -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
     """`RULES` as the (name, mesh axes) pairs `flax.linen.logical_axis_rules` takes (activations)."""
     return tuple(RULES.items())
+
+
+@contextmanager
+def tracing_on(mesh: Mesh) -> Iterator[None]:
+    """Where sharded functions are traced and run: the mesh set with `jax.set_mesh` (a plain `with
+    mesh:` no longer defines the mesh Flax's logical constraints look for, and they would silently do
+    nothing) and the rules table for the model's activation constraints."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules()):
+        yield
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

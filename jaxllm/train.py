@@ -14,17 +14,18 @@ Run directory layout::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import optax
 import orbax.checkpoint as ocp
 import yaml
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
 
 from jaxllm.checkpoint import save_params
 from jaxllm.config import Config, flops_per_token
@@ -33,7 +34,7 @@ from jaxllm.errors import ConfigError, InputError, JaxllmError
 from jaxllm.metrics import MetricsLogger, StepClock, peak_flops, plot_loss_curve
 from jaxllm.model import abstract_params, init_params
 from jaxllm.optim import make_optimizer
-from jaxllm.sharding import batch_sharding, logical_rules, make_mesh, param_shardings, replicated
+from jaxllm.sharding import batch_sharding, make_mesh, param_shardings, replicated, tracing_on
 from jaxllm.train_step import eval_step, init_state, train_step
 
 
@@ -61,7 +62,25 @@ def state_shardings(config: Config, optimizer: optax.GradientTransformation, mes
     return {"step": replicated(mesh), "params": p_sh, "opt_state": opt_sh}
 
 
-def _abstract_state(config: Config, optimizer: optax.GradientTransformation, shardings: dict) -> dict:
+def sharded_train_step(
+    config: Config, mesh: Mesh, optimizer: optax.GradientTransformation
+) -> tuple[Callable, dict, NamedSharding]:
+    """The jitted train step over `mesh` (state donated), its state shardings and its batch sharding."""
+    tcfg = config.train
+    batch_sh = batch_sharding(mesh, tcfg.batch_size)
+    micro = tcfg.batch_size // tcfg.grad_accum
+    micro_sh = batch_sharding(mesh, micro, "micro-batch size (train.batch_size / train.grad_accum)")
+    state_sh = state_shardings(config, optimizer, mesh)
+    step_fn = jax.jit(
+        partial(train_step, config.model, tcfg, optimizer, micro_sharding=micro_sh),
+        in_shardings=(state_sh, batch_sh),
+        out_shardings=(state_sh, replicated(mesh)),
+        donate_argnums=0,
+    )
+    return step_fn, state_sh, batch_sh
+
+
+def abstract_state(config: Config, optimizer: optax.GradientTransformation, shardings: dict) -> dict:
     shapes = jax.eval_shape(lambda: init_state(abstract_params(config.model), optimizer))
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
@@ -92,19 +111,10 @@ def train(
     is_main = jax.process_index() == 0
 
     mesh = make_mesh(config.mesh, devices)
-    batch_sh = batch_sharding(mesh, tcfg.batch_size)
-    micro = tcfg.batch_size // tcfg.grad_accum
-    micro_sh = batch_sharding(mesh, micro, "micro-batch size (train.batch_size / train.grad_accum)")
     optimizer = make_optimizer(tcfg)
-    state_sh = state_shardings(config, optimizer, mesh)
+    step_fn, state_sh, batch_sh = sharded_train_step(config, mesh, optimizer)
     rep = replicated(mesh)
     init_fn = jax.jit(lambda: init_state(init_params(mcfg, tcfg.seed), optimizer), out_shardings=state_sh)
-    step_fn = jax.jit(
-        partial(train_step, mcfg, tcfg, optimizer, micro_sharding=micro_sh),
-        in_shardings=(state_sh, batch_sh),
-        out_shardings=(state_sh, rep),
-        donate_argnums=0,
-    )
     eval_fn = jax.jit(partial(eval_step, mcfg), in_shardings=(state_sh["params"], batch_sh), out_shardings=rep)
 
     loader = make_loader(data_dir, "train", mcfg.context_length, tcfg.batch_size, tcfg.seed, sharding=batch_sh)
@@ -116,12 +126,12 @@ def train(
         options=ocp.CheckpointManagerOptions(max_to_keep=tcfg.keep_checkpoints, enable_async_checkpointing=True),
     )
     start = manager.latest_step() if resume else None
-    with jax.default_matmul_precision(tcfg.matmul_precision), mesh, nn.logical_axis_rules(logical_rules()):
+    with jax.default_matmul_precision(tcfg.matmul_precision), tracing_on(mesh):
         if start is not None:
             restored = manager.restore(
                 start,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(_abstract_state(config, optimizer, state_sh)),
+                    state=ocp.args.StandardRestore(abstract_state(config, optimizer, state_sh)),
                     loader=ocp.args.JsonRestore(),
                 ),
             )

@@ -193,3 +193,52 @@ def test_strategies_are_mesh_shapes_over_one_rules_table():
     fsdp_tp = make_mesh(Config.load("mini", ["mesh.strategy=fsdp_tp"]).mesh)
     sh = param_shardings(Config.load("mini").model, fsdp_tp)
     assert sh["blocks_1"]["mlp"]["proj"]["kernel"].spec == P("tensor", "fsdp")
+
+
+FULL_REMAT = "Involuntary full rematerialization"
+COMPILE_ON_MESH = """
+import sys
+import jax, jax.numpy as jnp
+from jaxllm.config import Config
+from jaxllm.optim import make_optimizer
+from jaxllm.sharding import make_mesh, tracing_on
+from jaxllm.train import abstract_state, sharded_train_step
+cfg = Config.load("mini", sys.argv[1:])
+mesh = make_mesh(cfg.mesh)
+optimizer = make_optimizer(cfg.train)
+step_fn, state_sh, batch_sh = sharded_train_step(cfg, mesh, optimizer)
+batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.model.context_length + 1), jnp.int32, sharding=batch_sh)
+with tracing_on(mesh):
+    step_fn.lower(abstract_state(cfg, optimizer, state_sh), batch).compile()
+"""
+
+
+@pytest.mark.parametrize("mesh", [(2, 2, 2), (1, 4, 2)])
+def test_sharded_step_compiles_without_full_rematerialization(mesh):
+    """XLA warns when it can reshard a tensor only by replicating it whole. The activation constraints
+    (in force under `tracing_on`, i.e. jax.set_mesh) and the embedding lookups are written so that it
+    never has to: mini's real shapes, compiled (not run) on 8 simulated devices."""
+    import os
+    import subprocess
+    import sys
+
+    axes = [f"mesh.{name}={n}" for name, n in zip(("data", "fsdp", "tensor"), mesh, strict=True)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"}  # XLA's warnings on (conftest turns them off)
+    out = subprocess.run(
+        [sys.executable, "-c", COMPILE_ON_MESH, *axes], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert FULL_REMAT not in out.stderr, out.stderr[out.stderr.index(FULL_REMAT) - 200 :][:1500]
+
+
+def test_activation_constraints_are_in_force_under_tracing_on():
+    from jaxllm.config import MeshConfig
+    from jaxllm.model import ACT_BTD, _constrain
+    from jaxllm.sharding import tracing_on
+
+    constrain = jax.jit(lambda x: _constrain(x, ACT_BTD))
+    x = jnp.ones((8, 4, 16))
+    assert "sharding_constraint" not in constrain.lower(x).as_text()  # no mesh: a no-op
+    with tracing_on(make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))):
+        lowered = constrain.lower(x).as_text()
+    assert re.search(r'sharding_constraint .*\[\{"data", "fsdp"\}, \{\}, \{\}\]', lowered), lowered
