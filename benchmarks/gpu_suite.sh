@@ -6,9 +6,10 @@
 #   bash benchmarks/gpu_wheels.sh          # here, once: the wheels the GPU machine lacks -> .whl/
 #   device run, carry [".whl"], timeout_s 540:  bash benchmarks/gpu_suite.sh
 #
-# Each stage has a time limit (7.5 minutes together at most; 4-5 expected) and the speed suite
-# rewrites its results after every measurement, so a stage cut short still leaves what it measured. Needs no grain, deepspeed or flask. Without a GPU it runs the same stages on the CPU,
-# small: the CUDA tests skip, parity runs on mini, the speed suite runs --quick.
+# Each stage has a time limit (7.5 minutes together at most; 4-5 expected), and parity and the speed
+# suite rewrite their results after every case, so a stage cut short still leaves what it measured.
+# Needs no grain, deepspeed or flask. Without a GPU it runs the same stages on the CPU, small: the
+# CUDA tests skip, parity runs on mini, the speed suite runs --quick.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu_suite}"
@@ -40,7 +41,7 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run with a time limit, log under $OU
 if "$PY" -c "import jax, torch, sys; sys.exit(not (torch.cuda.is_available() and jax.default_backend() == 'gpu'))"; then
   "$PY" -c "import jax, torch; print('GPU:', torch.cuda.get_device_name(0), '| jax', jax.__version__, jax.devices()[0].device_kind, '| torch', torch.__version__)"
   stage cuda_tests 150 "$PY" -m pytest -m gpu tests/test_parity_torch.py tests/test_generate_cache.py -q -p no:cacheprovider
-  stage parity 90 "$PY" -m benchmarks.parity --devices cuda --out "$OUT"
+  stage parity 120 "$PY" -m benchmarks.parity --devices cuda --steps 3 --out "$OUT"
   # The speed suite gets what is left of 450 s (at least 120): every figure is saved as it is measured.
   left=$((450 - (SECONDS - start))); [ "$left" -ge 120 ] || left=120
   stage speed "$left" "$PY" -m benchmarks.speed --device cuda --presets gpt2-124m advanced mini --reps 5 --out "$OUT"

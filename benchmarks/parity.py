@@ -101,7 +101,7 @@ def main() -> None:
     devices = args.devices or ["cpu"] + (["cuda"] if cuda else [])
     if "cuda" in devices and not cuda:
         raise SystemExit("error: --devices cuda needs a GPU that both torch and JAX see")
-    rows = []
+    info, rows = machine_info(), []
     for device in devices:
         for preset in args.presets:
             for dtype in ("float32", "bfloat16"):
@@ -122,12 +122,20 @@ def main() -> None:
                     f"  loss rel diff over {args.steps} steps {row['max_rel_loss_diff']:.2e}",
                     flush=True,
                 )
-    info = machine_info()
+                paths = write_results(  # after every case: a run cut short keeps what it measured
+                    "parity",
+                    {"machine": info, "steps": args.steps, "batch": args.batch, "rows": rows},
+                    markdown(rows, info, args.steps, args.batch),
+                    args.out,
+                )
+    print("wrote", *paths)
+
+
+def markdown(rows: list[dict], info: dict, steps: int, batch: int) -> str:
     lines = [
         "# Parity: jaxllm vs torch_ref from the same weights",
         "",
-        f"Command: `{' '.join(['python -m benchmarks.parity', *sys.argv[1:]])}` ({args.steps} AdamW steps, "
-        f"batch {args.batch}).",
+        f"Command: `{' '.join(['python -m benchmarks.parity', *sys.argv[1:]])}` ({steps} AdamW steps, batch {batch}).",
         f"Machine: {describe(info)}.",
         "Float32 runs use full-precision matmuls on both sides; bfloat16 is the compute dtype (params float32).",
         "",
@@ -139,13 +147,7 @@ def main() -> None:
         f"{r['max_abs']:.2e} | {r['rel_l2']:.2e} | {r['max_rel_loss_diff']:.2e} |"
         for r in rows
     ]
-    paths = write_results(
-        "parity",
-        {"machine": info, "steps": args.steps, "batch": args.batch, "rows": rows},
-        "\n".join(lines) + "\n",
-        args.out,
-    )
-    print("wrote", *paths)
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
