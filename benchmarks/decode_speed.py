@@ -27,6 +27,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -82,36 +83,48 @@ def plain_timing(run: Callable[[], object]) -> tuple[float, int]:
     return time.perf_counter() - start, 0
 
 
+def interleaved_timings(
+    runners: dict[Any, Callable[[], object]], reps: int, quiet: bool = True, warmups: int = 2
+) -> tuple[dict[Any, list[float]], dict[Any, int]]:
+    """({key: seconds of each timing}, {key: timings discarded for load}) for every runner.
+
+    `warmups` untimed rounds over all runners first (compilation, caches, allocator; two, since a
+    jitted step may compile again once its inputs are its own outputs and torch.compile recompiles
+    once a shape changes), then `reps` rounds, each timing every runner in turn: interleaving
+    spreads any remaining change in background load over every implementation. `quiet=False`
+    skips the CPU-load check (on a GPU machine background CPU use says little).
+    """
+    timing = quiet_timing if quiet else plain_timing
+    for _ in range(warmups):
+        for run in runners.values():
+            run()
+    times: dict[Any, list[float]] = {key: [] for key in runners}
+    discarded = dict.fromkeys(runners, 0)
+    for _ in range(reps):
+        for key, run in runners.items():
+            seconds, thrown = timing(run)
+            times[key].append(seconds)
+            discarded[key] += thrown
+    return times, discarded
+
+
 def decode_rates(
     runners: dict[str, Callable[[int], Callable[[], object]]], batch: int, new: int, reps: int, quiet: bool = True
 ) -> dict:
-    """{name: figures}: each runner timed for `new` tokens and for 1, repetitions interleaved.
-
-    Interleaving spreads any remaining change in background load over every implementation.
-    `quiet=False` skips the CPU-load check (on a GPU machine background CPU use says little).
-    """
-    timing = quiet_timing if quiet else plain_timing
-    calls = {name: (make(new), make(1)) for name, make in runners.items()}
-    for run_n, run_1 in calls.values():  # warm-up, twice: torch.compile recompiles once a shape changes
-        run_n(), run_1(), run_n(), run_1()
-    times: dict[str, dict[str, list[float]]] = {name: {"new": [], "one": []} for name in calls}
-    discarded = dict.fromkeys(calls, 0)
-    for _ in range(reps):
-        for name, (run_n, run_1) in calls.items():
-            for key, run in (("new", run_n), ("one", run_1)):
-                seconds, thrown = timing(run)
-                times[name][key].append(seconds)
-                discarded[name] += thrown
+    """{name: figures}: each runner timed for `new` tokens and for 1 (`interleaved_timings`)."""
+    calls = {(name, key): make(n) for name, make in runners.items() for key, n in (("new", new), ("one", 1))}
+    times, discarded = interleaved_timings(calls, reps, quiet)
     out = {}
-    for name, t in times.items():
-        t_n, t_1 = statistics.median(t["new"]), statistics.median(t["one"])
+    for name in runners:
+        t_new, t_one = times[name, "new"], times[name, "one"]
+        t_n, t_1 = statistics.median(t_new), statistics.median(t_one)
         out[name] = {
             "tokens_per_s": batch * (new - 1) / (t_n - t_1),
             "t_new_s": t_n,
             "t_one_s": t_1,
-            "t_new_all_s": t["new"],
-            "t_one_all_s": t["one"],
-            "timings_discarded_for_load": discarded[name],
+            "t_new_all_s": t_new,
+            "t_one_all_s": t_one,
+            "timings_discarded_for_load": discarded[name, "new"] + discarded[name, "one"],
         }
     return out
 

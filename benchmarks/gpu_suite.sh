@@ -26,6 +26,7 @@ fi
   || { echo "error: jaxllm does not import here (missing pydantic? run benchmarks/gpu_wheels.sh and carry .whl)"; exit 1; }
 
 start=$SECONDS
+CUDA_TESTS=("$PY" -m pytest -m gpu tests/test_parity_torch.py tests/test_generate_cache.py -q -p no:cacheprovider)
 status=0
 stage() {  # stage NAME LIMIT_S COMMAND...: run with a time limit, log under $OUT, remember failures
   local name=$1 limit=$2
@@ -40,7 +41,7 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run with a time limit, log under $OU
 
 if "$PY" -c "import jax, torch, sys; sys.exit(not (torch.cuda.is_available() and jax.default_backend() == 'gpu'))"; then
   "$PY" -c "import jax, torch; print('GPU:', torch.cuda.get_device_name(0), '| jax', jax.__version__, jax.devices()[0].device_kind, '| torch', torch.__version__)"
-  stage cuda_tests 150 "$PY" -m pytest -m gpu tests/test_parity_torch.py tests/test_generate_cache.py -q -p no:cacheprovider
+  stage cuda_tests 150 "${CUDA_TESTS[@]}"
   stage parity 120 "$PY" -m benchmarks.parity --devices cuda --steps 3 --out "$OUT"
   # The speed suite gets what is left of 450 s (at least 120): every figure is saved as it is measured.
   left=$((450 - (SECONDS - start))); [ "$left" -ge 120 ] || left=120
@@ -48,7 +49,7 @@ if "$PY" -c "import jax, torch, sys; sys.exit(not (torch.cuda.is_available() and
   SPEED_MD="$OUT/speed_cuda.md"
 else
   echo "no GPU seen by both torch and JAX: the CPU run of the same stages (small)"
-  stage cuda_tests 150 "$PY" -m pytest -m gpu tests/test_parity_torch.py tests/test_generate_cache.py -q -p no:cacheprovider -rs
+  stage cuda_tests 150 "${CUDA_TESTS[@]}" -rs
   stage parity 120 "$PY" -m benchmarks.parity --devices cpu --presets mini --steps 3 --out "$OUT"
   stage speed 300 "$PY" -m benchmarks.speed --quick --presets mini --decode-batches 1 --out "$OUT"
   SPEED_MD="$OUT/speed.md"

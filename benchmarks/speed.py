@@ -55,11 +55,11 @@ import torch
 import jaxllm
 import torch_ref
 from benchmarks.decode_speed import SETTINGS as DECODE_SETTINGS
-from benchmarks.decode_speed import decode_rates, plain_timing, quiet_timing
+from benchmarks.decode_speed import decode_rates, interleaved_timings
 from benchmarks.machine import RESULTS, describe, machine_info, write_results
 from jaxllm.config import Config, flops_per_token
 from jaxllm.host_memory import ENV as MALLOC_ENV
-from jaxllm.metrics import datasheet_peak
+from jaxllm.metrics import datasheet_peak, measure_matmul_flops
 from jaxllm.optim import make_optimizer
 from jaxllm.train_step import init_state, train_step
 from torch_ref.run import Dist, set_numerics
@@ -111,19 +111,8 @@ def sync(device: str) -> None:
 
 
 def timings(runners: dict[str, Callable[[], object]], reps: int, device: str) -> dict[str, list[float]]:
-    """Seconds per call of each runner: two warm-up calls, then `reps` timings taken in turn.
-
-    Two: a jitted step's second call may compile again (its inputs are now its own outputs), and
-    `torch.compile` may recompile once with dynamic shapes.
-    """
-    for run in runners.values():
-        run()
-        run()
-    out: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(reps):
-        for name, run in runners.items():
-            out[name].append((quiet_timing if device == "cpu" else plain_timing)(run)[0])
-    return out
+    """Seconds per call of each runner (`interleaved_timings`; the CPU-load check on the CPU only)."""
+    return interleaved_timings(runners, reps, quiet=device == "cpu")[0]
 
 
 def summary(seconds: list[float], per_call: float = 1.0) -> dict[str, float]:
@@ -287,22 +276,17 @@ def print_row(preset: str, what: str, values: dict[str, float]) -> None:
 
 
 def cpu_matmul_peaks(n: int = 1024, reps: int = 10) -> dict[str, float]:
-    """Best-of-`reps` float32 FLOP/s of an n^3 matmul in JAX and in PyTorch on this CPU, calls back to back."""
-    a_np = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    a_jax, a_torch = jnp.asarray(a_np), torch.from_numpy(a_np)
-    matmul = jax.jit(lambda x: x @ x)
-    runs = {"jax": lambda: matmul(a_jax).block_until_ready(), "torch": lambda: a_torch @ a_torch}
-    best = {}
-    for name, run in runs.items():
-        for _ in range(3):
-            run()
-        seconds = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            run()
-            seconds.append(time.perf_counter() - start)
-        best[name] = 2 * n**3 / min(seconds)
-    return best
+    """Best-of-`reps` float32 FLOP/s of an n^3 matmul in JAX (`jaxllm.metrics.measure_matmul_flops`,
+    what the training loop's MFU uses) and in PyTorch on this CPU, calls back to back."""
+    a = torch.from_numpy(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+    for _ in range(3):
+        a @ a
+    seconds = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ a
+        seconds.append(time.perf_counter() - start)
+    return {"jax": measure_matmul_flops(n, reps), "torch": 2 * n**3 / min(seconds)}
 
 
 def peak(device: str, dtype: str) -> tuple[float, str, dict]:

@@ -440,14 +440,11 @@ def complete(
     req = check_request(cfg, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, tokenizer)
     if req.max_new_tokens == 0:
         return [Completion([], "" if tokenizer is not None else None, "length") for _ in req.prompts]
-    cfg = inference_config(cfg)
-    b, s, x, prompts_in = _plan(cfg, req)
+    cfg, b, state = _prefilled(cfg, params, req)
     n = len(req.prompts)
     rows = Collector(req, tokenizer, callback)
     interactive = callback is not None or bool(req.stop_strings)
     steps = steps_per_call or (8 if interactive else max(req.max_new_tokens, 1))
-    state = init_state_jit(cfg, b, s, x)
-    state, _ = prefill_jit(cfg, params, state, prompts_in, np.arange(b, dtype=np.int32))
     while True:
         seq_BS, positions_B, done_B = (np.array(a) for a in (state.seq_BS, state.positions_B, state.done_B))
         raw = [seq_BS[i, len(p) : positions_B[i] + 1].tolist() for i, p in enumerate(req.prompts)]
@@ -465,6 +462,14 @@ def complete(
 def inference_config(cfg: ModelConfig) -> ModelConfig:
     """Recomputation (remat) only matters for gradients: inference shares the compiled code without it."""
     return cfg if cfg.remat == "none" else cfg.replace(remat="none")
+
+
+def _prefilled(cfg: ModelConfig, params: Params, req: Request) -> tuple[ModelConfig, int, DecodeState]:
+    """(inference config, slots, engine state after the prefill of `req`'s prompts)."""
+    cfg = inference_config(cfg)
+    b, s, x, prompts_in = _plan(cfg, req)
+    state, _ = prefill_jit(cfg, params, init_state_jit(cfg, b, s, x), prompts_in, np.arange(b, dtype=np.int32))
+    return cfg, b, state
 
 
 def _plan(cfg: ModelConfig, req: Request) -> tuple[int, int, int, Prompts]:
@@ -492,9 +497,7 @@ def precompile(cfg: ModelConfig, params: Params, req: Request) -> None:
     Runs the prefill once: the decode is compiled for the state it returns, whose placement
     (committed to the device of `params` or not) is part of what a compiled function is keyed on.
     """
-    cfg = inference_config(cfg)
-    b, s, x, prompts_in = _plan(cfg, req)
-    state, _ = prefill_jit(cfg, params, init_state_jit(cfg, b, s, x), prompts_in, np.arange(b, dtype=np.int32))
+    cfg, _, state = _prefilled(cfg, params, req)
     decode_jit.lower(cfg, params, state, np.int32(1)).compile()
 
 
