@@ -1,23 +1,59 @@
-"""jaxllm: GPT-style language models in JAX/Flax, with a PyTorch twin (torch_ref) as reference."""
+"""jaxllm: GPT-style language models in JAX/Flax, with a PyTorch twin (torch_ref) as reference.
 
-from jaxllm.host_memory import keep_freed_host_memory
+Importing the package imports nothing heavy: each name below is loaded from its module the first
+time it is used (PEP 562), so `import jaxllm.config`, `import jaxllm.data` or `import torch_ref`
+never start JAX. The first use of a JAX-backed name applies `keep_freed_host_memory()` (see
+jaxllm/host_memory.py), as the CLI's JAX commands do before anything else.
+"""
 
-keep_freed_host_memory()  # before JAX starts its threads: see jaxllm/host_memory.py
+from __future__ import annotations
 
-# ruff: noqa: E402  (the imports below start JAX)
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from jaxllm.checkpoint import load_params, save_params
 from jaxllm.config import ModelConfig, flops_per_token
-from jaxllm.convert import from_torch_state_dict, to_torch_state_dict
 from jaxllm.errors import ConfigError, InputError, JaxllmError
-from jaxllm.generate import generate, generate_text
-from jaxllm.model import abstract_params, count_params, forward, init_params, logical_axes
+from jaxllm.host_memory import keep_freed_host_memory
+from jaxllm.request import Sampling
+
+if TYPE_CHECKING:
+    from jaxllm.checkpoint import load_params, save_params
+    from jaxllm.convert import from_torch_state_dict, to_torch_state_dict
+    from jaxllm.generation import generate, generate_text
+    from jaxllm.model import abstract_params, count_params, forward, init_params, logical_axes
+
+# JAX-backed names -> the module that defines them.
+_LAZY = {
+    "load_params": "jaxllm.checkpoint",
+    "save_params": "jaxllm.checkpoint",
+    "from_torch_state_dict": "jaxllm.convert",
+    "to_torch_state_dict": "jaxllm.convert",
+    "generate": "jaxllm.generation",
+    "generate_text": "jaxllm.generation",
+    "abstract_params": "jaxllm.model",
+    "count_params": "jaxllm.model",
+    "forward": "jaxllm.model",
+    "init_params": "jaxllm.model",
+    "logical_axes": "jaxllm.model",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'jaxllm' has no attribute {name!r}")
+    keep_freed_host_memory()  # before this process's first JAX work (a no-op when already applied)
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ConfigError",
     "InputError",
     "JaxllmError",
     "ModelConfig",
+    "Sampling",
     "abstract_params",
     "count_params",
     "flops_per_token",

@@ -82,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from jaxllm.generate import sample_checkpoint
+    from jaxllm.generate_command import sample_checkpoint
 
     stats = sample_checkpoint(
         args.checkpoint,

@@ -1,6 +1,7 @@
 """Test-wide setup: 8 simulated CPU devices (set before JAX is first imported) and shared helpers."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -93,9 +94,9 @@ def checkpoint(tmp_path_factory, tokenizer_file):
 
 @pytest.fixture(scope="session")
 def serve_tokenizer(checkpoint):
-    from jaxllm.generate import load_tokenizer
+    from jaxllm.data.tokenizer import load_tokenizer
 
-    return load_tokenizer(checkpoint[0])
+    return load_tokenizer(Path(checkpoint[0]) / "tokenizer.json")
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,8 @@
 import json
 
 from jaxllm import generate_text
-from jaxllm.generate import Completion
+from jaxllm.completion import Completion
+from jaxllm.request import Sampling
 from jaxllm.serve.engine import Failed, Finished, Job
 
 SLOTS = 4  # every test engine has 4 slots (and the checkpoint's context of 48): one set of compiled shapes
@@ -15,7 +16,8 @@ def reference(checkpoint, tokenizer, prompts, n=1, max_tokens=16, temperature=1.
     _, _, cfg, params = checkpoint
     rows = [p for p in prompts for _ in range(n)]
     stop = [stop] if isinstance(stop, str) else list(stop)
-    return generate_text(cfg, params, tokenizer, rows, max_tokens, temperature, top_k, top_p, seed, stop)
+    sampling = Sampling(max_tokens, temperature, top_k, top_p, seed, stop)
+    return generate_text(cfg, params, tokenizer, rows, sampling)
 
 
 def collect(job: Job, timeout: float = 60.0) -> list[Completion]:

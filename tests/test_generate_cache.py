@@ -5,7 +5,6 @@ over the same sequence. Both differ only in summation order (a 1-row matmul agai
 softmax over S masked entries), measured ~3e-7 here.
 """
 
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -13,15 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+import jaxllm.slots as engine
 import torch_ref
 from jaxllm import ModelConfig, forward, generate, init_params, to_torch_state_dict
 from jaxllm.sampling import SamplingParams
 from torch_ref.model import init_cache as torch_init_cache
 
 from conftest import requires_cuda
-
-# The module, not the function `jaxllm.generate` that the package exports under the same name.
-engine = importlib.import_module("jaxllm.generate")
 
 TINY = {
     "gpt": ModelConfig.preset("mini").replace(vocab_size=101, context_length=48),
@@ -99,8 +96,9 @@ def test_grouped_query_cache_holds_only_the_kv_heads():
 
 
 def test_new_prompt_lengths_within_a_bucket_do_not_recompile(monkeypatch):
-    cfg = TINY["gpt"].replace(vocab_size=103)  # a config no other test compiled
+    cfg = TINY["gpt"].replace(vocab_size=103)
     params = init_params(cfg, 0)
+    jax.clear_caches()  # whatever other tests compiled before: this test sees every trace it causes
     traces = []
     real = engine.forward_cached
     monkeypatch.setattr(engine, "forward_cached", lambda *a, **k: traces.append(a[2].shape) or real(*a, **k))

@@ -5,7 +5,6 @@ frameworks compute the top-p mass in float32, so cases whose mass lands within 1
 rounding could move the cut) are left out of the property tests.
 """
 
-import importlib
 from types import SimpleNamespace
 
 import jax
@@ -20,9 +19,8 @@ from hypothesis import strategies as st
 import torch_ref
 import torch_ref.sampling as torch_sampling
 from jaxllm import InputError, ModelConfig, generate, generate_text, init_params, to_torch_state_dict
+from jaxllm.request import Sampling, check_request
 from jaxllm.sampling import SamplingParams, filter_logits, sample
-
-engine = importlib.import_module("jaxllm.generate")  # the module (the package exports the function)
 
 CFG = ModelConfig.preset("mini").replace(vocab_size=101, context_length=48)
 PROMPT = [3, 1, 4, 1, 5]
@@ -328,4 +326,4 @@ def test_prompt_that_fills_the_context_still_generates_nothing_or_refuses():
     assert len(generate(CFG, params, [[1] * 47], max_new_tokens=1)[0]) == 1
     with pytest.raises(InputError, match="use max_new_tokens <= 0"):
         generate(CFG, params, [[1] * 48], max_new_tokens=1)
-    assert engine.check_request(CFG, [[1]], 1, 0.0, 0, 1.0, 0, ()).prompts == [[1]]
+    assert check_request(CFG, [[1]], Sampling(max_new_tokens=1)).prompts == [[1]]

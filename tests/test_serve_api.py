@@ -7,7 +7,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from jaxllm import generate
-from jaxllm.generate import end_of_text_id
+from jaxllm.completion import end_of_text_id
 from jaxllm.serve import Engine, EngineSettings, create_app
 
 from serve_helpers import SLOTS, reference, sse_data, stream_choices
@@ -81,7 +81,8 @@ def test_completion_has_openai_shape_choices_finish_reason_and_usage(client, che
     assert choice["index"] == 0 and choice["logprobs"] is None and choice["finish_reason"] in ("stop", "length")
     ids = serve_tokenizer.encode(PROMPT).ids
     _, _, cfg, params = checkpoint
-    [tokens] = generate(cfg, params, [ids], 5, temperature=1.0, seed=1, stop=[end_of_text_id(serve_tokenizer)])
+    stop = [end_of_text_id(serve_tokenizer)]
+    [tokens] = generate(cfg, params, [ids], max_new_tokens=5, temperature=1.0, seed=1, stop=stop)
     assert body["usage"] == {
         "prompt_tokens": len(ids),
         "completion_tokens": len(tokens),

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from jaxllm import generate_text
+from jaxllm import Sampling, generate_text
+from jaxllm.generation import complete
 from jaxllm.serve import Engine, EngineSettings, create_app
 from jaxllm.serve import engine as engine_module
 from jaxllm.serve.engine import Delta, Failed, Finished
@@ -52,7 +53,7 @@ def test_a_request_gives_the_same_text_in_any_slot_and_beside_any_batch_mates(ch
                                                                                 monkeypatch):  # fmt: skip
     _, _, cfg, params = checkpoint
     probe = dict(max_tokens=20, temperature=1.2, top_k=40, top_p=0.95, seed=42)
-    expected = generate_text(cfg, params, serve_tokenizer, ["the dog"], 20, 1.2, 40, 0.95, 42)
+    expected = generate_text(cfg, params, serve_tokenizer, ["the dog"], Sampling(20, 1.2, 40, 0.95, 42))
     engine = slowed(checkpoint, serve_tokenizer, delay_s=0.0)
     slots_of_probe = []
     real = engine._prefill_rows
@@ -88,13 +89,15 @@ def test_requests_join_and_leave_between_decode_steps(checkpoint, serve_tokenize
     try:
         long = engine.submit(make_request(checkpoint, serve_tokenizer, "the cat", max_tokens=40, temperature=0))
         wait_for(lambda: engine.busy_slots() == 1)
-        short = engine.submit(make_request(checkpoint, serve_tokenizer, "a dog", max_tokens=3, temperature=0))
-        short_done = collect(short)
+        short_req = make_request(checkpoint, serve_tokenizer, "a dog", max_tokens=3, temperature=0)
+        short_done = collect(engine.submit(short_req))
         assert engine.busy_slots() == 1, "the long request is still running when the short one has left"
         collect(long)
     finally:
         engine.stop()
-    assert short_done[0].finish_reason in ("length", "stop")
+    _, _, cfg, params = checkpoint
+    assert short_done == complete(cfg, params, short_req.prompts, tokenizer=serve_tokenizer, max_new_tokens=3,
+                                  stop=short_req.stop_ids)  # fmt: skip
     assert 2 in batches and batches[0] == 1 and batches[-1] == 1  # joined after the start, left before the end
 
 
@@ -102,7 +105,7 @@ def test_more_rows_than_slots_wait_for_free_slots_and_all_finish(checkpoint, ser
     _, _, cfg, params = checkpoint
     req = make_request(checkpoint, serve_tokenizer, "the cat", n=9, max_tokens=10, temperature=1.0, seed=8)
     results = collect(serve_engine.submit(req))
-    expected = generate_text(cfg, params, serve_tokenizer, ["the cat"] * 9, 10, 1.0, seed=8)
+    expected = generate_text(cfg, params, serve_tokenizer, ["the cat"] * 9, max_new_tokens=10, temperature=1.0, seed=8)
     assert [c.text for c in results] == expected
     assert len(set(expected)) > 1
 

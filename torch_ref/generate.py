@@ -1,7 +1,7 @@
 """Generation in PyTorch with its own KV cache: the reference for `jaxllm/generate.py`.
 
-Same options, same validation (`jaxllm.generate.check_request`) and the same host-side handling of
-stop ids, stop strings and callbacks (`jaxllm.generate.Collector`); the numerics are this package's
+Same options (`jaxllm.Sampling`), same validation (`jaxllm.request.check_request`) and the same host-side
+handling of stop ids, stop strings and callbacks (`jaxllm.completion.Collector`); the numerics are this package's
 own: `torch_ref.model` with a `KVCache`, `torch_ref.sampling`. Prompts are right-padded to the
 longest one and every token sits at its own position, as in jaxllm; eager PyTorch needs no
 buckets. `compile=True` runs the model through `torch.compile`.
@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from jaxllm.generate import Collector, Completion, check_request
+from jaxllm.completion import Collector, Completion
+from jaxllm.request import Sampling, check_request
 from torch_ref.model import Transformer, init_cache
 from torch_ref.sampling import sample
 
@@ -26,20 +27,16 @@ from torch_ref.sampling import sample
 def complete(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
-    max_new_tokens: int = 32,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    stop: Sequence[int | str] = (),
+    sampling: Sampling | None = None,
     *,
     tokenizer: Any = None,
     callback: Callable[[int, int], None] | None = None,
     compile: bool = False,
+    **options: Any,
 ) -> list[Completion]:
     """`generate`, returning a `Completion` (tokens, text, finish reason) per prompt."""
     cfg = model.cfg
-    req = check_request(cfg, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, tokenizer)
+    req = check_request(cfg, prompts, Sampling.make(sampling, options), tokenizer)
     if req.max_new_tokens == 0:
         return [Completion([], "" if tokenizer is not None else None, "length") for _ in req.prompts]
     device = next(model.parameters()).device
@@ -87,29 +84,13 @@ def complete(
 def generate(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
-    max_new_tokens: int = 32,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    stop: Sequence[int | str] = (),
+    sampling: Sampling | None = None,
     *,
     tokenizer: Any = None,
     callback: Callable[[int, int], None] | None = None,
     compile: bool = False,
+    **options: Any,
 ) -> list[list[int]]:
     """Generated token ids per prompt, prompt excluded: `jaxllm.generate`'s contract, with `model`."""
-    done = complete(
-        model,
-        prompts,
-        max_new_tokens,
-        temperature,
-        top_k,
-        top_p,
-        seed,
-        stop,
-        tokenizer=tokenizer,
-        callback=callback,
-        compile=compile,
-    )
+    done = complete(model, prompts, sampling, tokenizer=tokenizer, callback=callback, compile=compile, **options)
     return [c.tokens for c in done]

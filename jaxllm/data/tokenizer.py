@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from jaxllm.data.meta import TOKENIZER_FILE
 from jaxllm.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -87,6 +88,24 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     except Exception as err:  # tokenizers raises plain Exception for bad files
         raise InputError(f"{path} is not a valid tokenizer.json: {err}") from None
     eot_of(tok, source=str(path))
+    return tok
+
+
+def checkpoint_tokenizer(checkpoint_dir: str | Path, vocab_size: int, path: str | Path | None = None) -> Tokenizer:
+    """The `tokenizer.json` stored with a checkpoint (or the file at `path`), checked against the model.
+
+    A tokenizer with more tokens than the model's `vocab_size` is refused (its ids would not fit).
+    """
+    file = Path(path) if path is not None else Path(checkpoint_dir) / TOKENIZER_FILE
+    if path is None and not file.is_file():
+        raise InputError(
+            f"{file} not found: this checkpoint has no tokenizer; pass --tokenizer PATH "
+            f"(the {TOKENIZER_FILE} of the dataset it was trained on)"
+        )
+    tok = load_tokenizer(file)
+    n_vocab = tok.get_vocab_size(with_added_tokens=True)
+    if n_vocab > vocab_size:
+        raise InputError(f"the tokenizer has {n_vocab} tokens, more than the model's vocabulary of {vocab_size}")
     return tok
 
 

@@ -20,7 +20,7 @@ from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
-from jaxllm.generate import Completion
+from jaxllm.completion import Completion
 from jaxllm.serve import protocol
 from jaxllm.serve.engine import Delta, Engine, Failed, Finished, Job
 from jaxllm.serve.errors import ServeError, timed_out

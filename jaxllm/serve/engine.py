@@ -1,9 +1,9 @@
 """The serving engine: one worker thread owns the model and batches requests continuously.
 
-Built on the slot engine of `jaxllm.generate` (`prefill`, `decode`, `Collector`); nothing here
-samples or validates by itself.
+Built on the slot engine (`jaxllm.slots`: `prefill`, `decode`) and the host helpers of
+`jaxllm.completion` (`Collector`, `TextStream`); nothing here samples or validates by itself.
 
-- Request threads call `submit(req)` with a request checked by `jaxllm.generate.check_request`;
+- Request threads call `submit(req)` with a request checked by `jaxllm.request.check_request`;
   each prompt of it is a *row*. The job waits in a bounded queue (full: `ServeError` 429).
 - The worker thread keeps one `DecodeState` of `slots` KV-cache slots. Each loop it (1) frees the
   slots of cancelled (client gone) and expired jobs, (2) takes rows from the queue into free slots
@@ -18,7 +18,6 @@ samples or validates by itself.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import queue
 import threading
@@ -30,25 +29,24 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from jaxllm.completion import Collector, Completion, TextStream
 from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError
-from jaxllm.generate import (
-    Collector,
-    Completion,
-    Prompts,
-    Request,
+from jaxllm.model import Params
+from jaxllm.request import Request
+from jaxllm.serve.errors import ServeError, queue_full, timed_out, unavailable
+from jaxllm.slots import (
     batch_bucket,
     bucket,
     decode_jit,
     inference_config,
     init_state_jit,
     mark_done,
+    pack_prompts,
     prefill_jit,
     request_keys,
+    row_key_data,
 )
-from jaxllm.model import Params
-from jaxllm.sampling import SamplingParams
-from jaxllm.serve.errors import ServeError, queue_full, timed_out, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +125,7 @@ class _Row:
     job: Job
     index: int
     collector: Collector
-    tokens: list[int] = dataclasses.field(default_factory=list)  # final tokens so far (the Collector's callback)
-    shown: str = ""  # text posted so far
+    text: TextStream  # final tokens so far (the Collector's callback pushes them) and the text posted
 
     @property
     def prompt(self) -> list[int]:
@@ -216,7 +213,6 @@ class Engine:
     def _run(self) -> None:
         s = self.settings
         try:
-            self._key_shape = np.shape(jax.random.key_data(jax.random.key(0)))  # (2,) for the default threefry
             self._reset_state()
             if s.warmup:
                 self._warm_up()
@@ -280,8 +276,11 @@ class Engine:
             if self._close_if_abandoned(job):
                 continue
             n = len(job.req.prompts)
-            job.key_data = np.asarray(jax.random.key_data(request_keys(job.req.seed, batch_bucket(n))))
-            self._waiting.extend(_Row(job, i, Collector(_one_row(job.req, i), self.tokenizer, None)) for i in range(n))
+            job.key_data = row_key_data(job.req.seed, n)
+            self._waiting.extend(
+                _Row(job, i, Collector(job.req.row(i), self.tokenizer, None), TextStream(self.tokenizer.decode))
+                for i in range(n)
+            )
             return True
 
     def _admit(self) -> list[tuple[int, _Row]]:
@@ -296,7 +295,7 @@ class Engine:
                 continue
             slot = free.pop(0)
             self._slots[slot] = row
-            row.collector.callback = lambda _, token, row=row: row.tokens.append(token)
+            row.collector.callback = lambda _, token, row=row: row.text.push(token)
             admitted.append((slot, row))
         return admitted
 
@@ -311,21 +310,10 @@ class Engine:
     def _prefill_rows(self, chunk: list[tuple[int, _Row]], b: int, t: int) -> None:
         """One jitted prefill of `chunk` padded to b rows of t tokens (a slot index past the end drops a row)."""
         s = self.settings
-        tokens_BT = np.zeros((b, t), np.int32)
-        lengths_B = np.ones((b,), np.int32)
-        max_new_B = np.zeros((b,), np.int32)
         slots_B = np.full((b,), s.slots, np.int32)
-        stop_ids_BX = np.full((b, s.max_stop_ids), -1, np.int32)
-        sampling = SamplingParams.full(b)
-        key_data = np.zeros((b, *self._key_shape), np.uint32)
-        for i, (slot, row) in enumerate(chunk):
-            req = row.job.req
-            tokens_BT[i, : len(row.prompt)] = row.prompt
-            lengths_B[i], max_new_B[i], slots_B[i] = len(row.prompt), req.max_new_tokens, slot
-            stop_ids_BX[i, : len(req.stop_ids)] = req.stop_ids
-            sampling.temperature_B[i], sampling.top_k_B[i], sampling.top_p_B[i] = req.temperature, req.top_k, req.top_p
-            key_data[i] = row.job.key_data[row.index]
-        prompts = Prompts(tokens_BT, lengths_B, max_new_B, jax.random.wrap_key_data(key_data), sampling, stop_ids_BX)
+        slots_B[: len(chunk)] = [slot for slot, _ in chunk]
+        rows = [(row.prompt, row.job.req, row.job.key_data[row.index]) for _, row in chunk]
+        prompts = pack_prompts(rows, b, t, s.max_stop_ids)
         self._state, _ = prefill_jit(self.cfg, self.params, self._state, prompts, slots_B)
 
     def _deliver(self) -> None:
@@ -340,13 +328,11 @@ class Engine:
             if raw and row.job.first_token_at is None:
                 row.job.first_token_at = now
             done = bool(done_B[slot])
-            seen = len(row.tokens)
             row.collector.update([raw], [done])
-            new_text = self._new_text(row) if len(row.tokens) > seen else ""
+            new_text = row.text.take()
             if row.collector.final[0]:
                 completion = row.collector.results[0]
-                text = completion.text or ""
-                rest = text[len(row.shown) :] if text.startswith(row.shown) else ""
+                rest = row.text.finish(completion.text or "")
                 row.job.events.put(Finished(row.index, new_text + rest, completion))
                 self._slots[slot] = None
                 stopped[slot] = not done  # a stop string ended it: stop its decoding too
@@ -354,14 +340,6 @@ class Engine:
                 row.job.events.put(Delta(row.index, new_text))
         if stopped.any():
             self._state = mark_done(self._state, stopped)
-
-    def _new_text(self, row: _Row) -> str:
-        """Text of the row's final tokens beyond what was posted; a partial UTF-8 character waits."""
-        text = self.tokenizer.decode(row.tokens).rstrip("\ufffd")
-        if not (text.startswith(row.shown) and len(text) > len(row.shown)):
-            return ""
-        new, row.shown = text[len(row.shown) :], text
-        return new
 
     def _close_if_abandoned(self, job: Job) -> bool:
         """Close a cancelled or expired job (posting `Failed` when expired); True if it is closed."""
@@ -400,8 +378,3 @@ class Engine:
                 job.events.put(Failed(error))
         self._slots = [None] * self.settings.slots
         self._waiting.clear()
-
-
-def _one_row(req: Request, i: int) -> Request:
-    """Row i of a request on its own (what its Collector sees)."""
-    return dataclasses.replace(req, prompts=[req.prompts[i]])

@@ -19,7 +19,7 @@ Pure functions (no Flask, no threads). Field rules (null means "not given": the 
 | `frequency_penalty`, `presence_penalty`, `logit_bias` | | | only 0 / 0 / {} |
 | `user` | string | | ignored |
 
-Values are then checked by `jaxllm.generate.check_request` (token ids, the context), the same check
+Values are then checked by `jaxllm.request.check_request` (token ids, the context), the same check
 `jaxllm.generate` makes; its message comes back as a 400.
 """
 
@@ -35,9 +35,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from jaxllm.completion import Completion, end_of_text_id, text_stops
 from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError
-from jaxllm.generate import Completion, Request, check_request, end_of_text_id
+from jaxllm.request import Request, Sampling, check_request
 from jaxllm.serve.errors import ServeError, bad_request
 
 MAX_ROWS = 128  # prompts x n in one request
@@ -199,12 +200,6 @@ def parse_completion(body: Any) -> CompletionParams:
     )
 
 
-def text_stops(cfg: ModelConfig, tokenizer: Any, stop: Sequence[str]) -> list[str | int]:
-    """Stop strings plus the end-of-text id, as `jaxllm.generate_text` stops."""
-    eot = end_of_text_id(tokenizer)
-    return [*stop, *([eot] if eot is not None and eot < cfg.vocab_size else [])]
-
-
 def to_request(params: CompletionParams, cfg: ModelConfig, tokenizer: Any) -> tuple[Request, int]:
     """(the engine request: one row per prompt x n, prompt-major; prompt tokens counted once per prompt).
 
@@ -232,10 +227,9 @@ def to_request(params: CompletionParams, cfg: ModelConfig, tokenizer: Any) -> tu
             )
     seed = params.seed if params.seed is not None else secrets.randbits(32)
     stops = text_stops(cfg, tokenizer, params.stop)
+    sampling = Sampling(params.max_tokens, params.temperature, params.top_k, params.top_p, seed, stops)
     try:
-        req = check_request(
-            cfg, prompts, params.max_tokens, params.temperature, params.top_k, params.top_p, seed, stops, tokenizer
-        )
+        req = check_request(cfg, prompts, sampling, tokenizer)
     except InputError as err:
         raise bad_request(str(err), "prompt" if str(err).startswith("prompt") else None) from None
     rows = [p for p in req.prompts for _ in range(params.n)]

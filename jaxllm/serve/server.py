@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from jaxllm.errors import InputError
 from jaxllm.serve.engine import Engine, EngineSettings
 
 API_KEY_ENV = "JAXLLM_API_KEY"
@@ -27,13 +26,10 @@ log = logging.getLogger("jaxllm.serve")
 def load_engine(checkpoint: str | Path, settings: EngineSettings, tokenizer_path: str | Path | None = None) -> Engine:
     """A started engine (warming up in its thread) over a checkpoint and its tokenizer."""
     from jaxllm.checkpoint import load_params
-    from jaxllm.generate import load_tokenizer
+    from jaxllm.data.tokenizer import checkpoint_tokenizer
 
     cfg, params = load_params(checkpoint)
-    tokenizer = load_tokenizer(checkpoint, tokenizer_path)
-    n_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-    if n_vocab > cfg.vocab_size:
-        raise InputError(f"the tokenizer has {n_vocab} tokens, more than the model's vocabulary of {cfg.vocab_size}")
+    tokenizer = checkpoint_tokenizer(checkpoint, cfg.vocab_size, tokenizer_path)
     return Engine(cfg, params, tokenizer, settings).start()
 
 

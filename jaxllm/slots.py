@@ -1,0 +1,236 @@
+"""The slot engine: a preallocated KV cache, one jitted prefill, a jitted decode loop (pure, jit-able).
+
+A `DecodeState` holds a fixed number of *slots*. Each slot is an independent sequence with its own
+position, end, stop token ids, sampling settings and PRNG key, so one compiled step serves requests
+that started at different times with different settings:
+
+- `init_state(cfg, slots, cache_len)`: every slot empty (done).
+- `prefill(cfg, params, state, prompts, slots_B)`: run a batch of right-padded prompts through the
+  model into a fresh cache, copy each one's keys/values into its slot, and sample its first token.
+- `decode_step(cfg, params, state)`: one token for every active slot, each at its own position.
+- `decode(cfg, params, state, max_steps)`: `decode_step` in a `lax.while_loop`, until `max_steps`
+  steps are done or every slot has finished (a stop token id, or its `max_new` tokens).
+- `pack_prompts`: the host side of a prefill, rows of checked requests padded into `Prompts`.
+
+Slot b's tokens are `seq_BS[b, :positions_B[b] + 1]`: the prompt, then what was generated. A
+server keeps one state, prefills a request into a free (done) slot between decode calls, reads
+tokens from `seq_BS`, and frees a slot by leaving it done. Shapes depend only on the number of
+slots, the cache length, the prompt bucket and the stop-id width, so requests coming and going,
+and their settings, never recompile.
+
+Padding: prompts are right-padded to a bucket length (`bucket`). Every token sits at its own
+position (0 for each prompt's first token, as in a full forward pass) and attends only to cache
+entries at positions <= its own (`jaxllm.model.forward_cached`). Padding entries lie past their
+row's position and are overwritten by generated tokens before any query can reach them, so they
+never leak into attention; stale entries of a reused slot are unreachable for the same reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.config import ModelConfig
+from jaxllm.model import Cache, KVCache, Params, forward_cached, init_cache
+from jaxllm.request import Request
+from jaxllm.sampling import SamplingParams, sample
+
+MIN_BUCKET = 16  # the shortest prompt / cache bucket; longer ones double up to the context length
+
+
+class Prompts(NamedTuple):
+    """A batch of requests for `prefill`: prompts right-padded to a bucket length T."""
+
+    tokens_BT: jax.Array  # int32, padding after each prompt (any id; it is never attended to)
+    lengths_B: jax.Array  # int32, >= 1
+    max_new_B: jax.Array  # int32, tokens to generate at most (0: none; for batch padding)
+    keys_B: jax.Array  # PRNG keys; the token after position p is drawn with fold_in(key, p)
+    sampling: SamplingParams
+    stop_ids_BX: jax.Array  # int32 stop token ids per row, padded with -1
+
+
+class DecodeState(NamedTuple):
+    """Every slot's sequence, cache and settings (see the module docstring)."""
+
+    cache: Cache  # per layer, (slots, kv heads, S, head_dim)
+    seq_BS: jax.Array  # int32 token at each position: prompt, then generated tokens
+    positions_B: jax.Array  # int32 position of the newest token: the next step's input
+    end_B: jax.Array  # int32 prompt length + max_new: the slot stops at position end_B - 1
+    done_B: jax.Array  # bool: finished or empty; its steps are computed but change nothing
+    keys_B: jax.Array
+    sampling: SamplingParams
+    stop_ids_BX: jax.Array
+
+
+def init_state(cfg: ModelConfig, slots: int, cache_len: int, max_stop_ids: int = 1) -> DecodeState:
+    """`slots` empty slots with room for `cache_len` positions each (prompt + generated)."""
+    return DecodeState(  # distinct buffers (no shared zeros): the state is donated
+        cache=init_cache(cfg, slots, cache_len),
+        seq_BS=jnp.zeros((slots, cache_len), jnp.int32),
+        positions_B=jnp.zeros((slots,), jnp.int32),
+        end_B=jnp.zeros((slots,), jnp.int32),
+        done_B=jnp.ones((slots,), bool),
+        keys_B=jax.random.split(jax.random.key(0), slots),
+        sampling=SamplingParams.full(slots),
+        stop_ids_BX=jnp.full((slots, max_stop_ids), -1, jnp.int32),
+    )
+
+
+def _is_stop(tokens_B: jax.Array, stop_ids_BX: jax.Array) -> jax.Array:
+    return jnp.any(tokens_B[:, None] == stop_ids_BX, axis=-1)
+
+
+def prefill(
+    cfg: ModelConfig, params: Params, state: DecodeState, prompts: Prompts, slots_B: jax.Array
+) -> tuple[DecodeState, jax.Array]:
+    """Put `prompts` into slots `slots_B` and sample their first tokens; returns (state, logits_BV).
+
+    Needs T <= the cache length. A slot index >= the number of slots drops that row (batch
+    padding). `logits_BV` are the logits at each prompt's last token.
+    """
+    b, t = prompts.tokens_BT.shape
+    s = state.seq_BS.shape[1]
+    positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    last_B = prompts.lengths_B - 1
+    logits_B1V, new_cache = forward_cached(
+        cfg, params, prompts.tokens_BT, positions_BT, init_cache(cfg, b, t), logits_at_B=last_B
+    )
+    logits_BV = logits_B1V[:, 0]
+    first_B = sample(logits_BV, jax.vmap(jax.random.fold_in)(prompts.keys_B, last_B), prompts.sampling)
+    wants_B = prompts.max_new_B > 0
+    rows_B = jnp.arange(b)
+    seq_BS = jnp.zeros((b, s), jnp.int32).at[:, :t].set(prompts.tokens_BT)
+    seq_BS = seq_BS.at[rows_B, jnp.where(wants_B, prompts.lengths_B, s)].set(first_B, mode="drop")
+    done_B = ~wants_B | (prompts.max_new_B == 1) | _is_stop(first_B, prompts.stop_ids_BX)
+
+    def put(all_slots: jax.Array, rows: jax.Array) -> jax.Array:
+        return all_slots.at[slots_B].set(rows.astype(all_slots.dtype), mode="drop")
+
+    def put_cache(all_slots_BKSH: jax.Array, rows_BKTH: jax.Array) -> jax.Array:
+        return all_slots_BKSH.at[slots_B, :, :t].set(rows_BKTH.astype(all_slots_BKSH.dtype), mode="drop")
+
+    state = DecodeState(
+        cache=tuple(
+            KVCache(put_cache(old.k_BKSH, new.k_BKSH), put_cache(old.v_BKSH, new.v_BKSH))
+            for old, new in zip(state.cache, new_cache, strict=True)
+        ),
+        seq_BS=put(state.seq_BS, seq_BS),
+        positions_B=put(state.positions_B, last_B + wants_B),
+        end_B=put(state.end_B, prompts.lengths_B + prompts.max_new_B),
+        done_B=put(state.done_B, done_B),
+        keys_B=put(state.keys_B, prompts.keys_B),
+        sampling=SamplingParams(*(put(a, r) for a, r in zip(state.sampling, prompts.sampling, strict=True))),
+        stop_ids_BX=put(state.stop_ids_BX, prompts.stop_ids_BX),
+    )
+    return state, logits_BV
+
+
+def decode_step(cfg: ModelConfig, params: Params, state: DecodeState) -> tuple[DecodeState, jax.Array]:
+    """Feed every slot's newest token at its own position and sample the next; (state, logits_BV).
+
+    Done slots are computed too (a fixed shape) but change nothing: their position does not advance
+    and nothing is written to `seq_BS`. Logits are those of each slot's newest token.
+    """
+    b, s = state.seq_BS.shape
+    rows_B = jnp.arange(b)
+    tokens_B = state.seq_BS[rows_B, state.positions_B]
+    logits_B1V, cache = forward_cached(cfg, params, tokens_B[:, None], state.positions_B[:, None], state.cache)
+    logits_BV = logits_B1V[:, 0]
+    next_B = sample(logits_BV, jax.vmap(jax.random.fold_in)(state.keys_B, state.positions_B), state.sampling)
+    active_B = ~state.done_B
+    positions_B = state.positions_B + active_B
+    seq_BS = state.seq_BS.at[rows_B, jnp.where(active_B, positions_B, s)].set(next_B, mode="drop")
+    finished_B = _is_stop(next_B, state.stop_ids_BX) | (positions_B >= state.end_B - 1)
+    done_B = state.done_B | (active_B & finished_B)
+    return state._replace(cache=cache, seq_BS=seq_BS, positions_B=positions_B, done_B=done_B), logits_BV
+
+
+def decode(cfg: ModelConfig, params: Params, state: DecodeState, max_steps: jax.Array | int) -> DecodeState:
+    """Up to `max_steps` decode steps (a traced value: no recompiling), ending early once all are done."""
+
+    def cond(carry: tuple[jax.Array, DecodeState]) -> jax.Array:
+        i, st = carry
+        return (i < max_steps) & ~jnp.all(st.done_B)
+
+    def body(carry: tuple[jax.Array, DecodeState]) -> tuple[jax.Array, DecodeState]:
+        i, st = carry
+        return i + 1, decode_step(cfg, params, st)[0]
+
+    return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
+
+
+def request_keys(seed: int, n: int) -> jax.Array:
+    """PRNG keys for rows 0..n-1 of a request: fold_in(key(seed), row); seed taken modulo 2**32."""
+    return _request_keys(np.uint32(seed % 2**32), n)
+
+
+@partial(jax.jit, static_argnums=1)
+def _request_keys(seed: jax.Array, n: int) -> jax.Array:
+    return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(n))
+
+
+# Jitted once per (cfg, shapes); the state is donated so the cache is updated in place.
+init_state_jit = jax.jit(init_state, static_argnums=(0, 1, 2, 3))
+prefill_jit = jax.jit(prefill, static_argnums=0, donate_argnums=2)
+decode_step_jit = jax.jit(decode_step, static_argnums=0, donate_argnums=2)
+decode_jit = jax.jit(decode, static_argnums=0, donate_argnums=2)
+
+
+@partial(jax.jit, donate_argnums=0)
+def mark_done(state: DecodeState, finished_B: jax.Array) -> DecodeState:
+    """Mark the slots in `finished_B` done (stopped, cancelled or freed); they take no more tokens.
+
+    The state is donated (the cache is not copied): use the returned state only."""
+    return state._replace(done_B=state.done_B | finished_B)
+
+
+# Shapes and packing (host side) ---------------------------------------------------------------
+
+
+def bucket(n: int, cap: int) -> int:
+    """The static length for n tokens: MIN_BUCKET doubled until it holds n, at most `cap`."""
+    return min(MIN_BUCKET << max(0, math.ceil(math.log2(max(n, 1) / MIN_BUCKET))), cap)
+
+
+def batch_bucket(n: int) -> int:
+    """Batches are padded to a power of two, so each size class compiles once."""
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def inference_config(cfg: ModelConfig) -> ModelConfig:
+    """Recomputation (remat) only matters for gradients: inference shares the compiled code without it."""
+    return cfg if cfg.remat == "none" else cfg.replace(remat="none")
+
+
+def row_key_data(seed: int, n: int) -> np.ndarray:
+    """Key data of rows 0..n-1 of a request (`request_keys`), for `pack_prompts`."""
+    return np.asarray(jax.random.key_data(request_keys(seed, batch_bucket(n))))[:n]
+
+
+def pack_prompts(
+    rows: Sequence[tuple[list[int], Request, np.ndarray]], b: int, t: int, x: int
+) -> Prompts:
+    """`Prompts` of b rows of t tokens (x stop-id columns) from (prompt, its request, its key data) rows.
+
+    Rows past `len(rows)` are padding: one token, nothing to generate.
+    """
+    tokens_BT = np.zeros((b, t), np.int32)
+    lengths_B = np.ones((b,), np.int32)
+    max_new_B = np.zeros((b,), np.int32)
+    stop_ids_BX = np.full((b, x), -1, np.int32)
+    sampling = SamplingParams.full(b)
+    key_data = np.zeros((b, *np.shape(jax.random.key_data(jax.random.key(0)))), np.uint32)
+    for i, (prompt, req, key) in enumerate(rows):
+        tokens_BT[i, : len(prompt)] = prompt
+        lengths_B[i], max_new_B[i] = len(prompt), req.max_new_tokens
+        stop_ids_BX[i, : len(req.stop_ids)] = req.stop_ids
+        sampling.temperature_B[i], sampling.top_k_B[i], sampling.top_p_B[i] = req.temperature, req.top_k, req.top_p
+        key_data[i] = key
+    prompts = Prompts(tokens_BT, lengths_B, max_new_B, jax.random.wrap_key_data(key_data), sampling, stop_ids_BX)
+    return prompts
