@@ -266,6 +266,7 @@ def _mark(ok: bool) -> str:
 
 
 def main() -> None:
+    jaxllm.keep_freed_host_memory()  # an entry point that runs XLA on the CPU: before its first JAX work
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["mini", "advanced"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])

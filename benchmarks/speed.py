@@ -468,6 +468,7 @@ def write(data: dict, out: Path, name: str) -> None:
 
 
 def main() -> None:
+    jaxllm.keep_freed_host_memory()  # an entry point that runs XLA on the CPU: before its first JAX work
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument(

@@ -206,8 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that run XLA on the CPU: glibc's malloc is set before their first JAX work (jaxllm/host_memory.py).
+XLA_COMMANDS = {"train", "generate", "serve"}
+
+
 def main(argv: Sequence[str] | None = None) -> Any:
     args = build_parser().parse_args(argv)
+    if args.command in XLA_COMMANDS:
+        from jaxllm.host_memory import keep_freed_host_memory
+
+        keep_freed_host_memory()
     try:
         args.func(args)
     except JaxllmError as err:

@@ -14,6 +14,7 @@ model or of this table: a mesh axis of size 1 shards nothing.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from jaxllm.errors import ConfigError
 from jaxllm.model import Params, abstract_params, logical_axes
 
 MESH_AXES = ("data", "fsdp", "tensor")
+log = logging.getLogger(__name__)
 
 # The one rules table: logical axis name -> mesh axis (or axes), for parameters and batches.
 RULES: dict[str, str | tuple[str, ...] | None] = {
@@ -79,14 +81,21 @@ def make_mesh(mesh_cfg: MeshConfig, devices: list[jax.Device] | None = None) -> 
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
-def mesh_spec(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+def mesh_spec(
+    logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh, what: str | None = None
+) -> PartitionSpec:
     """Map logical names to mesh axes by `RULES`; a dim that its mesh axes do not divide, or whose
-    mesh axis is already used by an earlier dim, stays unsharded (e.g. GPT-2's vocab of 50257)."""
+    mesh axis is already used by an earlier dim, stays unsharded (e.g. GPT-2's vocab of 50257).
+
+    `what` names the array (a parameter path): a dim left replicated because it does not divide its
+    mesh axes is then logged, once per parameter, shape and mesh."""
     used: set[str] = set()
     out: list[Any] = []
     for name, size in zip(logical, shape, strict=True):
         rule = RULES.get(name) if name else None
         axes = tuple(a for a in ((rule,) if isinstance(rule, str) else rule or ()) if mesh.shape[a] > 1)
+        if axes and not used & set(axes) and size % math.prod(mesh.shape[a] for a in axes) and what:
+            _log_replicated(what, name, size, axes, mesh)
         if not axes or used & set(axes) or size % math.prod(mesh.shape[a] for a in axes):
             out.append(None)
             continue
@@ -95,15 +104,32 @@ def mesh_spec(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mes
     return PartitionSpec(*out)
 
 
+_logged: set[tuple[str, tuple[int, ...], tuple[tuple[str, int], ...]]] = set()
+
+
+def _log_replicated(what: str, name: str | None, size: int, axes: tuple[str, ...], mesh: Mesh) -> None:
+    key = (f"{what}:{name}", (size,), tuple(mesh.shape.items()))
+    if key not in _logged:
+        _logged.add(key)
+        n = math.prod(mesh.shape[a] for a in axes)
+        log.warning("%s: dim %r of size %d does not divide mesh %s (%d devices): left replicated",
+                    what, name, size, "x".join(axes), n)  # fmt: skip
+
+
 def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Params:
     """A `NamedSharding` for every parameter, from its logical axes and the rules."""
     is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
-    return jax.tree.map(
-        lambda spec, shape: NamedSharding(mesh, mesh_spec(tuple(spec), shape.shape, mesh)),
+    return jax.tree_util.tree_map_with_path(
+        lambda path, spec, shape: NamedSharding(mesh, mesh_spec(tuple(spec), shape.shape, mesh, _path_name(path))),
         logical_axes(cfg),
         abstract_params(cfg),
         is_leaf=is_spec,
     )
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    """'blocks_0/attn/query/kernel' for a pytree key path."""
+    return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
 def batch_sharding(mesh: Mesh, global_batch: int, what: str = "batch size") -> NamedSharding:
@@ -133,9 +159,3 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def describe_shardings(shardings: Params) -> dict[str, str]:
-    """'blocks_0/attn/query/kernel' -> 'PartitionSpec(...)', for logs and tests."""
-    return {
-        "/".join(k.key for k in path): str(s.spec)
-        for path, s in jax.tree_util.tree_leaves_with_path(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
-    }
