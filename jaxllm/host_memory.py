@@ -13,7 +13,8 @@ grows with `brk`. The cost: the process keeps its peak heap size rather than ret
 system. `mallopt` takes the trim threshold as an int, so a free heap top above 2 GiB (the larger
 presets' steps) is still returned, and faulted in again, now and then.
 
-`import jaxllm` calls it (before JAX starts its threads, which then share the main arena); set
+Entry points call it before their first JAX work (JAX's threads then share the main arena): the JAX
+CLI commands, the benchmarks, and the first JAX-backed name of `jaxllm`'s API (PEP 562). Set
 `JAXLLM_MALLOC=system` to leave glibc's defaults alone. Elsewhere than glibc it does nothing.
 """
 
