@@ -86,7 +86,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     stats = sample_checkpoint(
         args.checkpoint,
-        args.prompt,
+        args.chat if args.chat is not None else args.prompt,
+        chat=args.chat is not None,
+        ignore_eos=args.ignore_eos,
         tokenizer_path=args.tokenizer,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -181,7 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("generate", cmd_generate, "sample text from a checkpoint, streaming it; prints tokens/s at the end")
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="params directory (config.yaml, params/)")
-    p.add_argument("--prompt", default="", help="text to continue (default: empty, start from end-of-text)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--prompt", default="", help="text to continue (default: empty, start from BOS/end-of-text)")
+    what.add_argument("--chat", metavar="MESSAGE", help="a user message, sent through the checkpoint's chat template")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's end tokens (fixed lengths)")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json to use (default: DIR/tokenizer.json)")
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="default: what the context leaves, at most 256")
     p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 is greedy (default 0.8)")

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from jaxllm.config import ModelConfig
-from jaxllm.errors import InputError
 from jaxllm.request import Request
 
 Decode = Callable[[list[int]], str]
@@ -146,18 +145,20 @@ class TextStream:
         return piece
 
 
-def end_of_text_id(tokenizer: Any) -> int | None:
-    """The id of the tokenizer's end-of-text token, or None when it has none."""
-    from jaxllm.data.tokenizer import eot_of
+def end_ids(tokenizer: Any) -> list[int]:
+    """Where generation ends by default: a `TextCodec`'s end ids (the checkpoint's EOS / end-of-turn
+    tokens), or a bare tokenizer's end-of-text token."""
+    from jaxllm.text import TextCodec
 
-    try:
-        return eot_of(tokenizer)[1]
-    except InputError:
-        return None
+    return TextCodec.wrap(tokenizer).end_ids
+
+
+def end_of_text_id(tokenizer: Any) -> int | None:
+    """The first end id (`end_ids`), or None when there is none."""
+    return next(iter(end_ids(tokenizer)), None)
 
 
 def text_stops(cfg: ModelConfig, tokenizer: Any, stop: str | int | Sequence[str | int]) -> list[str | int]:
-    """`stop` plus the tokenizer's end-of-text id (when it has one inside the model's vocabulary)."""
-    eot = end_of_text_id(tokenizer)
+    """`stop` plus the tokenizer's end ids that lie inside the model's vocabulary."""
     stop = [stop] if isinstance(stop, str | int) else list(stop)
-    return [*stop, *([eot] if eot is not None and eot < cfg.vocab_size else [])]
+    return [*stop, *(e for e in end_ids(tokenizer) if e < cfg.vocab_size)]

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from jaxllm.checkpoint import load_params
-from jaxllm.completion import end_of_text_id
-from jaxllm.data.tokenizer import checkpoint_tokenizer
 from jaxllm.errors import InputError
 from jaxllm.generation import complete_text, precompile, with_text_stops
 from jaxllm.request import Sampling, as_int, check_request
+from jaxllm.text import load_codec
 
 
 @dataclass
@@ -35,43 +33,41 @@ def sample_checkpoint(
     checkpoint: str | Path,
     prompt: str,
     *,
+    chat: bool = False,
     tokenizer_path: str | Path | None = None,
     max_new_tokens: int | None = None,
-    temperature: float = 0.8,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int = 0,
     num_samples: int = 1,
-    stop: Sequence[str] = (),
     out: Any = None,
+    **options: Any,
 ) -> SampleStats:
     """What `jaxllm generate` does: load a checkpoint and its tokenizer, sample, print to `out`.
 
-    One sample streams as it is generated; several print one after another. An empty prompt
-    starts from the end-of-text token (unconditional samples). `max_new_tokens` None: as many as
-    the context leaves, at most 256.
+    `chat`: `prompt` is a user message, rendered with the checkpoint's chat template; only the
+    answer is printed. One sample streams as it is generated; several print one after another. An
+    empty prompt starts from the BOS (or end-of-text) token: unconditional samples. `max_new_tokens`
+    None: as many as the context leaves, at most 256. `options`: the other `Sampling` fields.
     """
     out = out or sys.stdout
     cfg, params = load_params(checkpoint)
-    tokenizer = checkpoint_tokenizer(checkpoint, cfg.vocab_size, tokenizer_path)
+    codec = load_codec(checkpoint, cfg.vocab_size, tokenizer_path)
     num_samples = as_int(num_samples, "num_samples")
     if num_samples < 1:
         raise InputError(f"num_samples must be >= 1, got {num_samples}")
-    ids = tokenizer.encode(prompt).ids
-    eot = end_of_text_id(tokenizer)
-    if not ids and eot is not None:
-        ids = [eot]
+    ids = codec.encode_chat([{"role": "user", "content": prompt}]) if chat else codec.encode(prompt)
+    if not ids:
+        ids = codec.start_ids()
     if max_new_tokens is None:
         max_new_tokens = max(0, min(256, cfg.context_length - len(ids)))
     start = time.perf_counter()
-    sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed, stop)
-    req = check_request(cfg, [ids] * num_samples, with_text_stops(cfg, tokenizer, sampling), tokenizer)
+    sampling = with_text_stops(cfg, codec, Sampling.make(None, {**options, "max_new_tokens": max_new_tokens}))
+    req = check_request(cfg, [ids] * num_samples, sampling, codec)
     if req.max_new_tokens > 0:
         precompile(cfg, params, req)
     compile_seconds = time.perf_counter() - start
     stream = num_samples == 1
+    shown = "" if chat else prompt
     if stream:
-        print(prompt, end="", file=out, flush=True)
+        print(shown, end="", file=out, flush=True)
     counted: list[int] = []
 
     def on_text(row: int, piece: str) -> None:
@@ -81,7 +77,7 @@ def sample_checkpoint(
     texts = complete_text(
         cfg,
         params,
-        tokenizer,
+        codec,
         req,
         on_text=on_text if stream else None,
         callback=lambda row, token: counted.append(token),
@@ -91,5 +87,5 @@ def sample_checkpoint(
         print(file=out)
     else:
         for i, text in enumerate(texts):
-            print(f"--- sample {i + 1} ---\n{prompt}{text}", file=out)
+            print(f"--- sample {i + 1} ---\n{shown}{text}", file=out)
     return SampleStats(len(counted), elapsed, compile_seconds)

@@ -32,6 +32,7 @@ from jaxllm.slots import (
     prefill_jit,
     row_key_data,
 )
+from jaxllm.text import TextCodec
 
 
 def complete(
@@ -93,18 +94,22 @@ def generate_text(
 ) -> list[str]:
     """Generated text for each prompt string (one string: a list of one), via `tokenizer`.
 
-    Stops at the tokenizer's end-of-text token (when it has one) besides `stop`; the text ends right
-    before a stop string. `on_text(row, piece)` streams each row's text: its pieces add up to the
-    returned string. `callback(row, token_id)` as in `generate`.
+    `tokenizer`: a `jaxllm.text.TextCodec` (a checkpoint's: BOS, end tokens) or a bare tokenizer.
+    Stops at the model's end tokens (a bare tokenizer's end-of-text token) besides `stop`, unless
+    `ignore_eos`; the text ends right before a stop string. `on_text(row, piece)` streams each
+    row's text: its pieces add up to the returned string. `callback(row, token_id)` as in `generate`.
     """
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
-    sampling = with_text_stops(cfg, tokenizer, Sampling.make(sampling, options))
-    req = check_request(cfg, [tokenizer.encode(t).ids for t in texts], sampling, tokenizer)
+    codec = TextCodec.wrap(tokenizer)
+    sampling = with_text_stops(cfg, codec, Sampling.make(sampling, options))
+    req = check_request(cfg, [codec.encode(t) for t in texts], sampling, codec)
     return complete_text(cfg, params, tokenizer, req, on_text=on_text, callback=callback, steps_per_call=steps_per_call)
 
 
 def with_text_stops(cfg: ModelConfig, tokenizer: Any, sampling: Sampling) -> Sampling:
-    """`sampling` with the tokenizer's end-of-text id added to its stops."""
+    """`sampling` with the tokenizer's end ids added to its stops (unless `ignore_eos`)."""
+    if sampling.ignore_eos:
+        return sampling
     return Sampling.make(sampling, {"stop": text_stops(cfg, tokenizer, sampling.stop)})
 
 

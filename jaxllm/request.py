@@ -18,6 +18,8 @@ import numpy as np
 from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError
 
+INT32_MAX = 2**31 - 1  # the engines hold top_k as int32
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -28,6 +30,8 @@ class Sampling:
       give the same tokens.
     - `stop`: stop token ids (the id is not returned) and stop strings (need a tokenizer; the text
       ends right before the string).
+    - `ignore_eos`: text generation does not add the model's end tokens to `stop` (fixed-length
+      runs, benchmarks).
     """
 
     max_new_tokens: int = 32
@@ -36,6 +40,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int = 0
     stop: Sequence[int | str] = ()
+    ignore_eos: bool = False
 
     @classmethod
     def make(cls, sampling: Sampling | None = None, options: Mapping[str, Any] | None = None) -> Sampling:
@@ -112,8 +117,8 @@ def check_request(
     if not math.isfinite(temperature) or temperature < 0:
         raise InputError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     top_k = as_int(sampling.top_k, "top_k")
-    if top_k < 0:
-        raise InputError(f"top_k must be >= 0 (0 switches it off), got {top_k}")
+    if not 0 <= top_k <= INT32_MAX:
+        raise InputError(f"top_k must be between 0 (off) and {INT32_MAX}, got {top_k}")
     if not 0 < top_p <= 1:
         raise InputError(f"top_p must be in (0, 1] (1 switches it off), got {top_p}")
     seed = as_int(sampling.seed, "seed")

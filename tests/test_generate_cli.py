@@ -88,7 +88,8 @@ def test_checkpoint_without_tokenizer_gets_one_clear_error_line(checkpoint, caps
     [
         (["--top-p", "1.5"], "top_p must be in (0, 1]"),
         (["--temperature", "-1"], "temperature must be >= 0"),
-        (["--top-k", "-2"], "top_k must be >= 0"),
+        (["--top-k", "-2"], "top_k must be between 0"),
+        (["--top-k", "2147483648"], "top_k must be between 0"),
         (["--max-new-tokens", "60"], "overflows the context length 48"),
         (["--num-samples", "0"], "num_samples must be >= 1"),
     ],

@@ -35,11 +35,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from jaxllm.completion import Completion, end_of_text_id, text_stops
+from jaxllm.completion import Completion, text_stops
 from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError
 from jaxllm.request import Request, Sampling, check_request
 from jaxllm.serve.errors import ServeError, bad_request
+from jaxllm.text import TextCodec
 
 MAX_ROWS = 128  # prompts x n in one request
 MAX_STOP = 4
@@ -52,7 +53,8 @@ NEUTRAL = {  # OpenAI fields accepted only at the value that changes nothing
     "logit_bias": ({},),
 }
 FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream",
-          "stream_options", "best_of", "user", *NEUTRAL}  # fmt: skip
+          "stream_options", "best_of", "user", "ignore_eos", *NEUTRAL}  # fmt: skip
+INT32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class CompletionParams:
     stream: bool = False
     include_usage: bool = False
     model: str | None = None
+    ignore_eos: bool = False  # an extension (vLLM's name): do not stop at the model's end tokens
 
 
 def parse_json(data: bytes) -> Any:
@@ -190,13 +193,14 @@ def parse_completion(body: Any) -> CompletionParams:
         max_tokens=_integer(body, "max_tokens", 16, 0),
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-        top_k=_integer(body, "top_k", 0, 0),
+        top_k=_integer(body, "top_k", 0, 0, INT32_MAX),
         n=n,
         stop=_stop(body),
         seed=_integer(body, "seed", 0) if _given(body, "seed") else None,
         stream=stream,
         include_usage=include_usage,
         model=model,
+        ignore_eos=_boolean(body, "ignore_eos"),
     )
 
 
@@ -206,14 +210,15 @@ def to_request(params: CompletionParams, cfg: ModelConfig, tokenizer: Any) -> tu
     Tokenizes string prompts ("" is the end-of-text token alone), refuses a prompt + max_tokens past
     the context (400 `context_length_exceeded`), then checks everything with `check_request`.
     """
-    eot = end_of_text_id(tokenizer)
+    codec = TextCodec.wrap(tokenizer)
     prompts = []
     for i, p in enumerate(params.prompts):
-        ids = tokenizer.encode(p).ids if isinstance(p, str) else p
+        ids = codec.encode(p) if isinstance(p, str) else p
         if not ids:
-            if eot is None:
-                raise bad_request(f"prompt {i} is empty and the tokenizer has no end-of-text token", "prompt")
-            ids = [eot]
+            try:
+                ids = codec.start_ids()
+            except InputError as err:
+                raise bad_request(f"prompt {i}: {err}", "prompt") from None
         prompts.append(ids)
     c = cfg.context_length
     for i, ids in enumerate(prompts):
@@ -226,7 +231,7 @@ def to_request(params: CompletionParams, cfg: ModelConfig, tokenizer: Any) -> tu
                 "context_length_exceeded",
             )
     seed = params.seed if params.seed is not None else secrets.randbits(32)
-    stops = text_stops(cfg, tokenizer, params.stop)
+    stops = params.stop if params.ignore_eos else text_stops(cfg, tokenizer, params.stop)
     sampling = Sampling(params.max_tokens, params.temperature, params.top_k, params.top_p, seed, stops)
     try:
         req = check_request(cfg, prompts, sampling, tokenizer)

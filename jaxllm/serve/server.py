@@ -26,10 +26,10 @@ log = logging.getLogger("jaxllm.serve")
 def load_engine(checkpoint: str | Path, settings: EngineSettings, tokenizer_path: str | Path | None = None) -> Engine:
     """A started engine (warming up in its thread) over a checkpoint and its tokenizer."""
     from jaxllm.checkpoint import load_params
-    from jaxllm.data.tokenizer import checkpoint_tokenizer
+    from jaxllm.text import load_codec
 
     cfg, params = load_params(checkpoint)
-    tokenizer = checkpoint_tokenizer(checkpoint, cfg.vocab_size, tokenizer_path)
+    tokenizer = load_codec(checkpoint, cfg.vocab_size, tokenizer_path)
     return Engine(cfg, params, tokenizer, settings).start()
 
 
