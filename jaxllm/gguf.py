@@ -89,9 +89,7 @@ def read_gguf(path: str | Path) -> HFCheckpoint:
         raise InputError(f"{path}: GGUF architecture {arch!r} is not supported (only {', '.join(ARCHITECTURES)})")
     config = _config(meta, reader, path)
     tensors = _tensors(reader, config, path)
-    emb = tensors.get("model.embed_tokens.weight")
-    if emb is None:
-        raise InputError(f"{path}: no token_embd.weight tensor")
+    emb = tensors["model.embed_tokens.weight"]
     if emb.shape != (config["vocab_size"], config["hidden_size"]):
         raise InputError(
             f"{path}: token_embd.weight is {emb.shape}, metadata says vocab {config['vocab_size']} x "
@@ -289,6 +287,15 @@ def _tensors(reader: Any, config: dict[str, Any], path: Path) -> dict[str, np.nd
             )
         if _hf_name(t.name) is None:
             raise InputError(f"{path}: tensor {t.name} has no place in a llama model (not supported)")
+    names = {_hf_name(t.name) for t in reader.tensors}
+    expected = ["model.embed_tokens.weight", "model.norm.weight"] + [
+        f"model.layers.{i}.{module}.weight"
+        for i in range(config["num_hidden_layers"])
+        for module in _BLOCK_TENSORS.values()
+    ]
+    missing = [n for n in expected if n not in names]
+    if missing:
+        raise InputError(f"{path}: {len(missing)} weight(s) missing, e.g. {missing[0]} (HF name)")
     out: dict[str, np.ndarray] = {}
     for t in reader.tensors:
         shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists ne innermost first; numpy outermost first
@@ -340,8 +347,13 @@ def _tokenizer_files(meta: _Metadata, config: dict[str, Any], path: Path) -> dic
     types = meta.get("tokenizer.ggml.token_type") or []
     if model == "gpt2":
         tokenizer = _byte_level_tokenizer(meta, tokens, types, path)
+    elif model == "llama":
+        tokenizer = _sentencepiece_tokenizer(meta, tokens, types, path)
     else:
-        raise InputError(f"{path}: tokenizer model {model!r} is not supported (only 'gpt2', byte-level BPE)")
+        raise InputError(
+            f"{path}: tokenizer model {model!r} is not supported (only 'gpt2', byte-level BPE, and 'llama', "
+            "SentencePiece-style BPE)"
+        )
 
     def token(key: str) -> str | None:
         token_id = meta.get(f"tokenizer.ggml.{key}")
@@ -357,7 +369,8 @@ def _tokenizer_files(meta: _Metadata, config: dict[str, Any], path: Path) -> dic
     from tokenizers import AddedToken, processors
 
     tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in named.values()])
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    # Files from before the flag existed: llama.cpp adds BOS to a SentencePiece vocabulary unless told not to.
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", model == "llama"))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
     single, specials = "$A:0", []
     for flag, key, where in ((add_bos, "bos_token", "start"), (add_eos, "eos_token", "end")):
@@ -423,6 +436,46 @@ def _byte_level_tokenizer(meta: _Metadata, tokens: list[str], types: list[int], 
     user = [t for t, k in zip(tokens, types, strict=False) if k == _USER_DEFINED and t in vocab]
     tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
     return tokenizer
+
+
+def _sentencepiece_tokenizer(meta: _Metadata, tokens: list[str], types: list[int], path: Path) -> Any:
+    """SentencePiece-style BPE (`llama`): "▁" for spaces, `<0xNN>` byte fallback, merges from the file or
+    recovered from the token scores. Built as transformers' `LlamaTokenizer` does (a "▁" before the first
+    word only; `tokenizer.ggml.add_space_prefix` is not consulted, as in transformers)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = meta.get("tokenizer.ggml.merges")
+    if merges:
+        pairs = [tuple(m.partition(" ")[::2]) for m in merges]
+    else:
+        scores = meta.get("tokenizer.ggml.scores")
+        if not scores or len(scores) != len(tokens):
+            raise InputError(f"{path}: SentencePiece (llama) tokenizer without merges needs tokenizer.ggml.scores")
+        pairs = _merges_from_scores(vocab, dict(zip(tokens, scores, strict=True)))
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=pairs, fuse_unk=True, byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    control = [t for t, k in zip(tokens, types, strict=False) if k == _CONTROL]
+    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
+    user = [t for t, k in zip(tokens, types, strict=False) if k == _USER_DEFINED and t in vocab]
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
+    return tokenizer
+
+
+def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a scored vocabulary: every split of a token into two tokens, best-scored
+    result first (ties: longer left piece, then longer right piece, then vocabulary order), as transformers."""
+    found = []
+    for token, score in scores.items():
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
+        splits.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+        found.extend((left, right, score) for left, right in splits)
+    found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)  # stable: equal keys keep their order
+    return [(left, right) for left, right, _ in found]
 
 
 def _chat_template(meta: _Metadata) -> str | list[dict[str, str]] | None:

@@ -137,10 +137,20 @@ def tiny_vocab() -> list[str]:
     return CONTROL + byte_alphabet() + ["".join(m.split(" ")) for m in MERGES] + ["<think>"]
 
 
-def hf_tensors(seed: int = 0, tie: bool = True) -> dict[str, np.ndarray]:
+def sp_vocab() -> tuple[list[str], list[int], list[float]]:
+    """A tiny SentencePiece-style vocabulary: (tokens, token types, scores); merges come from the scores."""
+    tokens = ["<unk>", "<s>", "</s>", "<|im_start|>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3, 3] + [6] * 256
+    pieces = ["▁", "t", "h", "e", "a", "r", "i", "n", "s", "o", "▁t", "he", "▁the", "▁a", "in", "er", "▁th", "re",
+              "▁s", "é", "日", "本", "日本", "▁▁", "<think>"]  # fmt: skip
+    scores = [0.0] * len(tokens) + [-float(i) for i in range(len(pieces))]
+    return tokens + pieces, types + [1] * (len(pieces) - 1) + [4], scores
+
+
+def hf_tensors(seed: int = 0, tie: bool = True, vocab_size: int | None = None) -> dict[str, np.ndarray]:
     """A tiny llama's weights in transformers' names and (out, in) layout, uniform in [-1, 1]."""
     rng = np.random.default_rng(seed)
-    V = len(tiny_vocab())
+    V = vocab_size or len(tiny_vocab())
 
     def w(*shape):
         return rng.uniform(-1, 1, shape).astype(np.float32)
@@ -187,9 +197,13 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def write_tiny(path, qtype=Q.F32, *, arch="llama", tie=True, seed=0, raw=None, tokenizer="gpt2", pre="default",
-               add_bos=False):  # fmt: skip
+               add_bos: bool | None = False):  # fmt: skip
     """A tiny llama GGUF file; returns the HF-layout weights written (before the Q/K permutation)."""
-    tensors = hf_tensors(seed, tie)
+    if tokenizer == "llama":
+        tokens, types, scores = sp_vocab()
+    else:
+        tokens, types = tiny_vocab(), [3] * len(CONTROL) + [1] * (len(tiny_vocab()) - len(CONTROL) - 1) + [4]
+    tensors = hf_tensors(seed, tie, len(tokens))
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(LAYERS)
     w.add_context_length(128)
@@ -200,15 +214,20 @@ def write_tiny(path, qtype=Q.F32, *, arch="llama", tie=True, seed=0, raw=None, t
     w.add_layer_norm_rms_eps(1e-6)
     w.add_rope_freq_base(500000.0)
     w.add_rope_dimension_count(HEAD_DIM)
-    w.add_vocab_size(len(tiny_vocab()))
+    w.add_vocab_size(len(tokens))
     w.add_tokenizer_model(tokenizer)
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tiny_vocab())
-    w.add_token_types([3] * len(CONTROL) + [1] * (len(tiny_vocab()) - len(CONTROL) - 1) + [4])
-    w.add_token_merges(MERGES)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    if tokenizer == "llama":
+        w.add_token_scores(scores)
+        w.add_unk_token_id(0)
+    else:
+        w.add_tokenizer_pre(pre)
+        w.add_token_merges(MERGES)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    w.add_add_bos_token(add_bos)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
     w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
     for name, value in tensors.items():
         if name.endswith("q_proj.weight"):
@@ -307,10 +326,28 @@ def test_synthetic_tokenizer_equals_transformers(tmp_path, pre, add_bos):
     assert (mine("the").input_ids[0] == 1) is add_bos
 
 
-def test_sentencepiece_tokenizer_refused_by_name(tmp_path):
-    write_tiny(tmp_path / "sp.gguf", tokenizer="llama")
-    with pytest.raises(InputError, match="tokenizer model 'llama'"):
-        read_gguf(tmp_path / "sp.gguf")
+@pytest.mark.parametrize("add_bos", [None, False])  # None: no flag in the file (BOS by default)
+def test_sentencepiece_tokenizer_equals_transformers(tmp_path, add_bos):
+    transformers = pytest.importorskip("transformers")
+    write_tiny(tmp_path / "sp.gguf", tokenizer="llama", add_bos=add_bos)
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="sp.gguf")
+    out = tmp_path / "hf"
+    out.mkdir()
+    for name, content in read_gguf(tmp_path / "sp.gguf").files.items():
+        (out / name).write_bytes(content)
+    mine = transformers.AutoTokenizer.from_pretrained(out)
+    texts = [*TEXTS, "the theater", " the  a", "日本 é x", "hello\nworld", "<s>the</s>", "a<think>b<|im_start|>"]
+    for text in texts:
+        ids = ref(text).input_ids
+        assert mine(text).input_ids == ids, text
+        assert mine.decode(ids) == ref.decode(ids), text
+    assert (mine("the").input_ids[0] == 1) is (add_bos is None)
+
+
+def test_unknown_tokenizer_model_refused_by_name(tmp_path):
+    write_tiny(tmp_path / "bert.gguf", tokenizer="bert")
+    with pytest.raises(InputError, match="tokenizer model 'bert'"):
+        read_gguf(tmp_path / "bert.gguf")
 
 
 # --- bad input ----------------------------------------------------------------------------------
