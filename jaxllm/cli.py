@@ -28,6 +28,13 @@ def cmd_import_hf(args: argparse.Namespace) -> None:
     print(f"imported {cfg.n_layers}-layer GPT-2 ({cfg.d_model} wide) from {args.hf_dir} into {args.out_dir}")
 
 
+def cmd_import_gguf(args: argparse.Namespace) -> None:
+    from jaxllm.gguf import import_gguf
+
+    cfg = import_gguf(args.file, args.out_dir)
+    print(f"imported {cfg.n_layers}-layer llama ({cfg.d_model} wide) from {args.file} into {args.out_dir}")
+
+
 def cmd_export_hf(args: argparse.Namespace) -> None:
     from jaxllm.hf import export_hf
 
@@ -132,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("import-hf", cmd_import_hf, "import a Hugging Face GPT-2 directory into a jaxllm params directory")
     p.add_argument("hf_dir", metavar="HF_DIR", help="directory with config.json + model.safetensors")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="jaxllm params directory to create")
+
+    p = command("import-gguf", cmd_import_gguf, "import a llama-architecture GGUF file into a jaxllm params directory")
+    p.add_argument("file", metavar="FILE", help="a .gguf file (llama.cpp format; F32/F16/BF16 or quantized weights)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="jaxllm params directory to create")
 
     p = command("export-hf", cmd_export_hf, "export a jaxllm params directory as a Hugging Face GPT-2 directory")
