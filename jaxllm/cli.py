@@ -22,10 +22,13 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_import_hf(args: argparse.Namespace) -> None:
-    from jaxllm.hf import import_hf
+    from jaxllm.hf import import_hf, model_type_of
 
     cfg = import_hf(args.hf_dir, args.out_dir)
-    print(f"imported {cfg.n_layers}-layer GPT-2 ({cfg.d_model} wide) from {args.hf_dir} into {args.out_dir}")
+    print(
+        f"imported {model_type_of(args.out_dir, cfg)} ({cfg.n_layers} layers, {cfg.d_model} wide) "
+        f"from {args.hf_dir} into {args.out_dir}"
+    )
 
 
 def cmd_import_gguf(args: argparse.Namespace) -> None:
@@ -36,10 +39,13 @@ def cmd_import_gguf(args: argparse.Namespace) -> None:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> None:
-    from jaxllm.hf import export_hf
+    from jaxllm.hf import export_hf, model_type_of
 
     cfg = export_hf(args.ckpt_dir, args.out_dir)
-    print(f"exported {cfg.name} from {args.ckpt_dir} to {args.out_dir} (config.json + model.safetensors)")
+    print(
+        f"exported {cfg.name} as {model_type_of(args.ckpt_dir, cfg)} from {args.ckpt_dir} to {args.out_dir} "
+        "(config.json + model.safetensors)"
+    )
 
 
 def cmd_export_torch(args: argparse.Namespace) -> None:

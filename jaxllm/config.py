@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -31,11 +31,45 @@ from pydantic import (
 from jaxllm.errors import ConfigError
 
 
+class LinearRopeScaling(BaseModel):
+    """RoPE position interpolation: every inverse frequency divided by `factor` (transformers "linear")."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: Literal["linear"]
+    factor: PositiveFloat
+
+
+class Llama3RopeScaling(BaseModel):
+    """Llama 3.1 RoPE scaling (transformers "llama3"): low frequencies divided by `factor`, high ones
+    kept, a smooth ramp between wavelengths original_max_position_embeddings / {low,high}_freq_factor."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: Literal["llama3"]
+    factor: PositiveFloat
+    low_freq_factor: PositiveFloat
+    high_freq_factor: PositiveFloat
+    original_max_position_embeddings: PositiveInt
+
+    @model_validator(mode="after")
+    def _check(self) -> Llama3RopeScaling:
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                f"high_freq_factor ({self.high_freq_factor}) must exceed low_freq_factor ({self.low_freq_factor})"
+            )
+        return self
+
+
+RopeScaling = Annotated[LinearRopeScaling | Llama3RopeScaling, Field(discriminator="type")]
+
+
 class ModelConfig(BaseModel):
     """Shapes and numerics of a decoder-only transformer (both block families).
 
     family "gpt": learned positions, LayerNorm with bias, GELU MLP, biases everywhere.
-    family "llama": RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, no biases.
+    family "llama": RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, no biases (except q/k/v
+    with `qkv_bias`, as Qwen2).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -54,6 +88,11 @@ class ModelConfig(BaseModel):
     tie_embeddings: bool = False
     norm_eps: PositiveFloat = 1e-5
     rope_theta: PositiveFloat = 10000.0  # llama family only
+    rope_scaling: RopeScaling | None = None  # llama family only; None: plain RoPE
+    qkv_bias: bool = False  # llama family only: biases on the query/key/value projections (Qwen2)
+    # A token attends to itself and the sliding_window - 1 positions before it (key position k is
+    # visible from query position q when q - sliding_window < k <= q, as Mistral); None: all before it.
+    sliding_window: PositiveInt | None = None
     init_std: PositiveFloat = 0.02
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; params stay float32
     attention: Literal["xla", "cudnn"] = "xla"  # jax.nn.dot_product_attention implementation
@@ -71,6 +110,10 @@ class ModelConfig(BaseModel):
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
         if self.family == "llama" and self.dim_per_head % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.dim_per_head}")
+        if self.family == "gpt" and self.qkv_bias:
+            raise ValueError("qkv_bias applies to the llama family (the gpt family has biases everywhere)")
+        if self.family == "gpt" and self.rope_scaling is not None:
+            raise ValueError("rope_scaling applies to the llama family (the gpt family has no RoPE)")
         return self
 
     # Derived shapes -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ each side come from the model definitions themselves, so nothing here restates a
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -60,6 +61,22 @@ def to_numpy_state_dict(cfg: ModelConfig, params: Params) -> dict[str, np.ndarra
         elif path[-1] == "bias":  # (heads, head_dim) biases are flat in torch
             x = x.reshape(-1)
         out[torch_key(path)] = np.ascontiguousarray(x)
+    if cfg.tie_embeddings:
+        out["lm_head.weight"] = out["token_embed.weight"]
+    return out
+
+
+def torch_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """torch_ref parameter name -> shape for `cfg`, without allocating (the tied head listed too)."""
+    out = {}
+    for path, leaf in _flat(abstract_params(cfg)).items():
+        shape = tuple(leaf.shape)
+        if path[-1] == "kernel":
+            n_in = len(shape) - (2 if path[-2] in ("query", "key", "value") else 1)
+            shape = (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+        elif path[-1] == "bias":
+            shape = (math.prod(shape),)
+        out[torch_key(path)] = shape
     if cfg.tie_embeddings:
         out["lm_head.weight"] = out["token_embed.weight"]
     return out

@@ -1,13 +1,18 @@
-"""Hugging Face GPT-2 interop: a directory with `config.json` + `model.safetensors`.
+"""Hugging Face interop for GPT-2 and the Llama family (llama, qwen2, mistral).
 
-Reads and writes the files directly (no `transformers` needed at run time), in the layout that
-`GPT2LMHeadModel.save_pretrained` writes and `from_pretrained` reads. GPT-family configs only.
+`read_hf_dir` reads a model directory (`config.json`, `model.safetensors` or a sharded
+`model.safetensors.index.json`, tokenizer/generation files) into a `jaxllm.pretrained.HFCheckpoint`;
+`import_checkpoint` turns any `HFCheckpoint` (from this reader or the GGUF one) into a jaxllm params
+directory; `export_hf` writes a params directory back as a directory `from_pretrained` loads.
+Reads and writes the files directly: no `transformers` at run time. Per-family config and tensor
+names: `jaxllm/hf_families.py`. Every refusal is an `InputError` raised before anything is written.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,184 +20,177 @@ import numpy as np
 
 from jaxllm.checkpoint import load_params, save_params
 from jaxllm.config import ModelConfig
-from jaxllm.convert import from_torch_state_dict, to_numpy_state_dict
+from jaxllm.convert import from_torch_state_dict, to_numpy_state_dict, torch_shapes
 from jaxllm.errors import InputError
+from jaxllm.hf_families import (
+    CONFIG_JSON,
+    check_exportable,
+    config_from_hf,
+    config_to_hf,
+    default_model_type,
+    from_hf_tensors,
+    to_hf_tensors,
+)
 from jaxllm.model import Params
+from jaxllm.pretrained import KEPT_FILES, SOURCE_FILE, HFCheckpoint
 
-CONFIG_JSON = "config.json"
 WEIGHTS = "model.safetensors"
-_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "exact"}
-_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers some GPT-2 files carry
-
-# HF GPT-2 module names <-> torch_ref module names, per block and at the top.
-_BLOCK_NAMES = {
-    "ln_1": "attn_norm",
-    "ln_2": "mlp_norm",
-    "attn.c_proj": "attn.out",
-    "mlp.c_fc": "mlp.fc",
-    "mlp.c_proj": "mlp.proj",
-}
-_TOP_NAMES = {"wte": "token_embed", "wpe": "pos_embed", "ln_f": "final_norm"}
+WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
-def config_from_hf(hf: dict[str, Any], name: str = "hf-gpt2") -> ModelConfig:
-    """A ModelConfig from a GPT-2 `config.json` mapping; unsupported variants are refused."""
-    if hf.get("model_type") != "gpt2":
-        raise InputError(f"{CONFIG_JSON}: model_type {hf.get('model_type')!r} is not supported (only 'gpt2')")
-    act = hf.get("activation_function", "gelu_new")
-    if act not in _GELU:
-        raise InputError(f"{CONFIG_JSON}: activation_function {act!r} is not supported ({sorted(_GELU)})")
-    for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
-        if hf.get(flag):
-            raise InputError(f"{CONFIG_JSON}: {flag}=true is not supported")
-    if hf.get("scale_attn_weights") is False:
-        raise InputError(f"{CONFIG_JSON}: scale_attn_weights=false is not supported")
-    d = hf["n_embd"]
-    return ModelConfig(
-        name=name,
-        family="gpt",
-        vocab_size=hf["vocab_size"],
-        context_length=hf.get("n_positions", hf.get("n_ctx", 1024)),
-        d_model=d,
-        n_layers=hf["n_layer"],
-        n_heads=hf["n_head"],
-        d_ff=hf.get("n_inner") or 4 * d,
-        gelu=_GELU[act],
-        tie_embeddings=hf.get("tie_word_embeddings", True),
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        init_std=hf.get("initializer_range", 0.02),
-    )
+# Reading ----------------------------------------------------------------------------------------
 
 
-def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    _require_gpt2_shape(cfg)
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size,
-        "n_positions": cfg.context_length,
-        "n_embd": cfg.d_model,
-        "n_layer": cfg.n_layers,
-        "n_head": cfg.n_heads,
-        "n_inner": cfg.d_ff,
-        "activation_function": "gelu_new" if cfg.gelu == "tanh" else "gelu",
-        "layer_norm_epsilon": cfg.norm_eps,
-        "initializer_range": cfg.init_std,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "resid_pdrop": 0.0,
-        "embd_pdrop": 0.0,
-        "attn_pdrop": 0.0,
-    }
-
-
-def _require_gpt2_shape(cfg: ModelConfig) -> None:
-    if cfg.family != "gpt" or cfg.kv_heads != cfg.n_heads or cfg.dim_per_head * cfg.n_heads != cfg.d_model:
-        raise InputError(
-            f"config {cfg.name!r} is not a GPT-2 architecture (needs family gpt, multi-head attention, "
-            "n_heads * head_dim == d_model); Hugging Face export supports GPT-2 only"
-        )
-
-
-def params_from_hf(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> Params:
-    """jaxllm params from GPT-2 tensors (Conv1D weights are stored (in, out))."""
-    sd: dict[str, np.ndarray] = {}
-    for key, w in tensors.items():
-        key = key.removeprefix("transformer.")
-        if key.endswith(_BUFFERS):
-            continue
-        if key == "lm_head.weight":
-            if not cfg.tie_embeddings:
-                sd[key] = w
-            continue
-        parts = key.split(".")
-        if parts[0] == "h":  # h.{i}.{module...}.{weight|bias}
-            i, module, leaf = parts[1], ".".join(parts[2:-1]), parts[-1]
-            if module == "attn.c_attn":
-                for name, chunk in zip(("query", "key", "value"), np.split(w, 3, axis=-1), strict=True):
-                    sd[f"blocks.{i}.attn.{name}.{leaf}"] = chunk.T if leaf == "weight" else chunk
-                continue
-            if module not in _BLOCK_NAMES:
-                raise InputError(f"{WEIGHTS}: unexpected tensor {key!r}")
-            conv1d = module != "ln_1" and module != "ln_2" and leaf == "weight"
-            sd[f"blocks.{i}.{_BLOCK_NAMES[module]}.{leaf}"] = w.T if conv1d else w
-        elif parts[0] in _TOP_NAMES:
-            sd[f"{_TOP_NAMES[parts[0]]}.{parts[1]}"] = w
-        else:
-            raise InputError(f"{WEIGHTS}: unexpected tensor {key!r}")
-    return from_torch_state_dict(cfg, sd)
-
-
-def params_to_hf(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
-    """GPT-2 tensors named as `GPT2LMHeadModel.save_pretrained` names them."""
-    _require_gpt2_shape(cfg)
-    sd = to_numpy_state_dict(cfg, params)
-    inverse_block = {v: k for k, v in _BLOCK_NAMES.items()}
-    inverse_top = {v: k for k, v in _TOP_NAMES.items()}
-    out: dict[str, np.ndarray] = {}
-    for i in range(cfg.n_layers):
-        p = f"blocks.{i}."
-        for leaf in ("weight", "bias"):
-            qkv = [sd.pop(f"{p}attn.{n}.{leaf}") for n in ("query", "key", "value")]
-            out[f"transformer.h.{i}.attn.c_attn.{leaf}"] = np.concatenate(
-                [w.T for w in qkv] if leaf == "weight" else qkv, axis=-1
-            )
-    for key, w in sd.items():
-        module, leaf = key.rsplit(".", 1)
-        if module.startswith("blocks."):
-            _, i, rest = module.split(".", 2)
-            conv1d = rest in ("attn.out", "mlp.fc", "mlp.proj") and leaf == "weight"
-            out[f"transformer.h.{i}.{inverse_block[rest]}.{leaf}"] = w.T if conv1d else w
-        elif module == "lm_head":
-            if not cfg.tie_embeddings:
-                out[key] = w
-        else:
-            out[f"transformer.{inverse_top[module]}.{leaf}"] = w
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
-
-
-def read_hf_dir(hf_dir: str | Path) -> tuple[ModelConfig, Params]:
-    from safetensors.numpy import load_file
-
+def read_hf_dir(hf_dir: str | Path) -> HFCheckpoint:
+    """A Hugging Face model directory in memory: config.json, every weight as float32, the KEPT_FILES present."""
     hf_dir = Path(hf_dir)
-    for name in (CONFIG_JSON, WEIGHTS):
-        if not (hf_dir / name).is_file():
-            raise InputError(f"{hf_dir}: missing {name} (expected a Hugging Face GPT-2 directory)")
+    if not hf_dir.is_dir():
+        raise InputError(f"{hf_dir}: not a directory (expected a Hugging Face model directory)")
+    if not (hf_dir / CONFIG_JSON).is_file():
+        raise InputError(f"{hf_dir}: missing {CONFIG_JSON} (expected a Hugging Face model directory)")
+    config = _read_json(hf_dir / CONFIG_JSON)
+    if (hf_dir / WEIGHTS).is_file():
+        tensors = _read_safetensors(hf_dir / WEIGHTS)
+    elif (hf_dir / WEIGHTS_INDEX).is_file():
+        tensors = _read_sharded(hf_dir, _read_json(hf_dir / WEIGHTS_INDEX))
+    else:
+        raise InputError(f"{hf_dir}: missing {WEIGHTS} (or a sharded {WEIGHTS_INDEX})")
+    files = {name: (hf_dir / name).read_bytes() for name in KEPT_FILES if (hf_dir / name).is_file()}
+    return HFCheckpoint(config=config, tensors=tensors, files=files, source=str(hf_dir.absolute()), source_format="hf")
+
+
+def _read_json(path: Path) -> Any:
     try:
-        hf = json.loads((hf_dir / CONFIG_JSON).read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(f"{hf_dir / CONFIG_JSON}: not valid JSON: {err}") from None
-    cfg = config_from_hf(hf, name=hf_dir.name)
-    return cfg, params_from_hf(cfg, load_file(str(hf_dir / WEIGHTS)))
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON: {err}") from None
 
 
-def write_hf_dir(out_dir: str | Path, cfg: ModelConfig, params: Params) -> Path:
-    """Write config.json + model.safetensors into a new directory, renamed into place last."""
+def _read_sharded(hf_dir: Path, index: Any) -> dict[str, np.ndarray]:
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InputError(f"{hf_dir / WEIGHTS_INDEX}: no 'weight_map' of tensor names to shard files")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if not (hf_dir / shard).is_file():
+            raise InputError(f"{hf_dir / WEIGHTS_INDEX}: names shard {shard!r}, which is missing from {hf_dir}")
+    tensors: dict[str, np.ndarray] = {}
+    for shard in shards:
+        for name, w in _read_safetensors(hf_dir / shard).items():
+            if weight_map.get(name) == shard:
+                tensors[name] = w
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        shard = weight_map[missing[0]]
+        raise InputError(f"{hf_dir / WEIGHTS_INDEX}: tensor {missing[0]!r} is not in its shard {shard!r}")
+    return tensors
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as float32 numpy (bf16 and fp16 widened exactly), via torch."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            out = {}
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                t = f.get_tensor(name)
+                if not t.is_floating_point():
+                    raise InputError(f"{path}: tensor {name!r} has dtype {t.dtype}, expected a float type")
+                out[name] = t.float().numpy()
+            return out
+    except InputError:
+        raise
+    except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
+        raise InputError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+
+
+# Import -----------------------------------------------------------------------------------------
+
+
+def checkpoint_to_params(ckpt: HFCheckpoint) -> tuple[ModelConfig, Params, str]:
+    """(cfg, params, model_type) from an `HFCheckpoint`, checking every tensor against the config."""
+    name = Path(ckpt.source).stem if ckpt.source else "hf"
+    cfg, model_type = config_from_hf(ckpt.config, name=name or "hf")
+    source = f"{ckpt.source or 'checkpoint'} weights"
+    sd = from_hf_tensors(model_type, ckpt.tensors, torch_shapes(cfg), cfg.tie_embeddings, source)
+    return cfg, from_torch_state_dict(cfg, sd), model_type
+
+
+def import_checkpoint(ckpt: HFCheckpoint, out_dir: str | Path) -> ModelConfig:
+    """Write `ckpt` as a jaxllm params directory at `out_dir` (atomically), with its files and source.json."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise InputError(f"{out_dir} already exists")
+    cfg, params, model_type = checkpoint_to_params(ckpt)
+    source = {"format": ckpt.source_format, "path": ckpt.source, "model_type": model_type}
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = []
+        for file_name, content in {**ckpt.files, SOURCE_FILE: (json.dumps(source, indent=2) + "\n").encode()}.items():
+            if Path(file_name).name != file_name:
+                raise InputError(f"checkpoint file name {file_name!r} is not a plain file name")
+            (Path(tmp) / file_name).write_bytes(content)
+            extra.append(Path(tmp) / file_name)
+        save_params(out_dir, cfg, params, extra_files=extra)
+    return cfg
+
+
+def import_hf(hf_dir: str | Path, out_dir: str | Path) -> ModelConfig:
+    """`jaxllm import-hf`: a Hugging Face model directory -> a jaxllm params directory."""
+    if Path(out_dir).exists():
+        raise InputError(f"{out_dir} already exists")
+    return import_checkpoint(read_hf_dir(hf_dir), out_dir)
+
+
+def model_type_of(ckpt_dir: str | Path, cfg: ModelConfig) -> str:
+    """The model_type recorded in a params directory's source.json, else the one `cfg` implies."""
+    path = Path(ckpt_dir) / SOURCE_FILE
+    if path.is_file():
+        model_type = _read_json(path).get("model_type")
+        if model_type:
+            return model_type
+    return default_model_type(cfg)
+
+
+# Export -----------------------------------------------------------------------------------------
+
+
+def export_hf(ckpt_dir: str | Path, out_dir: str | Path) -> ModelConfig:
+    """`jaxllm export-hf`: a params directory -> config.json, model.safetensors and the kept files."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise InputError(f"{out_dir} already exists and is not empty")
+    cfg, params = load_params(ckpt_dir)
+    model_type = model_type_of(ckpt_dir, cfg)
+    check_exportable(cfg, model_type)
+    files = [Path(ckpt_dir) / name for name in KEPT_FILES if (Path(ckpt_dir) / name).is_file()]
+    write_hf_dir(out_dir, cfg, params, model_type, files)
+    return cfg
+
+
+def write_hf_dir(
+    out_dir: str | Path, cfg: ModelConfig, params: Params, model_type: str | None = None, files: Any = ()
+) -> Path:
+    """Write config.json + model.safetensors (+ `files`) into a new directory, renamed into place last."""
     from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise InputError(f"{out_dir} already exists and is not empty")
-    tensors, hf = params_to_hf(cfg, params), config_to_hf(cfg)
+    model_type = model_type or default_model_type(cfg)
+    hf = config_to_hf(cfg, model_type)
+    tensors = to_hf_tensors(model_type, to_numpy_state_dict(cfg, params), cfg.tie_embeddings)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    (tmp / CONFIG_JSON).write_text(json.dumps(hf, indent=2) + "\n")
-    if out_dir.exists():
-        out_dir.rmdir()
-    tmp.rename(out_dir)
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / CONFIG_JSON).write_text(json.dumps(hf, indent=2) + "\n")
+        for file in files:
+            shutil.copy2(file, tmp / Path(file).name)
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-
-
-def import_hf(hf_dir: str | Path, out_dir: str | Path) -> ModelConfig:
-    """`jaxllm import-hf`: a Hugging Face GPT-2 directory -> a jaxllm params directory."""
-    cfg, params = read_hf_dir(hf_dir)
-    save_params(out_dir, cfg, params)
-    return cfg
-
-
-def export_hf(ckpt_dir: str | Path, out_dir: str | Path) -> ModelConfig:
-    """`jaxllm export-hf`: a jaxllm params directory -> a Hugging Face GPT-2 directory."""
-    cfg, params = load_params(ckpt_dir)
-    write_hf_dir(out_dir, cfg, params)
-    return cfg

@@ -13,7 +13,8 @@ Entry s of row b is the key/value of that row's token at position s, so rows adv
 independently: each token is written at its own position and attends to the entries at positions
 <= its own. Entries past a row's current position (right padding, or an earlier request's leftovers
 in a reused slot) are therefore never read, and must not be: a row's positions 0..p-1 must have
-been written before position p is computed.
+been written before position p is computed. With a `sliding_window` W, a token at position p reads
+only the entries at p - W + 1 .. p (the cache still holds every position).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 
 from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError
+from jaxllm.rope import scaled_inv_freq
 
 Params = dict[str, Any]
 
@@ -98,10 +100,14 @@ class Norm(nn.Module):
         return y.astype(self.cfg.dtype)
 
 
-def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding, half-split convention (as Hugging Face Llama)."""
+def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float, inv_freq_h: Any = None) -> jax.Array:
+    """Rotary position embedding, half-split convention (as Hugging Face Llama).
+
+    `inv_freq_h`: the inverse frequencies (head_dim / 2,), e.g. scaled (`jaxllm.rope`); default plain RoPE.
+    """
     half = x_BTNH.shape[-1] // 2
-    inv_freq_h = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) * 2 / x_BTNH.shape[-1])
+    if inv_freq_h is None:
+        inv_freq_h = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) * 2 / x_BTNH.shape[-1])
     angle_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq_h
     cos_BT1h, sin_BT1h = jnp.cos(angle_BTh)[:, :, None, :], jnp.sin(angle_BTh)[:, :, None, :]
     x = x_BTNH.astype(jnp.float32)
@@ -131,8 +137,11 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
     return tuple(KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.n_layers))
 
 
-def cached_attention(q_BTNH: jax.Array, cache: KVCache, positions_BT: jax.Array) -> jax.Array:
-    """Each query attends to the cache entries at positions <= its own.
+def cached_attention(
+    q_BTNH: jax.Array, cache: KVCache, positions_BT: jax.Array, sliding_window: int | None = None
+) -> jax.Array:
+    """Each query attends to the cache entries at positions <= its own (and, with a
+    `sliding_window` W, > its own - W).
 
     The G = N / K query heads of a group share their kv head without repeating the cache, and the
     matmuls take the cache as their left operand, contracting head_dim in place: on XLA's CPU
@@ -147,7 +156,11 @@ def cached_attention(q_BTNH: jax.Array, cache: KVCache, positions_BT: jax.Array)
     scores_BKSM = jax.lax.dot_general(
         cache.k_BKSH.astype(q_BTNH.dtype), q_BKMH, (((3,), (3,)), batch_dims), preferred_element_type=jnp.float32
     )
-    visible_B1S1T = (jnp.arange(s)[None, :, None] <= positions_BT[:, None, :])[:, None, :, None, :]
+    entries_1S1 = jnp.arange(s)[None, :, None]
+    visible_BS1T = entries_1S1 <= positions_BT[:, None, :]
+    if sliding_window is not None:
+        visible_BS1T = visible_BS1T & (entries_1S1 > positions_BT[:, None, :] - sliding_window)
+    visible_B1S1T = visible_BS1T[:, None, :, None, :]
     scores_BKSGT = jnp.where(visible_B1S1T, scores_BKSM.reshape(b, k, s, g, t) / math.sqrt(h), -jnp.inf)
     probs_BKSM = jax.nn.softmax(scores_BKSGT, axis=2).astype(q_BTNH.dtype).reshape(b, k, s, g * t)
     o_BKMH = jax.lax.dot_general(probs_BKSM, cache.v_BKSH.astype(q_BTNH.dtype), (((2,), (2,)), batch_dims))
@@ -172,26 +185,33 @@ class Attention(nn.Module):
         n, k, h = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
 
+        qkv_bias = cfg.use_bias or cfg.qkv_bias
+
         def proj(name: str, heads: int, head_axis: str) -> jax.Array:
-            return Dense(
-                (heads, h), ("embed", head_axis, "head_dim"), cfg.use_bias, cfg.dtype, cfg.init_std, name=name
-            )(x_BTD)
+            return Dense((heads, h), ("embed", head_axis, "head_dim"), qkv_bias, cfg.dtype, cfg.init_std, name=name)(
+                x_BTD
+            )
 
         q_BTNH = proj("query", n, "heads")
         k_BTKH = proj("key", k, "kv_heads")
         v_BTKH = proj("value", k, "kv_heads")
         if cfg.family == "llama":
-            q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_theta)
-            k_BTKH = rope(k_BTKH, positions_BT, cfg.rope_theta)
+            inv_freq_h = None if cfg.rope_scaling is None else jnp.asarray(scaled_inv_freq(cfg))
+            q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_theta, inv_freq_h)
+            k_BTKH = rope(k_BTKH, positions_BT, cfg.rope_theta, inv_freq_h)
         if cache is None:
-            o_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=cfg.attention)
+            # A window of W: each query sees itself and the W - 1 keys before it.
+            window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
+            o_BTNH = jax.nn.dot_product_attention(
+                q_BTNH, k_BTKH, v_BTKH, is_causal=True, local_window_size=window, implementation=cfg.attention
+            )
         else:
             rows_B1 = jnp.arange(x_BTD.shape[0])[:, None]
             cache = KVCache(  # index arrays around a slice: the update is laid out (B, T, K, H)
                 cache.k_BKSH.at[rows_B1, :, positions_BT].set(k_BTKH.astype(cache.k_BKSH.dtype), mode="drop"),
                 cache.v_BKSH.at[rows_B1, :, positions_BT].set(v_BTKH.astype(cache.v_BKSH.dtype), mode="drop"),
             )
-            o_BTNH = cached_attention(q_BTNH, cache, positions_BT)
+            o_BTNH = cached_attention(q_BTNH, cache, positions_BT, cfg.sliding_window)
         out_BTD = Dense(
             (cfg.d_model,), ("heads", "head_dim", "embed"), cfg.use_bias, cfg.dtype, out_std, n_in=2, name="out"
         )(o_BTNH)

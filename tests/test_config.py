@@ -122,3 +122,23 @@ def test_info_unknown_preset_exits_2_without_traceback():
     out = run_cli("info", "gpt5")
     assert out.returncode == 2
     assert "error: unknown preset 'gpt5'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_hf_family_fields_are_validated_and_round_trip_through_yaml(tmp_path):
+    advanced = ModelConfig.preset("advanced")
+    assert (advanced.qkv_bias, advanced.sliding_window, advanced.rope_scaling) == (False, None, None)
+    cfg = advanced.replace(
+        qkv_bias=True, sliding_window=4096,
+        rope_scaling={"type": "llama3", "factor": 8, "low_freq_factor": 1, "high_freq_factor": 4,
+                      "original_max_position_embeddings": 8192},
+    )  # fmt: skip
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"model": cfg.to_dict()}))
+    assert ModelConfig.from_yaml(tmp_path / "c.yaml") == cfg
+    assert hash(cfg) == hash(ModelConfig.from_yaml(tmp_path / "c.yaml"))  # a static jit argument
+    assert count_params(cfg) == count_params(advanced) + advanced.n_layers * (512 + 2 * 256)  # q, k, v biases
+    with pytest.raises(ConfigError, match="rope_scaling"):
+        advanced.replace(rope_scaling={"type": "yarn", "factor": 4.0})
+    with pytest.raises(ConfigError, match="qkv_bias applies to the llama family"):
+        ModelConfig.preset("mini").replace(qkv_bias=True)
+    with pytest.raises(ConfigError, match="sliding_window"):
+        advanced.replace(sliding_window=0)

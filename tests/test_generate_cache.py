@@ -25,6 +25,12 @@ TINY = {
     "llama-gqa": ModelConfig.preset("advanced").replace(
         vocab_size=101, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, context_length=48
     ),
+    # Mistral's window (shorter than the sequences), Qwen2's q/k/v biases and Llama 3.1 RoPE scaling.
+    "llama-window-bias-rope": ModelConfig.preset("advanced").replace(
+        vocab_size=101, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, context_length=48,
+        sliding_window=4, qkv_bias=True, rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    ),
 }
 PROMPTS = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3], [2], [7, 1, 8]]  # lengths 5, 11, 1, 3
 

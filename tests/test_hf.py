@@ -1,4 +1,7 @@
-"""Hugging Face GPT-2 interop: import-hf matches GPT2LMHeadModel's logits; export-hf is bit-exact."""
+"""Hugging Face GPT-2 interop: import-hf matches GPT2LMHeadModel's logits; export-hf is bit-exact.
+
+The Llama family (llama, qwen2, mistral) and the bad-input cases: test_hf_families.py.
+"""
 
 import json
 import subprocess
@@ -90,10 +93,8 @@ def test_export_then_import_is_bit_exact_and_loads_in_transformers(tmp_path):
     np.testing.assert_allclose(np.asarray(forward(cfg, params, tokens)), expected, atol=1e-4, rtol=0)
 
 
-def test_llama_family_cannot_be_exported_as_gpt2(tmp_path):
-    cfg = ModelConfig.preset("advanced").replace(
-        n_layers=1, vocab_size=64, d_model=64, n_heads=4, n_kv_heads=2, d_ff=64
-    )
+def test_grouped_query_gpt_cannot_be_exported_as_gpt2(tmp_path):
+    cfg = ModelConfig.preset("mini").replace(n_layers=1, vocab_size=64, d_model=64, n_heads=4, n_kv_heads=2, d_ff=64)
     save_params(tmp_path / "ckpt", cfg, init_params(cfg, 0))
     out = run_cli("export-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf"))
     assert out.returncode == 2 and "is not a GPT-2 architecture" in out.stderr
@@ -108,9 +109,9 @@ def test_import_hf_from_a_directory_without_weights_names_the_file(tmp_path):
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_non_gpt2_model_type_is_refused(tmp_path):
+def test_unsupported_model_type_is_refused(tmp_path):
     make_hf_gpt2(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
-    with pytest.raises(InputError, match="model_type 'llama' is not supported"):
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "model_type": "falcon"}))
+    with pytest.raises(InputError, match="model_type 'falcon' is not supported"):
         import_hf(tmp_path / "hf", tmp_path / "ckpt")

@@ -23,6 +23,17 @@ CONFIGS = {
     "advanced-2layer": ModelConfig.preset("advanced").replace(n_layers=2, vocab_size=2048, context_length=128),
     "gpt2-2layer": ModelConfig.preset("gpt2-124m").replace(n_layers=2, vocab_size=2048, context_length=128),
 }
+# Llama-family variants of Hugging Face families (small: the block structure is what matters).
+_SMALL_LLAMA = CONFIGS["advanced-2layer"].replace(d_model=128, n_heads=4, n_kv_heads=2, d_ff=256, init_std=0.1)
+CONFIGS |= {
+    "qkv-bias": _SMALL_LLAMA.replace(qkv_bias=True),  # Qwen2
+    "sliding-window": _SMALL_LLAMA.replace(sliding_window=16),  # Mistral; 128 tokens: the window matters
+    "rope-llama3": _SMALL_LLAMA.replace(
+        rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64}
+    ),
+    "rope-linear": _SMALL_LLAMA.replace(rope_scaling={"type": "linear", "factor": 4.0}),
+}
 
 
 def torch_logits(cfg, state_dict, tokens, device="cpu"):

@@ -7,7 +7,8 @@ S cache length.
 
 KV cache (as jaxllm's `forward_cached`): one `KVCache` per layer, kv heads only, entry s of row b
 holding that row's token at position s; tokens are written at their own positions (updated in
-place) and attend to the entries at positions <= their own, so rows advance independently.
+place) and attend to the entries at positions <= their own, so rows advance independently. With a
+`sliding_window` W, a query at position p attends to the keys at p - W + 1 .. p only (in both paths).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jaxllm.config import ModelConfig
+from jaxllm.rope import scaled_inv_freq
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -42,11 +44,17 @@ class Norm(nn.Module):
         return y.to(x.dtype)
 
 
-def rope(x_BNTH: torch.Tensor, positions_BT: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary position embedding, half-split convention (as Hugging Face Llama)."""
+def rope(
+    x_BNTH: torch.Tensor, positions_BT: torch.Tensor, theta: float, inv_freq: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rotary position embedding, half-split convention (as Hugging Face Llama).
+
+    `inv_freq`: the inverse frequencies (head_dim / 2,), e.g. scaled (`jaxllm.rope`); default plain RoPE.
+    """
     h = x_BNTH.shape[-1]
     half = h // 2
-    inv_freq = 1.0 / theta ** (torch.arange(half, dtype=torch.float32, device=x_BNTH.device) * 2 / h)
+    if inv_freq is None:
+        inv_freq = 1.0 / theta ** (torch.arange(half, dtype=torch.float32, device=x_BNTH.device) * 2 / h)
     angle_BTh = positions_BT.float()[..., None] * inv_freq
     cos, sin = angle_BTh.cos()[:, None], angle_BTh.sin()[:, None]  # (B, 1, T, h)
     x = x_BNTH.float()
@@ -76,10 +84,12 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         n, k, h, d = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head, cfg.d_model
-        self.query = nn.Linear(d, n * h, bias=cfg.use_bias)
-        self.key = nn.Linear(d, k * h, bias=cfg.use_bias)
-        self.value = nn.Linear(d, k * h, bias=cfg.use_bias)
+        qkv_bias = cfg.use_bias or cfg.qkv_bias
+        self.query = nn.Linear(d, n * h, bias=qkv_bias)
+        self.key = nn.Linear(d, k * h, bias=qkv_bias)
+        self.value = nn.Linear(d, k * h, bias=qkv_bias)
         self.out = nn.Linear(n * h, d, bias=cfg.use_bias)
+        self.inv_freq = None if cfg.rope_scaling is None else torch.from_numpy(scaled_inv_freq(cfg))
 
     def forward(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         cfg = self.cfg
@@ -88,18 +98,30 @@ class Attention(nn.Module):
         k_BKTH = self.key(x_BTD).view(b, t, cfg.kv_heads, -1).transpose(1, 2)
         v_BKTH = self.value(x_BTD).view(b, t, cfg.kv_heads, -1).transpose(1, 2)
         if cfg.family == "llama":
-            q_BNTH = rope(q_BNTH, positions_BT, cfg.rope_theta)
-            k_BKTH = rope(k_BKTH, positions_BT, cfg.rope_theta)
-        if cache is None:
+            inv_freq = None if self.inv_freq is None else self.inv_freq.to(x_BTD.device)
+            q_BNTH = rope(q_BNTH, positions_BT, cfg.rope_theta, inv_freq)
+            k_BKTH = rope(k_BKTH, positions_BT, cfg.rope_theta, inv_freq)
+        if cache is None and cfg.sliding_window is None:
             o_BNTH = F.scaled_dot_product_attention(
                 q_BNTH, k_BKTH, v_BKTH, is_causal=True, enable_gqa=cfg.kv_heads != cfg.n_heads
+            )
+        elif cache is None:  # causal, and each query sees only the sliding_window - 1 keys before it
+            i_T = torch.arange(t, device=x_BTD.device)
+            distance_TT = i_T[:, None] - i_T[None, :]
+            mask_TT = (distance_TT >= 0) & (distance_TT < cfg.sliding_window)
+            o_BNTH = F.scaled_dot_product_attention(
+                q_BNTH, k_BKTH, v_BKTH, attn_mask=mask_TT, enable_gqa=cfg.kv_heads != cfg.n_heads
             )
         else:
             rows_B1 = torch.arange(b, device=x_BTD.device)[:, None]
             cache.k_BKSH[rows_B1, :, positions_BT] = k_BKTH.transpose(1, 2).to(cache.k_BKSH.dtype)
             cache.v_BKSH[rows_B1, :, positions_BT] = v_BKTH.transpose(1, 2).to(cache.v_BKSH.dtype)
             s = cache.k_BKSH.shape[2]
-            mask_B1TS = (torch.arange(s, device=x_BTD.device) <= positions_BT[:, :, None])[:, None]
+            entries_S = torch.arange(s, device=x_BTD.device)
+            mask_BTS = entries_S <= positions_BT[:, :, None]
+            if cfg.sliding_window is not None:
+                mask_BTS = mask_BTS & (entries_S > positions_BT[:, :, None] - cfg.sliding_window)
+            mask_B1TS = mask_BTS[:, None]
             o_BNTH = F.scaled_dot_product_attention(
                 q_BNTH,
                 cache.k_BKSH.to(q_BNTH.dtype),
