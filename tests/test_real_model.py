@@ -53,19 +53,45 @@ def test_imported_config_is_smollm2(imported):
         assert (out / name).is_file(), name
 
 
-def test_logits_equal_transformers(imported, reference):
+# XLA's CPU backend runs float32 matmuls through YNNPACK by default; its accumulation differs from
+# PyTorch's enough that over SmolLM2's 30 layers jaxllm's logits sit 1.2e-4 from a float64 reference
+# where transformers' float32 sits 6.0e-5 (torch_ref equals transformers bit for bit). With YNNPACK's
+# dot fusions off (XLA_FLAGS below) jaxllm is within 5e-5 of torch: the model itself is exact.
+STRICT_DOTS = "--xla_cpu_experimental_ynn_fusion_type="
+LOGITS_SCRIPT = """
+import sys, numpy as np, jaxllm
+cfg, params = jaxllm.load_params(sys.argv[1])
+ids = np.load(sys.argv[2])
+np.save(sys.argv[3], np.asarray(jaxllm.forward(cfg, params, ids[None]))[0])
+"""
+
+
+def test_logits_equal_transformers(imported, reference, tmp_path):
+    import os
+    import subprocess
+    import sys
+
     import torch
 
     from jaxllm import forward
 
-    _, cfg, params = imported
+    out, cfg, params = imported
     model, tok = reference
-    ids = chat_ids(tok, QUESTION) + tok("The capital of France is")["input_ids"]
-    with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0].numpy()
-    got = np.asarray(forward(cfg, params, np.array([ids], np.int32)))[0]
-    assert np.max(np.abs(got - want)) <= 1e-4
-    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-5
+    plain = tok("The capital of France is Paris. The capital of Germany is Berlin. The capital of")["input_ids"]
+    for ids in (plain, chat_ids(tok, QUESTION)):
+        with torch.no_grad():
+            want = model(torch.tensor([ids])).logits[0].numpy()
+        np.save(tmp_path / "ids.npy", np.array(ids, np.int32))
+        env = {**os.environ, "XLA_FLAGS": STRICT_DOTS}
+        subprocess.run([sys.executable, "-c", LOGITS_SCRIPT, str(out), str(tmp_path / "ids.npy"),
+                        str(tmp_path / "got.npy")], env=env, check=True, timeout=300)  # fmt: skip
+        strict = np.load(tmp_path / "got.npy")
+        assert np.max(np.abs(strict - want)) <= 1e-4, len(ids)
+        default = np.asarray(forward(cfg, params, np.array([ids], np.int32)))[0]  # YNNPACK dots
+        assert np.max(np.abs(default - want)) <= 2e-4, len(ids)
+        for got in (strict, default):
+            assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-5
+            assert np.array_equal(got.argmax(-1), want.argmax(-1))
 
 
 def test_codec_renders_the_chat_as_transformers_does(imported, reference):
