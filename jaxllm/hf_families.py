@@ -231,6 +231,9 @@ def _rope(hf: dict[str, Any]) -> dict[str, Any]:
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if not isinstance(params, dict):
         raise InputError(f"{CONFIG_JSON}: rope_parameters must be an object, got {params!r}")
+    nested = [key for key, value in params.items() if isinstance(value, dict)]
+    if nested:
+        raise InputError(f"{CONFIG_JSON}: per-layer-type rope_parameters ({', '.join(nested)}) are not supported")
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
