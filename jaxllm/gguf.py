@@ -8,7 +8,7 @@ for `LlamaForCausalLM`, the weights under transformers' names as float32 (dequan
 `jaxllm.hf.import_checkpoint`, the one writer of jaxllm params directories.
 
 The results follow what `transformers` does with `from_pretrained(dir, gguf_file=name)`: the same
-tensors, the same token ids. See docs/gguf.md.
+tensors, the same token ids. See docs/models.md ("GGUF files").
 """
 
 from __future__ import annotations
