@@ -170,14 +170,15 @@ def hf_llama(cfg: ModelConfig):
     return transformers.LlamaForCausalLM(hf_cfg).eval()
 
 
-def hf_runner(model, prompts: np.ndarray) -> Callable[[int], Callable[[], object]]:
-    input_ids = torch.from_numpy(prompts)
+def hf_runner(model, prompts: np.ndarray, device: str = "cpu") -> Callable[[int], Callable[[], object]]:
+    """`make(n)`: a call of transformers' greedy `generate` for exactly n new tokens (synchronised on CUDA)."""
+    input_ids = torch.from_numpy(prompts).to(device)
     mask = torch.ones_like(input_ids)
 
     def make(n: int) -> Callable[[], object]:
         def run() -> object:
             with torch.inference_mode():
-                return model.generate(
+                out = model.generate(
                     input_ids,
                     attention_mask=mask,
                     max_new_tokens=n,
@@ -186,6 +187,9 @@ def hf_runner(model, prompts: np.ndarray) -> Callable[[int], Callable[[], object
                     pad_token_id=0,
                     eos_token_id=None,
                 )
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
 
         return run
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check, as one prepared script: CUDA parity tests, the parity benchmark on CUDA, and the
+# The GPU check, as one prepared script: CUDA parity tests, the parity benchmark on CUDA, SmolLM2-135M's
+# shape (random weights: parity at highest precision, bfloat16 decode vs transformers), and the
 # speed suite (mini, advanced, gpt2-124m; bfloat16, cuDNN attention). Results go under $OUT (the
 # device tool's folder; default benchmarks/results/gpu_suite), a short table is printed last.
 #
@@ -43,6 +44,7 @@ if "$PY" -c "import jax, torch, sys; sys.exit(not (torch.cuda.is_available() and
   "$PY" -c "import jax, torch; print('GPU:', torch.cuda.get_device_name(0), '| jax', jax.__version__, jax.devices()[0].device_kind, '| torch', torch.__version__)"
   stage cuda_tests 150 "${CUDA_TESTS[@]}"
   stage parity 120 "$PY" -m benchmarks.parity --devices cuda --steps 3 --out "$OUT"
+  stage real_model 90 "$PY" -m benchmarks.real_model --random --device cuda --dtype bfloat16 --reps 3 --out "$OUT"
   # The speed suite gets what is left of 450 s (at least 120): every figure is saved as it is measured.
   left=$((450 - (SECONDS - start))); [ "$left" -ge 120 ] || left=120
   stage speed "$left" "$PY" -m benchmarks.speed --device cuda --presets gpt2-124m advanced mini --reps 5 --out "$OUT"
@@ -51,6 +53,7 @@ else
   echo "no GPU seen by both torch and JAX: the CPU run of the same stages (small)"
   stage cuda_tests 150 "${CUDA_TESTS[@]}" -rs
   stage parity 120 "$PY" -m benchmarks.parity --devices cpu --presets mini --steps 3 --out "$OUT"
+  stage real_model 120 "$PY" -m benchmarks.real_model --random --quick --batches 1
   stage speed 300 "$PY" -m benchmarks.speed --quick --presets mini --decode-batches 1 --out "$OUT"
   SPEED_MD="$OUT/speed.md"
 fi
@@ -59,6 +62,7 @@ echo
 echo "== summary ($((SECONDS - start))s in all; files in $OUT)"
 grep -h -E "passed|failed|skipped|error" "$OUT/cuda_tests.log" | tail -1
 [ -f "$OUT/parity.md" ] && grep "^|" "$OUT/parity.md" | cut -d'|' -f2-4,8-10
+grep -h -E "^logits vs|^batch" "$OUT/real_model.log"
 if [ -f "$SPEED_MD" ]; then
   sed -n '/^## Training step/,/^## Forward/p' "$SPEED_MD" | grep "^|" | cut -d'|' -f2,4-8
   sed -n '/^## Goals/,$p' "$SPEED_MD" | grep "^-"

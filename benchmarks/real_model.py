@@ -2,6 +2,11 @@
 
     python -m benchmarks.real_model            # import time, logits parity, decode at batch 1 and 8
     python -m benchmarks.real_model --quick    # a smoke run (no files written)
+    python -m benchmarks.real_model --random --device cuda --dtype bfloat16 --out DIR   # the GPU suite's stage
+
+`--random`: SmolLM2-135M's exact shape with random weights (for the GPU machine, which the GGUF file
+cannot reach): transformers gets the same weights through `jaxllm export-hf`'s writer; parity is
+measured at `highest` matmul precision (no TF32), decode in `--dtype`.
 
 - Import: `jaxllm import-gguf` (read, dequantize, write a params directory) and transformers'
   `from_pretrained(gguf_file=...)`, each timed once, as a whole.
@@ -36,6 +41,12 @@ from benchmarks.machine import describe, machine_info, write_results
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTION = "What is the capital of France?"
+# SmolLM2-135M's config.json (LlamaForCausalLM), for --random.
+SMOLLM2_CONFIG = {
+    "model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+    "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+    "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": True,
+}  # fmt: skip
 
 
 def gguf_dir() -> Path:
@@ -60,21 +71,13 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    jaxllm.keep_freed_host_memory()  # an entry point that runs XLA on the CPU: before its first JAX work
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per figure (median reported)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 repetitions, 8 new tokens, no files")
-    args = parser.parse_args()
-    reps, new = (2, 8) if args.quick else (args.reps, args.new_tokens)
+def load_real(info: dict) -> tuple:
+    """(cfg, params, transformers model, prompt ids, run facts) from the pip-installed GGUF file."""
     import transformers
 
     from jaxllm.gguf import import_gguf
     from jaxllm.text import load_codec
 
-    info = machine_info(("jax", "jaxlib", "flax", "torch", "transformers", "gguf", "numpy"))
     d = gguf_dir()
     with tempfile.TemporaryDirectory() as tmp:
         ck = Path(tmp) / "smollm2"
@@ -83,12 +86,49 @@ def main() -> None:
         codec = load_codec(ck, cfg.vocab_size)
     start = time.perf_counter()
     hf = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF_NAME, dtype=torch.float32).eval()
-    hf_import_s = time.perf_counter() - start
+    facts = {"import_s": import_s, "transformers_load_s": time.perf_counter() - start, "weights": "GGUF Q4_1"}
+    return cfg, params, hf, codec.encode_chat([{"role": "user", "content": QUESTION}]), facts
 
-    ids = codec.encode_chat([{"role": "user", "content": QUESTION}])
+
+def load_random() -> tuple:
+    """SmolLM2-135M's shape with random weights, the same in jaxllm and transformers."""
+    import transformers
+
+    from jaxllm.hf import write_hf_dir
+    from jaxllm.hf_families import config_from_hf
+
+    cfg, _ = config_from_hf(SMOLLM2_CONFIG, name="smollm2-135m-random")
+    params = jaxllm.init_params(cfg, 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_hf_dir(Path(tmp) / "hf", cfg, params)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.float32).eval()
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, 36).tolist()
+    return cfg, params, hf, ids, {"weights": "random (seed 0)"}
+
+
+def main() -> None:
+    jaxllm.keep_freed_host_memory()  # an entry point that runs XLA on the CPU: before its first JAX work
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per figure (median reported)")
+    parser.add_argument("--random", action="store_true", help="SmolLM2's shape, random weights (no GGUF needed)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="decode compute dtype")
+    parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 repetitions, 8 new tokens, no files")
+    args = parser.parse_args()
+    reps, new = (2, 8) if args.quick else (args.reps, args.new_tokens)
+    info = machine_info(("jax", "jaxlib", "flax", "torch", "transformers", "gguf", "numpy"))
+    cfg, params, hf, ids, facts = load_random() if args.random else load_real(info)
+    hf = hf.to(args.device)
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # parity at full float32 precision
+
     with torch.no_grad():
-        want = hf(torch.tensor([ids])).logits[0].numpy()
-    got = np.asarray(jaxllm.forward(cfg, params, np.array([ids], np.int32)))[0]
+        want = hf(torch.tensor([ids], device=args.device)).logits[0].float().cpu().numpy()
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(jaxllm.forward(cfg, params, np.array([ids], np.int32)))[0]
     parity = {
         "tokens": len(ids),
         "max_abs": float(np.max(np.abs(got - want))),
@@ -99,14 +139,19 @@ def main() -> None:
 
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     bandwidth = memory_bandwidth()
+    run_cfg = cfg.replace(dtype=args.dtype)
+    if args.dtype == "bfloat16":
+        hf = hf.to(torch.bfloat16)
     rows = []
     for batch in args.batches:
         prompts = [ids] * batch
         runners = {
-            "jaxllm": lambda n, p=prompts: lambda: jaxllm.generate(cfg, params, p, max_new_tokens=n),
-            "transformers": hf_runner(hf, np.array(prompts)),
+            "jaxllm": lambda n, p=prompts: lambda: jax.block_until_ready(
+                jaxllm.generate(run_cfg, params, p, max_new_tokens=n)
+            ),
+            "transformers": hf_runner(hf, np.array(prompts), args.device),
         }
-        for name, r in decode_rates(runners, batch, new, reps).items():
+        for name, r in decode_rates(runners, batch, new, reps, quiet=args.device == "cpu").items():
             steps = r["tokens_per_s"] / batch
             row = {"batch": batch, "impl": name, "prompt": len(ids), "new_tokens": new, **r,
                    "roofline_fraction": steps * weight_bytes / bandwidth}  # fmt: skip
@@ -114,34 +159,38 @@ def main() -> None:
             print(f"batch {batch:2d} {name:13s} {r['tokens_per_s']:8.1f} tokens/s "
                   f"({row['roofline_fraction']:.0%} of the memory roofline)", flush=True)  # fmt: skip
     run = {"load_average_at_end": round(os.getloadavg()[0], 2), "memory_bandwidth_gb_s": bandwidth / 1e9,
-           "weight_bytes": weight_bytes, "import_s": import_s, "transformers_load_s": hf_import_s}  # fmt: skip
+           "weight_bytes": weight_bytes, "device": args.device, "dtype": args.dtype, **facts}  # fmt: skip
     if args.quick:
         return
+    name = "real_model" if args.device == "cpu" and not args.random else f"real_model_{args.device}"
     md = markdown(rows, parity, info, run, reps)
-    write_results("real_model", {"machine": info, "run": run, "parity": parity, "reps": reps, "rows": rows}, md)
+    data = {"machine": info, "run": run, "parity": parity, "reps": reps, "rows": rows}
+    write_results(name, data, md, **({"out_dir": args.out} if args.out else {}))
     print(md)
 
 
 def markdown(rows: list[dict], parity: dict, info: dict, run: dict, reps: int) -> str:
     lines = [
-        "# A real model: SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32)",
+        f"# A real model's shape: SmolLM2-135M-Instruct ({run['weights']}), {run['device']}",
         "",
-        "Command: `python -m benchmarks.real_model`.",
+        "Command: `python -m benchmarks.real_model`" + (" (custom arguments)." if run["device"] != "cpu" else "."),
         "",
         f"Machine: {describe(info)}, {run['load_average_at_end']:.2f} at end (1-minute averages). The cores are "
         f"shared with other work: a timing during which other processes used more than 5% of a core was "
         f"discarded and repeated ({sum(r['timings_discarded_for_load'] for r in rows)} discarded in this run).",
         "",
-        f"- Import: `jaxllm import-gguf` {run['import_s']:.1f} s (read, dequantize, write the params directory); "
-        f"transformers `from_pretrained(gguf_file=...)` {run['transformers_load_s']:.1f} s.",
-        f"- Logits of a {parity['tokens']}-token chat prompt vs transformers (float32): max |Δ| "
+        (f"- Import: `jaxllm import-gguf` {run['import_s']:.1f} s (read, dequantize, write the params directory); "
+         f"transformers `from_pretrained(gguf_file=...)` {run['transformers_load_s']:.1f} s." if "import_s" in run
+         else "- Random weights of SmolLM2's shape; transformers gets them through `jaxllm export-hf`'s writer."),
+        f"- Logits of a {parity['tokens']}-token prompt vs transformers (float32, `highest` precision): max |Δ| "
         f"{parity['max_abs']:.2e}, relative L2 {parity['rel_l2']:.2e}, same argmax at every position: "
         f"{'yes' if parity['same_argmax'] else 'no'}.",
         f"- Memory roofline: {run['weight_bytes'] / 1e6:.0f} MB of float32 weights read per decode step; memory "
         f"bandwidth {run['memory_bandwidth_gb_s']:.1f} GB/s (a jitted JAX sum over 512 MB, this run), so batch-1 "
         f"decode is bounded near {run['memory_bandwidth_gb_s'] * 1e9 / run['weight_bytes']:.0f} steps/s.",
         "",
-        f"Greedy decode, float32, end tokens ignored; tokens/s = batch × (N−1) / (t(N) − t(1)), medians of {reps}.",
+        f"Greedy decode, {run['dtype']}, end tokens ignored; tokens/s = batch × (N−1) / (t(N) − t(1)), "
+        f"medians of {reps}.",
         "",
         "| batch | prompt | new tokens | implementation | decode tokens/s | vs transformers | roofline |",
         "|---:|---:|---:|---|---:|---:|---:|",
