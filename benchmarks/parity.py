@@ -25,8 +25,7 @@ from jaxllm import ModelConfig, forward, init_params, to_torch_state_dict
 from jaxllm.config import Config, TrainConfig
 from jaxllm.optim import make_optimizer
 from jaxllm.train_step import init_state, train_step
-from torch_ref.run import Dist
-from torch_ref.train import PlainTrainer
+from torch_ref.trainer import Dist, PlainTrainer
 
 REDUCED = {  # CPU: reduced depth and vocabulary; the rest is the preset's
     "mini": {},

@@ -19,8 +19,9 @@ child process with glibc's default malloc (`JAXLLM_MALLOC=system`), which is wha
 slower than PyTorch's before `jaxllm/host_memory.py`.
 
 MFU = training FLOPs per token (`jaxllm.flops_per_token`, PaLM-style) x tokens/s / peak. The peak
-is, on the CPU, the faster of a 1024^3 float32 matmul in JAX and in PyTorch measured in this run
-(one denominator for every row); on a GPU the datasheet bfloat16 peak. Warm-up calls (compilation
+is the training loops' (`jaxllm.peak`): on the CPU the machine's float32 matmul figure, the best of
+numpy, PyTorch and JAX, measured once and cached (one denominator for every row, and the same as in
+run directories); on a GPU the datasheet bfloat16 peak. Warm-up calls (compilation
 included) are not timed; each figure is the median of `--reps` timings taken in turn across the
 implementations, with min and max as the spread. On the CPU a timing during which other processes
 kept a core more than 5% busy is discarded and repeated (`benchmarks.decode_speed.quiet_timing`).
@@ -40,7 +41,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,11 +59,10 @@ from benchmarks.decode_speed import decode_rates, interleaved_timings
 from benchmarks.machine import RESULTS, describe, machine_info, write_results
 from jaxllm.config import Config, flops_per_token
 from jaxllm.host_memory import ENV as MALLOC_ENV
-from jaxllm.metrics import datasheet_peak, measure_matmul_flops
 from jaxllm.optim import make_optimizer
+from jaxllm.peak import cached_cpu_rates, cpu_peak_flops, datasheet_peak
 from jaxllm.train_step import init_state, train_step
-from torch_ref.run import Dist, set_numerics
-from torch_ref.train import PlainTrainer
+from torch_ref.trainer import Dist, PlainTrainer, set_numerics
 
 JAX, EAGER, COMPILED = "jaxllm", "torch_ref eager", "torch_ref + torch.compile"
 SYSTEM_MALLOC = "jaxllm, glibc default malloc"
@@ -275,28 +274,11 @@ def print_row(preset: str, what: str, values: dict[str, float]) -> None:
 # Peak and results ----------------------------------------------------------------------------------
 
 
-def cpu_matmul_peaks(n: int = 1024, reps: int = 10) -> dict[str, float]:
-    """Best-of-`reps` float32 FLOP/s of an n^3 matmul in JAX (`jaxllm.metrics.measure_matmul_flops`,
-    what the training loop's MFU uses) and in PyTorch on this CPU, calls back to back."""
-    a = torch.from_numpy(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
-    for _ in range(3):
-        a @ a
-    seconds = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        a @ a
-        seconds.append(time.perf_counter() - start)
-    return {"jax": measure_matmul_flops(n, reps), "torch": 2 * n**3 / min(seconds)}
-
-
 def peak(device: str, dtype: str) -> tuple[float, str, dict]:
+    """The MFU peak as the training loops take it (`jaxllm.peak`), its source, the CPU rates behind it."""
     if device == "cpu":
-        measured = cpu_matmul_peaks()
-        source = (
-            f"float32 1024^3 matmul measured in this run: JAX {measured['jax'] / 1e9:.0f} GFLOP/s, "
-            f"PyTorch {measured['torch'] / 1e9:.0f} GFLOP/s; the faster is the peak"
-        )
-        return max(measured.values()), source, measured
+        value, source = cpu_peak_flops()
+        return value, source, cached_cpu_rates()
     kind = torch.cuda.get_device_name(0)
     value = datasheet_peak(kind, dtype, "default") or float("nan")
     return value, f"datasheet {dtype} dense peak of {kind}", {}

@@ -38,9 +38,9 @@ import torch
 from jaxllm.config import Config
 from jaxllm.data.preprocess import preprocess
 from jaxllm.model import init_params
+from jaxllm.parity import RunComparison, compare_runs
 from jaxllm.torch_io import save_torch
 from jaxllm.train import train as jax_train
-from torch_ref.parity import RunComparison, compare_runs
 from torch_ref.train import train as torch_train
 
 RESULTS = Path(__file__).parent / "results"

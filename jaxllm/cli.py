@@ -188,15 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--glob", default="*", metavar="PATTERN", help="names of files to take in directories (default *)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in DATA_DIR")
     p = command("train", cmd_train, "train a model on a preprocessed dataset (sharded over all devices)")
-    p.add_argument("--config", required=True, help="a preset name or YAML config (model/data/train/mesh sections)")
-    p.add_argument("--data", help="DATA_DIR from `jaxllm preprocess` (sets data.path)")
-    p.add_argument("--out", help="run directory (default: runs/MODEL_NAME)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from jaxllm.loop import add_overrides, add_run_flags  # the flags torch_ref's training commands share
+
+    add_run_flags(p, sections="model/data/train/mesh", default_out="runs/MODEL_NAME")
     p.add_argument("--coordinator", help="multi-host: coordinator HOST:PORT (or JAX_COORDINATOR_ADDRESS)")
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes (or JAX_NUM_PROCESSES)")
     p.add_argument("--process-id", type=int, help="multi-host: this process's id (or JAX_PROCESS_ID)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.steps=200")
+    add_overrides(p)
 
     p = command("generate", cmd_generate, "sample text from a checkpoint, streaming it; prints tokens/s at the end")
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="params directory (config.yaml, params/)")

@@ -1,6 +1,7 @@
-"""Training metrics at the edge: MFU peaks, metrics.jsonl, TensorBoard (when installed), loss-curve PNG.
+"""Training metrics at the edge: step rates and MFU, metrics.jsonl, TensorBoard (when installed), loss-curve PNG.
 
-Only process 0 writes; every other process gets a logger that does nothing.
+Framework-free (the peaks are `jaxllm.peak`'s). Only process 0 writes; every other process gets a logger
+that does nothing.
 """
 
 from __future__ import annotations
@@ -11,75 +12,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-
-# Dense per-device peak FLOP/s by device kind substring: (bfloat16, tf32, float32).
-PEAK_FLOPS = {
-    "H200": (989e12, 495e12, 67e12),
-    "H100": (989e12, 495e12, 67e12),
-    "A100": (312e12, 156e12, 19.5e12),
-    "L40S": (362e12, 183e12, 91.6e12),
-    "L4": (121e12, 60e12, 30.3e12),
-    "A10": (125e12, 62.5e12, 31.2e12),
-    "V100": (125e12, 15.7e12, 15.7e12),
-    "TPU v5p": (459e12, 459e12, 459e12),
-    "TPU v5": (197e12, 197e12, 197e12),
-    "TPU v4": (275e12, 275e12, 275e12),
-}
-
-
-def measure_matmul_flops(n: int = 1024, reps: int = 5) -> float:
-    """Best-of-`reps` float32 FLOP/s of an n x n matmul on the default device (the CPU "peak")."""
-    a = jnp.ones((n, n), jnp.float32)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
-def peak_flops(dtype: str, matmul_precision: str, override_per_device: float | None = None) -> tuple[float, str]:
-    """Total peak FLOP/s of all devices in the run, and where the figure comes from.
-
-    GPUs/TPUs: the table above times the device count (bf16, else tf32 unless `highest`, else fp32).
-    CPU: a matmul measured now, once for the whole machine (simulated devices share its cores).
-    """
-    devices = jax.devices()
-    if override_per_device:
-        return override_per_device * len(devices), "train.peak_flops"
-    kind = devices[0].device_kind
-    if devices[0].platform == "cpu":
-        return measure_matmul_flops(), "measured float32 matmul on this CPU"
-    per = datasheet_peak(kind, dtype, matmul_precision)
-    if per is not None:
-        return per * len(devices), f"datasheet peak of {kind}"
-    return float("nan"), f"unknown device {kind!r}: set train.peak_flops"
-
-
-def datasheet_peak(kind: str, dtype: str, matmul_precision: str) -> float | None:
-    """One device's peak from the table (bf16, else tf32 unless `highest`, else fp32); None if unknown.
-
-    Shared with torch_ref, which names its devices the same way (e.g. "NVIDIA H100 80GB HBM3").
-    """
-    for name, (bf16, tf32, fp32) in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return bf16 if dtype == "bfloat16" else (fp32 if matmul_precision == "highest" else tf32)
-    return None
+from jaxllm.peak import mfu_warning
 
 
 class StepClock:
     """Throughput between log rows: step time, tokens/s and MFU, shared by jaxllm and torch_ref loops.
 
     The first step (compilation, warm-up) is not timed; `pause()` after evaluation or checkpointing
-    restarts the clock, so neither counts as step time.
+    restarts the clock, so neither counts as step time. The first MFU above `jaxllm.peak.MFU_WARN`
+    prints a warning naming the peak's source (when `warn`).
     """
 
-    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float):
+    def __init__(
+        self, tokens_per_step: int, flops_per_token: float, peak_flops: float, peak_source: str = "", warn: bool = True
+    ):
         self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak_flops
+        self.peak_source, self._warn = peak_source, warn
         self._mark: float | None = None
         self._steps = 0
 
@@ -99,11 +47,12 @@ class StepClock:
         step_time = (time.perf_counter() - self._mark) / self._steps
         tokens_per_s = self.tokens_per_step / step_time
         self.pause()
-        return {
-            "step_time_s": step_time,
-            "tokens_per_s": tokens_per_s,
-            "mfu": tokens_per_s * self.flops_per_token / self.peak,
-        }
+        mfu = tokens_per_s * self.flops_per_token / self.peak
+        warning = mfu_warning(mfu, self.peak, self.peak_source) if self._warn else None
+        if warning:
+            print(warning, flush=True)
+            self._warn = False
+        return {"step_time_s": step_time, "tokens_per_s": tokens_per_s, "mfu": mfu}
 
 
 class MetricsLogger:

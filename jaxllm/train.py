@@ -3,13 +3,8 @@
 This is the edge around the pure `train_step`: it builds the mesh and shardings, places state and
 batches, runs the jitted step, logs, evaluates, checkpoints with orbax, and writes `final/`.
 
-Run directory layout::
-
-    RUN/config.yaml        the resolved config
-    RUN/metrics.jsonl      one JSON object per logged step ({"step", "loss", ...}; eval rows {"step", "eval_loss"})
-    RUN/checkpoints/N/     orbax CheckpointManager: train state, data-loader state, config
-    RUN/final/             params for generate/serve (`jaxllm.load_params`), with tokenizer.json
-    RUN/loss_curve.png
+The run directory, the loop's cadence and its logging are `jaxllm/loop.py`'s, shared with torch_ref;
+here `RUN/checkpoints/N/` is an orbax CheckpointManager step (train state, data-loader state).
 """
 
 from __future__ import annotations
@@ -23,33 +18,35 @@ from typing import Any
 import jax
 import optax
 import orbax.checkpoint as ocp
-import yaml
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from jaxllm.checkpoint import save_params
-from jaxllm.config import Config, flops_per_token
-from jaxllm.data.loader import check_data_matches_model, make_loader
-from jaxllm.errors import ConfigError, InputError, JaxllmError
-from jaxllm.metrics import MetricsLogger, StepClock, peak_flops, plot_loss_curve
+from jaxllm.config import Config
+from jaxllm.data.loader import make_loader
+from jaxllm.loop import (
+    RunResult,
+    StepOutput,
+    TrainingError,
+    check_run,
+    eval_checked,
+    mean_eval_loss,
+    run_loop,
+    start_run,
+)
+from jaxllm.metrics import plot_loss_curve
 from jaxllm.model import abstract_params, init_params
 from jaxllm.optim import make_optimizer
+from jaxllm.peak import run_peak_flops
 from jaxllm.sharding import batch_sharding, make_mesh, param_shardings, replicated, tracing_on
 from jaxllm.train_step import eval_step, init_state, train_step
 
-
-class TrainingError(JaxllmError):
-    """Training stopped on purpose (a non-finite loss or gradient)."""
+__all__ = ["TrainResult", "TrainingError", "train"]
 
 
 @dataclass
-class TrainResult:
-    run_dir: Path
-    final_dir: Path
-    start_step: int
-    end_step: int
-    last_loss: float
-    param_shardings: Any  # the sharding each parameter had during training
+class TrainResult(RunResult):
+    param_shardings: Any = None  # the sharding each parameter had during training
 
 
 def state_shardings(config: Config, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> dict:
@@ -98,19 +95,18 @@ def train(
     `devices`: the devices of the mesh (default: all of them).
     """
     mcfg, tcfg = config.model, config.train
-    if not config.data.path:
-        raise ConfigError("no training data: pass --data DATA_DIR (from `jaxllm preprocess`) or set data.path")
+    run_dir = check_run(config, run_dir, resume)
     data_dir = Path(config.data.path)
-    check_data_matches_model(data_dir, mcfg)
-    run_dir = Path(run_dir).absolute()
-    ckpt_dir = run_dir / "checkpoints"
-    if not resume and (ckpt_dir.exists() or (run_dir / "final").exists()):
-        raise InputError(f"{run_dir} already holds a run: pass --resume to continue it, or --out for a new run")
     if jax.process_count() > 1:  # every process has looked at run_dir before process 0 writes to it
         multihost_utils.sync_global_devices("jaxllm: run directory checked")
     is_main = jax.process_index() == 0
-
     mesh = make_mesh(config.mesh, devices)
+    device = mesh.devices.flat[0]
+    # Before anything else starts (on a CPU the figure is measured once per machine, then cached).
+    kind, precision = device.device_kind, tcfg.matmul_precision
+    nan = (float("nan"), "")
+    peak = run_peak_flops(device.platform, kind, mesh.size, mcfg.dtype, precision, tcfg.peak_flops) if is_main else nan
+
     optimizer = make_optimizer(tcfg)
     step_fn, state_sh, batch_sh = sharded_train_step(config, mesh, optimizer)
     rep = replicated(mesh)
@@ -118,11 +114,10 @@ def train(
     eval_fn = jax.jit(partial(eval_step, mcfg), in_shardings=(state_sh["params"], batch_sh), out_shardings=rep)
 
     loader = make_loader(data_dir, "train", mcfg.context_length, tcfg.batch_size, tcfg.seed, sharding=batch_sh)
-    if tcfg.eval_every and not _val_has_a_batch(config, batch_sh):
-        tcfg = tcfg.model_copy(update={"eval_every": 0})
-        config = config.model_copy(update={"train": tcfg})
+    config = eval_checked(config, lambda: _val_loader(config, batch_sh), is_main)
+    tcfg = config.train
     manager = ocp.CheckpointManager(
-        ckpt_dir,
+        run_dir / "checkpoints",
         options=ocp.CheckpointManagerOptions(max_to_keep=tcfg.keep_checkpoints, enable_async_checkpointing=True),
     )
     start = manager.latest_step() if resume else None
@@ -140,19 +135,18 @@ def train(
         else:
             state = init_fn()
         start = start or 0
-        if is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        logger = MetricsLogger(run_dir, enabled=is_main, truncate_after_step=start)
-        peak, _ = peak_flops(mcfg.dtype, tcfg.matmul_precision, tcfg.peak_flops)
+        logger = start_run(run_dir, config, peak, start=start, is_main=is_main)
+        loop = _Loop(config, state, step_fn, eval_fn, loader, batch_sh, manager)
         try:
-            state, last_loss = _loop(
-                config, state, start, step_fn, eval_fn, loader, batch_sh, manager, logger, progress, peak
-            )
+            last_loss = run_loop(
+                config, start=start, train_step=loop.step, evaluate=loop.evaluate, save=loop.save, logger=logger,
+                peak=peak, progress=progress, is_main=is_main,
+            )  # fmt: skip
         finally:
             manager.wait_until_finished()
             manager.close()
             logger.close()
+    state = loop.state
     final_dir = save_params(
         run_dir / "final",
         mcfg,
@@ -163,80 +157,35 @@ def train(
     if is_main and logger.path.exists():
         plot_loss_curve(logger.path, run_dir / "loss_curve.png")
     shardings = jax.tree.map(lambda x: x.sharding, state["params"])
-    return TrainResult(run_dir, final_dir, start, tcfg.steps, last_loss, shardings)
+    return TrainResult(run_dir, final_dir, start, tcfg.steps, last_loss, param_shardings=shardings)
 
 
-def _loop(
-    config: Config,
-    state: dict,
-    start: int,
-    step_fn: Any,
-    eval_fn: Any,
-    loader: Any,
-    batch_sh: jax.sharding.NamedSharding,
-    manager: ocp.CheckpointManager,
-    logger: MetricsLogger,
-    progress: bool,
-    peak: float,
-) -> tuple[dict, float]:
-    from tqdm.auto import tqdm
+@dataclass
+class _Loop:
+    """jaxllm's step, evaluation and checkpoint for `run_loop`; holds the (donated, replaced) state."""
 
-    mcfg, tcfg = config.model, config.train
-    clock = StepClock(tcfg.batch_size * mcfg.context_length, flops_per_token(mcfg)["train"], peak)
-    bar = tqdm(total=tcfg.steps, initial=start, disable=not (progress and jax.process_index() == 0), unit="step")
-    last_loss = float("nan")
-    for step in range(start + 1, tcfg.steps + 1):
-        batch = loader.to_global(next(loader), batch_sh)
-        state, metrics = step_fn(state, batch)
-        metrics = jax.device_get(metrics)
-        clock.step_done()
-        if not metrics["finite"]:
-            what = (
-                f"non-finite loss or gradient at step {step} (loss={metrics['loss']}, grad_norm={metrics['grad_norm']})"
-            )
-            if tcfg.nonfinite == "stop":
-                raise TrainingError(
-                    f"{what}: stopping. The update was not applied; checkpoints hold only finite states "
-                    "(set train.nonfinite=skip to skip such steps instead)"
-                )
-            logger.log({"step": step, "skipped": True, "loss": float(metrics["loss"])})
-            print(f"warning: {what}: step skipped", flush=True)
-        else:
-            last_loss = float(metrics["loss"])
-        if step % tcfg.log_every == 0 or step == tcfg.steps:
-            row = {
-                "step": step,
-                "loss": float(metrics["loss"]),
-                "lr": float(metrics["lr"]),
-                "grad_norm": float(metrics["grad_norm"]),
-                **clock.rates(),
-            }
-            logger.log(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
-        if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
-            logger.log({"step": step, "eval_loss": evaluate(config, state["params"], eval_fn, batch_sh)})
-            clock.pause()  # evaluation time is not step time
-        if tcfg.checkpoint_every and (step % tcfg.checkpoint_every == 0 or step == tcfg.steps):
-            manager.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(loader.get_state())
-                ),
-            )
-            clock.pause()  # nor is checkpointing
-        bar.update(1)
-    bar.close()
-    return state, last_loss
+    config: Config
+    state: dict
+    step_fn: Callable
+    eval_fn: Callable
+    loader: Any
+    batch_sh: NamedSharding
+    manager: ocp.CheckpointManager
 
+    def step(self, step: int) -> StepOutput:
+        batch = self.loader.to_global(next(self.loader), self.batch_sh)
+        self.state, metrics = self.step_fn(self.state, batch)
+        m = jax.device_get(metrics)
+        return StepOutput(float(m["loss"]), float(m["grad_norm"]), bool(m["finite"]), False, float(m["lr"]))
 
-def _val_has_a_batch(config: Config, batch_sh: jax.sharding.NamedSharding) -> bool:
-    try:
-        _val_loader(config, batch_sh)
-    except InputError as err:
-        if jax.process_index() == 0:
-            print(f"warning: evaluation disabled: {err}", flush=True)
-        return False
-    return True
+    def evaluate(self) -> float:
+        return evaluate(self.config, self.state["params"], self.eval_fn, self.batch_sh)
+
+    def save(self, step: int) -> None:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(self.state), loader=ocp.args.JsonSave(self.loader.get_state())
+        )
+        self.manager.save(step, args=args)
 
 
 def _val_loader(config: Config, batch_sh: jax.sharding.NamedSharding) -> Any:
@@ -256,6 +205,5 @@ def _val_loader(config: Config, batch_sh: jax.sharding.NamedSharding) -> Any:
 def evaluate(config: Config, params: Any, eval_fn: Any, batch_sh: jax.sharding.NamedSharding) -> float:
     """Mean loss over the first `train.eval_batches` batches of the validation split, in file order."""
     loader = _val_loader(config, batch_sh)
-    batches = (loader.to_global(next(loader), batch_sh) for _ in range(config.train.eval_batches))
-    losses = [float(eval_fn(params, batch)) for batch in batches]
-    return sum(losses) / len(losses)
+    return mean_eval_loss(lambda: float(eval_fn(params, loader.to_global(next(loader), batch_sh))),
+                          config.train.eval_batches)  # fmt: skip

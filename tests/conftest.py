@@ -1,10 +1,14 @@
 """Test-wide setup: 8 simulated CPU devices (set before JAX is first imported) and shared helpers."""
 
 import os
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The CPU peak for MFU (`jaxllm.peak`): cached for the test runs, apart from the user's own cache (a
+# figure measured while tests load the machine would be low). Measured once, then shared by every run.
+os.environ.setdefault("JAXLLM_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jaxllm-test-cache"))
 
 import numpy as np
 import pytest

@@ -9,7 +9,7 @@ Tolerances (float32 on CPU, from converted weights and identical batches):
   order); every entry within 1e-4 absolute, 5% of one step at the peak learning rate of 2e-3
   (measured <= 3e-5). A real semantic difference is far above both: decaying the norm gains moves them
   by lr*wd*steps ~ 4e-3 (about 10% of their update), one step at a wrong learning rate by ~1e-3.
-  Attention key biases are held to the absolute bound only (`torch_ref.parity.has_exact_gradient`).
+  Attention key biases are held to the absolute bound only (`jaxllm.parity.has_exact_gradient`).
 """
 
 import os

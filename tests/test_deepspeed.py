@@ -20,8 +20,8 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install
 from jaxllm import load_params
 from jaxllm.config import Config
 from jaxllm.model import init_params
+from jaxllm.parity import compare_runs, step_losses
 from jaxllm.train import train as jax_train
-from torch_ref.parity import compare_runs, step_losses
 
 from parity_helpers import LOSS_RTOL, assert_params_agree, export_init, made_once
 

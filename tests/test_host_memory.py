@@ -53,5 +53,35 @@ def test_kept_memory_removes_the_per_step_page_faults():
     assert kept["faults_per_step"] < 1_000, kept
 
 
-def test_applied_once_in_this_process():
-    assert keep_freed_host_memory() is (os.environ.get(ENV, "keep") != "system")
+# Where glibc serves a 100 MiB block: its own mmap (glibc's default above the mmap threshold), or the
+# heap (the settings). mallinfo2's hblkhd counts the bytes in mmapped blocks.
+WHERE_A_LARGE_BLOCK_GOES = """
+import ctypes, json
+import jaxllm
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype, libc.malloc.restype = Mallinfo2, ctypes.c_void_p
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(100 << 20)
+mmapped = libc.mallinfo2().hblkhd - before
+libc.free(ctypes.c_void_p(block))
+print(json.dumps({"applied": jaxllm.keep_freed_host_memory(), "mmapped_bytes": mmapped}))
+"""
+
+
+def where_a_large_block_goes(mode: str) -> dict:
+    env = {**os.environ, ENV: mode}
+    out = subprocess.run([sys.executable, "-c", WHERE_A_LARGE_BLOCK_GOES], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_import_keeps_large_blocks_on_the_heap_unless_system_is_asked_for():
+    """`import jaxllm` applies the settings: a large block comes from the heap, where glibc's defaults
+    (JAXLLM_MALLOC=system, the control) give it its own mmap that free() hands back to the system."""
+    kept, system = where_a_large_block_goes("keep"), where_a_large_block_goes("system")
+    assert system == {"applied": False, "mmapped_bytes": pytest.approx(100 << 20, rel=0.01)}
+    assert kept == {"applied": True, "mmapped_bytes": 0}
+    assert keep_freed_host_memory() is (os.environ.get(ENV, "keep") != "system")  # and once per process

@@ -116,16 +116,56 @@ def test_state_dict_for_another_config_is_refused_naming_the_keys():
         from_torch_state_dict(cfg, sd)
 
 
+def tf32_settings() -> tuple:
+    """torch's TF32 switches for CUDA matmuls and cuDNN, in the API this torch has (torch_ref's
+    `set_numerics` uses the same one: torch refuses a mix of the two)."""
+    cuda, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(cuda, "fp32_precision"):  # torch >= 2.9
+        return cuda.fp32_precision, cudnn.fp32_precision
+    return cuda.allow_tf32, cudnn.allow_tf32
+
+
+def set_tf32_settings(matmul, cudnn) -> None:
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.fp32_precision = matmul, cudnn
+    else:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+FULL_FLOAT32 = ("ieee", "ieee") if hasattr(torch.backends.cuda.matmul, "fp32_precision") else (False, False)
+TF32 = ("tf32", "tf32") if hasattr(torch.backends.cuda.matmul, "fp32_precision") else (True, True)
+
+
+@pytest.fixture
+def full_float32_cuda_matmuls():
+    """No TF32 in torch's CUDA matmuls and convolutions for the test; torch's settings restored after it."""
+    saved = tf32_settings()
+    set_tf32_settings(*FULL_FLOAT32)
+    yield
+    set_tf32_settings(*saved)
+
+
+def test_full_float32_fixture_restores_torch_settings():
+    original = tf32_settings()
+    try:
+        set_tf32_settings(*TF32)
+        fixture = full_float32_cuda_matmuls.__wrapped__()
+        next(fixture)
+        assert tf32_settings() == FULL_FLOAT32
+        next(fixture, None)
+        assert tf32_settings() == TF32
+    finally:
+        set_tf32_settings(*original)
+
+
 @requires_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_cuda_float32_parity(name):
+def test_cuda_float32_parity(name, full_float32_cuda_matmuls):
     cfg = CONFIGS[name]
     params = init_params(cfg, 0)
     tokens = random_tokens(cfg.vocab_size, 2, cfg.context_length)
     gpu = jax.devices("gpu")[0]
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     with jax.default_matmul_precision("highest"):
         jax_logits = np.asarray(forward(cfg, jax.device_put(params, gpu), jax.device_put(jnp.asarray(tokens), gpu)))
     assert_float32_parity(jax_logits, torch_logits(cfg, to_torch_state_dict(cfg, params), tokens, "cuda"))

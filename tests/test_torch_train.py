@@ -16,11 +16,11 @@ import pytest
 
 from jaxllm import ConfigError, InputError, load_params
 from jaxllm.cli import main as jaxllm_main
-from jaxllm.config import Config
+from jaxllm.config import Config, flops_per_token
 from jaxllm.metrics import read_metrics
 from jaxllm.model import init_params
+from jaxllm.parity import compare_params, compare_runs, step_losses
 from torch_ref import train as torch_train
-from torch_ref.parity import compare_params, compare_runs, step_losses
 from torch_ref.train_deepspeed import load_deepspeed_config, resolve_deepspeed_config
 
 from parity_helpers import LOSS_RTOL, PARAM_ATOL, assert_params_agree, export_init, made_once
@@ -49,6 +49,17 @@ def twenty_steps(byte_dataset, tmp_path_factory):
         torch_train.train(cfg, tmp / "torch", init=export_init(cfg, tmp), progress=False)
 
     return made_once(tmp_path_factory, "twenty_steps", make), cfg
+
+
+def test_both_loops_divide_mfu_by_the_same_logged_peak(twenty_steps):
+    tmp, cfg = twenty_steps
+    runs = {name: json.loads((tmp / name / "run.json").read_text()) for name in ("jax", "torch")}
+    assert runs["jax"] == runs["torch"]  # one figure for the machine, whichever framework trains
+    assert runs["jax"]["peak_flops"] > 0 and "cached in" in runs["jax"]["peak_flops_source"]
+    flops = flops_per_token(cfg.model)["train"]
+    for name, run in runs.items():
+        timed = [r for r in read_metrics(tmp / name / "metrics.jsonl") if "mfu" in r]
+        assert timed and all(r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / run["peak_flops"]) for r in timed)
 
 
 def test_torch_ref_matches_jaxllm_step_by_step_for_20_steps(twenty_steps):

@@ -213,22 +213,42 @@ with tracing_on(mesh):
 """
 
 
+# A reshard that XLA can only do by replicating the tensor whole (batch-sharded -> sharded on the last dim).
+FORCED_FULL_REMAT = """
+import jax, jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+reshard = lambda x: jax.lax.with_sharding_constraint(x + 1, NamedSharding(mesh, P(None, None, "fsdp"))) * 2
+f = jax.jit(reshard, in_shardings=NamedSharding(mesh, P(("data", "fsdp"))))
+f.lower(jax.ShapeDtypeStruct((8, 64, 128), jnp.float32)).compile()
+"""
+
+
+def compile_with_xla_warnings(script: str, *args: str) -> str:
+    """Run `script` on 8 simulated devices with XLA's C++ warnings on; its stderr."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"}  # XLA's warnings on (conftest turns them off)
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stderr
+
+
+def test_full_rematerialization_warnings_are_seen_when_xla_emits_them():
+    """The positive control of the test below: the same capture sees the warning it looks for."""
+    assert FULL_REMAT in compile_with_xla_warnings(FORCED_FULL_REMAT)
+
+
 @pytest.mark.parametrize("mesh", [(2, 2, 2), (1, 4, 2)])
 def test_sharded_step_compiles_without_full_rematerialization(mesh):
     """XLA warns when it can reshard a tensor only by replicating it whole. The activation constraints
     (in force under `tracing_on`, i.e. jax.set_mesh) and the embedding lookups are written so that it
     never has to: mini's real shapes, compiled (not run) on 8 simulated devices."""
-    import os
-    import subprocess
-    import sys
-
     axes = [f"mesh.{name}={n}" for name, n in zip(("data", "fsdp", "tensor"), mesh, strict=True)]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"}  # XLA's warnings on (conftest turns them off)
-    out = subprocess.run(
-        [sys.executable, "-c", COMPILE_ON_MESH, *axes], capture_output=True, text=True, timeout=300, env=env
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert FULL_REMAT not in out.stderr, out.stderr[out.stderr.index(FULL_REMAT) - 200 :][:1500]
+    stderr = compile_with_xla_warnings(COMPILE_ON_MESH, *axes)
+    assert FULL_REMAT not in stderr, stderr[stderr.index(FULL_REMAT) - 200 :][:1500]
 
 
 def test_activation_constraints_are_in_force_under_tracing_on():

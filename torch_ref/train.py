@@ -1,113 +1,57 @@
-"""`python -m torch_ref.train`: plain PyTorch training, one process or DDP under `torchrun`.
+"""`python -m torch_ref.train`: the torch_ref training loop — plain PyTorch on one process, or DDP
+under `torchrun` — as `jaxllm/train.py` is jaxllm's; `torch_ref.train_deepspeed` runs the same loop.
 
     python -m torch_ref.train --config mini --data DATA_DIR --out RUN [--init W.safetensors] [key=value ...]
     torchrun --nproc_per_node 2 -m torch_ref.train --config mini --data DATA_DIR --out RUN
 
 The same config, data files, batch order, AdamW, schedule, clipping, gradient accumulation and run
-directory as `jaxllm train` (the loop is `torch_ref/run.py`); this file is the strategy: DDP averages
-gradients over ranks, micro-batches accumulate under `no_sync`, a non-finite update is not applied.
+directory as `jaxllm train`: the run directory, cadence, logging and MFU peak are `jaxllm/loop.py`'s,
+shared with jaxllm. A `Trainer` (`torch_ref/trainer.py`: plain/DDP; `torch_ref/train_deepspeed.py`)
+owns the model, optimizer and distribution; this module owns everything around it:
+
+    RUN/checkpoints/N/     the trainer's state and the data position (torch.save, or DeepSpeed's layout)
+    RUN/final/             a jaxllm params directory (`jaxllm.load_params`), plus model.safetensors (the
+                           torch_ref state dict, `jaxllm.torch_io`) and tokenizer.json
+
+Ranks come from the launcher's environment (`torchrun`, `deepspeed`): RANK, WORLD_SIZE, LOCAL_RANK.
 `--compile` runs the model through `torch.compile`.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-from contextlib import nullcontext
+import dataclasses
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from jaxllm.config import Config
-from torch_ref.optim import learning_rate, make_optimizer, set_learning_rate
-from torch_ref.run import (
-    Dist,
+from jaxllm.config import Config, ModelConfig
+from jaxllm.errors import JaxllmError
+from jaxllm.loop import (
+    RunResult,
     StepOutput,
-    TrainResult,
-    build,
-    build_parser,
-    checkpoint_steps,
-    loss_fn,
-    main,
-    micro_batches,
-    pick_device,
-    prepare_run,
-    run,
-    set_numerics,
+    add_overrides,
+    add_run_flags,
+    check_run,
+    eval_checked,
+    load_config,
+    mean_eval_loss,
+    run_loop,
+    start_run,
 )
+from jaxllm.metrics import plot_loss_curve
+from jaxllm.peak import run_peak_flops
+from torch_ref.data import TorchBatches
+from torch_ref.optim import learning_rate
+from torch_ref.trainer import Dist, PlainTrainer, Trainer, build, checkpoint_steps, pick_device, set_numerics
 
-STATE_FILE = "state.pt"
-
-
-class PlainTrainer:
-    """torch.optim.AdamW on one process, or on every rank of a DDP group (gloo on CPU, NCCL on CUDA)."""
-
-    def __init__(self, model: nn.Module, config: Config, dist: Dist, device: torch.device, compile: bool = False):
-        self.model, self.tcfg, self.dist, self.device = model, config.train, dist, device
-        self.optimizer = make_optimizer(model, self.tcfg)
-        self.ddp: nn.parallel.DistributedDataParallel | None = None
-        if dist.world_size > 1:
-            ids = [device.index] if device.type == "cuda" else None
-            self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        net = self.ddp or model
-        self.net = torch.compile(net) if compile else net
-
-    def updates_applied(self) -> int:
-        """AdamW's own update count (skipped steps excluded), which the schedule follows as optax's does."""
-        state = self.optimizer.state.get(self.optimizer.param_groups[0]["params"][0])
-        return int(state["step"]) if state else 0
-
-    def train_step(self, batch_BT1: torch.Tensor) -> StepOutput:
-        k = self.tcfg.grad_accum
-        total = torch.zeros((), device=self.device)
-        for j, micro in enumerate(micro_batches(batch_BT1, k)):
-            sync = self.ddp is None or j == k - 1  # DDP all-reduces only on the last micro-batch
-            with nullcontext() if sync else self.ddp.no_sync():
-                loss = loss_fn(self.net, micro)
-                (loss / k).backward()
-            total += loss.detach()
-        loss = self.dist.mean(float(total) / k, self.device)
-        max_norm = self.tcfg.grad_clip if self.tcfg.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        if finite:
-            set_learning_rate(self.optimizer, learning_rate(self.tcfg, self.updates_applied()))
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepOutput(loss, grad_norm, finite, applied=finite)
-
-    @torch.no_grad()
-    def eval_loss(self, batch_BT1: torch.Tensor) -> float:
-        return float(loss_fn(self.model, batch_BT1))
-
-    def save(self, ckpt_dir: Path, step: int, extra: dict[str, Any]) -> None:
-        """RUN/checkpoints/STEP/state.pt, written by rank 0 under a temporary name and renamed."""
-        if self.dist.is_main:
-            import shutil
-
-            tmp, final = ckpt_dir / f".{step}.tmp", ckpt_dir / str(step)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            state = {"step": step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-            torch.save({**state, **extra}, tmp / STATE_FILE)
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-        self.dist.barrier()
-
-    def restore(self, ckpt_dir: Path) -> tuple[int, dict[str, Any]] | None:
-        steps = [s for s in checkpoint_steps(ckpt_dir) if (ckpt_dir / str(s) / STATE_FILE).is_file()]
-        if not steps:
-            return None
-        state = torch.load(ckpt_dir / str(steps[-1]) / STATE_FILE, map_location=self.device, weights_only=True)
-        self.model.load_state_dict(state.pop("model"))
-        self.optimizer.load_state_dict(state.pop("optimizer"))
-        return int(state.pop("step")), state
-
-    def full_state_dict(self) -> dict[str, np.ndarray]:
-        return {k: v.detach().float().cpu().numpy() for k, v in self.model.state_dict().items()}
+WEIGHTS_FILE = "model.safetensors"
+TrainResult = RunResult  # torch_ref's result has the fields every loop's has
 
 
 def train(
@@ -120,12 +64,11 @@ def train(
     compile: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Train `config` into `run_dir` (every rank calls this with the same arguments).
+    """Train `config` with plain PyTorch (DDP under a launcher) into `run_dir`; every rank calls this.
 
     `init`: a torch_ref safetensors state dict to start from (default: torch's seeded init).
     """
     dist = Dist.from_env()
-    run_dir = Path(run_dir)
     torch_device = pick_device(device, dist)
     if dist.world_size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch_device.type == "cuda" else "gloo")
@@ -136,18 +79,149 @@ def train(
     return run(config, run_dir, trainer, dist, resume=resume, progress=progress)
 
 
+def prepare_run(config: Config, run_dir: str | Path, resume: bool, dist: Dist) -> Path:
+    """Check the data and the run directory (`jaxllm.loop.check_run`) before any work."""
+    run_dir = check_run(config, run_dir, resume)
+    dist.barrier()  # every rank has looked at run_dir before rank 0 writes to it
+    return run_dir
+
+
+def peak_flops(config: Config, device: torch.device, dist: Dist) -> tuple[float, str]:
+    """Total peak FLOP/s of the run for MFU, and its source (`jaxllm.peak.run_peak_flops`, as jaxllm's)."""
+    kind = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    mcfg, tcfg = config.model, config.train
+    return run_peak_flops(device.type, kind, dist.world_size, mcfg.dtype, tcfg.matmul_precision, tcfg.peak_flops)
+
+
+# Checkpoints and final weights --------------------------------------------------------------------
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    for step in checkpoint_steps(ckpt_dir)[:-keep]:
+        shutil.rmtree(ckpt_dir / str(step), ignore_errors=True)
+
+
+def save_final(run_dir: Path, cfg: ModelConfig, state_dict: dict[str, np.ndarray], data_dir: Path) -> Path:
+    """RUN/final: a jaxllm params directory with the torch_ref weights file and the tokenizer beside it
+    (written under a temporary name and renamed, by `jaxllm.save_params`)."""
+    from jaxllm.checkpoint import save_params
+    from jaxllm.convert import from_torch_state_dict, to_numpy_state_dict
+    from jaxllm.torch_io import write_state_dict
+
+    params = from_torch_state_dict(cfg, state_dict)
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".final-") as tmp:
+        weights = write_state_dict(Path(tmp) / WEIGHTS_FILE, cfg, to_numpy_state_dict(cfg, params))
+        extra = [weights, *[p for p in [data_dir / "tokenizer.json"] if p.exists()]]
+        return save_params(run_dir / "final", cfg, params, overwrite=True, extra_files=extra)
+
+
+# The loop ----------------------------------------------------------------------------------------
+def run(config: Config, run_dir: Path, trainer: Trainer, dist: Dist, *, resume: bool, progress: bool) -> TrainResult:
+    """Train `config` with `trainer` into `run_dir` (from `prepare_run`); every rank calls this."""
+    mcfg, tcfg = config.model, config.train
+    data_dir = Path(config.data.path)
+    ckpt_dir = run_dir / "checkpoints"
+    # Before anything else starts (on a CPU the figure is measured once per machine, then cached).
+    peak = peak_flops(config, trainer.device, dist) if dist.is_main else (float("nan"), "")
+    restored = trainer.restore(ckpt_dir) if resume else None
+    start, extra = restored or (0, {})
+    loader = TorchBatches(
+        data_dir, "train", mcfg.context_length, tcfg.batch_size, tcfg.seed, dist.rank, dist.world_size,
+        device=trainer.device,
+    )  # fmt: skip
+    if "loader" in extra:
+        loader.load_state_dict(extra["loader"])
+    config = eval_checked(config, lambda: _val_batches(config, dist, torch.device("cpu")), dist.is_main)
+    logger = start_run(run_dir, config, peak, start=start, is_main=dist.is_main)
+
+    def train_step(step: int) -> StepOutput:
+        # The rate of update `step` (counted from 1 here, from 0 in the schedule), as jaxllm logs it.
+        return dataclasses.replace(trainer.train_step(next(loader)), lr=learning_rate(tcfg, step - 1))
+
+    def save(step: int) -> None:
+        trainer.save(ckpt_dir, step, {"loader": loader.state_dict()})
+        if dist.is_main:
+            prune_checkpoints(ckpt_dir, tcfg.keep_checkpoints)
+        dist.barrier()
+
+    try:
+        last_loss = run_loop(
+            config, start=start, train_step=train_step, evaluate=lambda: evaluate(config, trainer, dist), save=save,
+            logger=logger, peak=peak, progress=progress, is_main=dist.is_main,
+        )  # fmt: skip
+    finally:
+        logger.close()
+    state_dict = trainer.full_state_dict()
+    if dist.is_main:
+        save_final(run_dir, mcfg, state_dict, data_dir)
+        if logger.path.exists():
+            plot_loss_curve(logger.path, run_dir / "loss_curve.png")
+    dist.barrier()
+    return TrainResult(run_dir, run_dir / "final", start, tcfg.steps, last_loss)
+
+
+def _val_batches(config: Config, dist: Dist, device: torch.device) -> TorchBatches:
+    """The validation split in file order, batches of train.batch_size (as jaxllm's `evaluate`)."""
+    return TorchBatches(
+        config.data.path, "val", config.model.context_length, config.train.batch_size, 0, dist.rank,
+        dist.world_size, shuffle=False, device=device,
+    )  # fmt: skip
+
+
+def evaluate(config: Config, trainer: Trainer, dist: Dist) -> float:
+    """Mean loss over the first `train.eval_batches` batches of the validation split, in file order."""
+    batches = _val_batches(config, dist, trainer.device)
+    loss = mean_eval_loss(lambda: trainer.eval_loss(next(batches)), config.train.eval_batches)
+    return dist.mean(loss, trainer.device)
+
+
+# Command line -------------------------------------------------------------------------------------
+def build_parser(prog: str, description: str, default_out: str) -> argparse.ArgumentParser:
+    """The flags every training command shares (`jaxllm.loop.add_run_flags`), plus torch_ref's own;
+    an entry point adds its flags, then `jaxllm.loop.add_overrides`."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    add_run_flags(p, sections="model/data/train", default_out=default_out)
+    p.add_argument("--init", metavar="FILE.safetensors", help="initial weights (jaxllm export-torch, or RUN/final)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: this rank's GPU if any, else cpu)")
+    return p
+
+
+def main(
+    parser: argparse.ArgumentParser,
+    start: Callable[[argparse.Namespace, Config], TrainResult],
+    argv: Sequence[str] | None = None,
+) -> None:
+    """Parse, load the config, call `start`; a `JaxllmError` prints one `error:` line and exits 2."""
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")  # jax only converts the final weights: keep it off the GPUs
+    args = parser.parse_args(argv)
+    try:
+        result = start(args, load_config(args))
+        if Dist.from_env().is_main:
+            print(result.summary())
+    except JaxllmError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = build_parser("python -m torch_ref.train", "plain PyTorch training, one process or DDP under `torchrun`.",
+                     "runs/MODEL_NAME-torch")  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    add_overrides(p)
+    return p
+
+
 def _start(args: argparse.Namespace, config: Config) -> TrainResult:
     out = args.out or f"runs/{config.model.name}-torch"
     return train(
         config, out, resume=args.resume, init=args.init, device=args.device, compile=args.compile,
         progress=not args.no_progress,
     )  # fmt: skip
-
-
-def parser() -> argparse.ArgumentParser:
-    p = build_parser("python -m torch_ref.train", __doc__.splitlines()[0].split(": ", 1)[1])
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    return p
 
 
 if __name__ == "__main__":

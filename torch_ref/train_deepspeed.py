@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 -m torch_ref.train_deepspeed ... --deepspeed zero3
     deepspeed --num_gpus 2 torch_ref/train_deepspeed.py ... --deepspeed zero3
 
-The loop, data, schedule and run directory are `torch_ref/run.py`'s; the optimizer is torch_ref's
+The loop, data, schedule and run directory are `torch_ref/train.py`'s; the optimizer is torch_ref's
 AdamW (param groups and schedule from the train config), handed to DeepSpeed as a client optimizer.
 The DeepSpeed JSON holds what is DeepSpeed's own (the ZeRO stage and its options); batch sizes,
 clipping and precision come from the train config and are filled in — a JSON that states them
@@ -34,21 +34,10 @@ from torch import nn
 
 from jaxllm.config import Config
 from jaxllm.errors import ConfigError
+from jaxllm.loop import add_overrides
 from torch_ref.optim import learning_rate, make_optimizer, set_learning_rate
-from torch_ref.run import (
-    Dist,
-    StepOutput,
-    TrainResult,
-    build,
-    build_parser,
-    loss_fn,
-    main,
-    micro_batches,
-    pick_device,
-    prepare_run,
-    run,
-    set_numerics,
-)
+from torch_ref.train import TrainResult, build_parser, main, prepare_run, run
+from torch_ref.trainer import Dist, StepOutput, build, loss_fn, micro_batches, pick_device, set_numerics
 
 ZERO_STAGES = (1, 2, 3)
 AUTO = "auto"  # Hugging Face style: "fill this in from the train config"; the same as leaving the key out
@@ -272,9 +261,11 @@ def _start(args: argparse.Namespace, config: Config) -> TrainResult:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = build_parser("python -m torch_ref.train_deepspeed", __doc__.splitlines()[0].split(": ", 1)[1])
+    p = build_parser("python -m torch_ref.train_deepspeed", __doc__.splitlines()[0].split(": ", 1)[1],
+                     "runs/MODEL_NAME-deepspeed")  # fmt: skip
     p.add_argument("--deepspeed", required=True, metavar="JSON", help="DeepSpeed config: a path, or zero1/zero2/zero3")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    add_overrides(p)
     return p
 
 

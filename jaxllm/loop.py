@@ -1,0 +1,223 @@
+"""The edges every training loop shares — jaxllm's (`jaxllm/train.py`) and torch_ref's
+(`torch_ref/train.py`, plain/DDP and DeepSpeed) — written once, with neither JAX nor torch.
+
+- the run directory: checks before any work (`check_run`), the files written at the start
+  (`start_run`: config.yaml, run.json with the MFU peak and its source), the result (`RunResult`);
+- the loop itself (`run_loop`): step, non-finite handling, the logging / evaluation / checkpoint
+  cadence (`Cadence`), step rates and MFU, the progress bar; a framework supplies one step, one
+  evaluation and one checkpoint as functions;
+- the validation split's check (`eval_checked`) and the mean of its batches' losses;
+- the command-line flags `jaxllm train`, `python -m torch_ref.train` and `torch_ref.train_deepspeed`
+  have in common (`add_run_flags`, `add_overrides`).
+
+Run directory layout (both frameworks)::
+
+    RUN/config.yaml        the resolved config
+    RUN/run.json           {"peak_flops", "peak_flops_source"}: the peak every `mfu` divides by
+    RUN/metrics.jsonl      {"step", "loss", "lr", "grad_norm", "step_time_s", "tokens_per_s", "mfu"}; eval rows
+                           {"step", "eval_loss"}; skipped steps {"step", "skipped", "loss"}
+    RUN/checkpoints/N/     the framework's checkpoint of step N
+    RUN/final/             a jaxllm params directory (`jaxllm.load_params`), with tokenizer.json
+    RUN/loss_curve.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from jaxllm.config import Config, TrainConfig, flops_per_token
+from jaxllm.errors import ConfigError, InputError, JaxllmError
+from jaxllm.metrics import MetricsLogger, StepClock
+
+
+class TrainingError(JaxllmError):
+    """Training stopped on purpose (a non-finite loss or gradient)."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    final_dir: Path
+    start_step: int
+    end_step: int
+    last_loss: float
+
+    def summary(self) -> str:
+        return (
+            f"trained steps {self.start_step + 1}-{self.end_step}, last loss {self.last_loss:.4f}; "
+            f"params in {self.final_dir}"
+        )
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one optimizer update reports (on every rank / process)."""
+
+    loss: float  # mean over the global batch
+    grad_norm: float  # global norm before clipping
+    finite: bool
+    applied: bool  # whether the update reached the parameters (only if finite, except under DeepSpeed)
+    lr: float = math.nan  # the learning rate of this update (a loop may fill it in later)
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """Which steps (counted from 1) log, evaluate and checkpoint: every N-th and the final one."""
+
+    steps: int
+    log_every: int
+    eval_every: int  # 0: never
+    checkpoint_every: int  # 0: never
+
+    @classmethod
+    def of(cls, tcfg: TrainConfig) -> Cadence:
+        return cls(tcfg.steps, tcfg.log_every, tcfg.eval_every, tcfg.checkpoint_every)
+
+    def is_final(self, step: int) -> bool:
+        return step == self.steps
+
+    def logs(self, step: int) -> bool:
+        return step % self.log_every == 0 or self.is_final(step)
+
+    def evals(self, step: int) -> bool:
+        return bool(self.eval_every) and (step % self.eval_every == 0 or self.is_final(step))
+
+    def checkpoints(self, step: int) -> bool:
+        return bool(self.checkpoint_every) and (step % self.checkpoint_every == 0 or self.is_final(step))
+
+
+# The run directory --------------------------------------------------------------------------------
+def check_run(config: Config, run_dir: str | Path, resume: bool) -> Path:
+    """Check the data and the run directory before any work; the run directory, absolute.
+
+    Every process calls this, and waits for the others before process 0 writes to the directory.
+    """
+    from jaxllm.data.loader import check_data_matches_model
+
+    if not config.data.path:
+        raise ConfigError("no training data: pass --data DATA_DIR (from `jaxllm preprocess`) or set data.path")
+    check_data_matches_model(Path(config.data.path), config.model)
+    run_dir = Path(run_dir).absolute()
+    if not resume and ((run_dir / "checkpoints").exists() or (run_dir / "final").exists()):
+        raise InputError(f"{run_dir} already holds a run: pass --resume to continue it, or --out for a new run")
+    return run_dir
+
+
+def start_run(run_dir: Path, config: Config, peak: tuple[float, str], *, start: int, is_main: bool) -> MetricsLogger:
+    """Write config.yaml and run.json (process 0) and open metrics.jsonl, cut back to `start` on resume."""
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        run = {"peak_flops": peak[0], "peak_flops_source": peak[1]}
+        (run_dir / "run.json").write_text(json.dumps(run, indent=1) + "\n")
+    return MetricsLogger(run_dir, enabled=is_main, truncate_after_step=start)
+
+
+def eval_checked(config: Config, make_val_batches: Callable[[], object], is_main: bool) -> Config:
+    """`config`, with evaluation turned off (and a warning) when the validation split has no batch."""
+    if not config.train.eval_every:
+        return config
+    try:
+        make_val_batches()
+    except InputError as err:
+        if is_main:
+            print(f"warning: evaluation disabled: {err}", flush=True)
+        return config.model_copy(update={"train": config.train.model_copy(update={"eval_every": 0})})
+    return config
+
+
+def mean_eval_loss(batch_loss: Callable[[], float], n_batches: int) -> float:
+    """The mean of `n_batches` calls of `batch_loss` (one validation batch each, in file order)."""
+    losses = [batch_loss() for _ in range(n_batches)]
+    return sum(losses) / len(losses)
+
+
+# The loop ----------------------------------------------------------------------------------------
+def run_loop(
+    config: Config,
+    *,
+    start: int,
+    train_step: Callable[[int], StepOutput],
+    evaluate: Callable[[], float],
+    save: Callable[[int], None],
+    logger: MetricsLogger,
+    peak: tuple[float, str],
+    progress: bool,
+    is_main: bool,
+) -> float:
+    """Steps `start + 1` to `train.steps`: each runs `train_step(step)`, then logs, evaluates and
+    checkpoints (`save(step)`) on the cadence; returns the last finite loss.
+
+    Evaluation and checkpoint time are not step time (the clock pauses). A non-finite update stops
+    the run with `TrainingError`, or is logged as skipped under `train.nonfinite=skip`.
+    """
+    from tqdm.auto import tqdm
+
+    mcfg, tcfg = config.model, config.train
+    cadence = Cadence.of(tcfg)
+    tokens = tcfg.batch_size * mcfg.context_length
+    clock = StepClock(tokens, flops_per_token(mcfg)["train"], peak[0], peak[1], warn=is_main)
+    bar = tqdm(total=tcfg.steps, initial=start, disable=not (progress and is_main), unit="step")
+    last_loss = math.nan
+    for step in range(start + 1, tcfg.steps + 1):
+        out = train_step(step)
+        clock.step_done()
+        if not out.finite:
+            _non_finite(step, out, tcfg, logger, is_main)
+        else:
+            last_loss = out.loss
+        if cadence.logs(step):
+            row = {"step": step, "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm, **clock.rates()}
+            logger.log(row)
+            bar.set_postfix(loss=f"{out.loss:.4f}", refresh=False)
+        if cadence.evals(step):
+            logger.log({"step": step, "eval_loss": evaluate()})
+            clock.pause()  # evaluation time is not step time
+        if cadence.checkpoints(step):
+            save(step)
+            clock.pause()  # nor is checkpointing
+        bar.update(1)
+    bar.close()
+    return last_loss
+
+
+def _non_finite(step: int, out: StepOutput, tcfg: TrainConfig, logger: MetricsLogger, is_main: bool) -> None:
+    """Stop (raising `TrainingError`) or log a skipped step, per `train.nonfinite`."""
+    what = f"non-finite loss or gradient at step {step} (loss={out.loss}, grad_norm={out.grad_norm})"
+    if out.applied:
+        raise TrainingError(f"{what}: stopping. The update was already applied; checkpoints hold finite states")
+    if tcfg.nonfinite == "stop":
+        raise TrainingError(
+            f"{what}: stopping. The update was not applied; checkpoints hold only finite states "
+            "(set train.nonfinite=skip to skip such steps instead)"
+        )
+    logger.log({"step": step, "skipped": True, "loss": out.loss})
+    if is_main:
+        print(f"warning: {what}: step skipped", flush=True)
+
+
+# Command line -------------------------------------------------------------------------------------
+def add_run_flags(p: argparse.ArgumentParser, *, sections: str, default_out: str) -> None:
+    """The flags of every training command: --config, --data, --out, --resume, --no-progress."""
+    p.add_argument("--config", required=True, help=f"a preset name or YAML config ({sections} sections)")
+    p.add_argument("--data", help="DATA_DIR from `jaxllm preprocess` (sets data.path)")
+    p.add_argument("--out", help=f"run directory (default: {default_out})")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_overrides(p: argparse.ArgumentParser) -> None:
+    """The trailing KEY=VALUE config overrides (added last: after every flag in the help)."""
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.steps=200")
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    """The config of `--config`, the overrides and `--data`."""
+    return Config.load(args.config, [*args.overrides, *([f"data.path={args.data}"] if args.data else [])])
