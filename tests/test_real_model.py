@@ -130,3 +130,25 @@ def test_generate_chat_answers_like_transformers_and_stops_at_end_of_turn(import
     printed = capsys.readouterr().out
     assert printed.rstrip("\n") == want
     assert "Paris" in printed and "<|im_end|>" not in printed
+
+
+def test_export_hf_loads_in_transformers_with_its_tokenizer(imported, reference, tmp_path):
+    import torch
+    import transformers
+
+    from jaxllm.cli import main
+
+    out, _, _ = imported
+    model, tok = reference
+    main(["export-hf", str(out), str(tmp_path / "hf")])
+    exported, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", dtype=torch.float32, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    exported_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = chat_ids(exported_tok, QUESTION)
+    assert ids == chat_ids(tok, QUESTION)
+    with torch.no_grad():
+        got = exported.eval()(torch.tensor([ids])).logits
+        want = model(torch.tensor([ids])).logits
+    assert torch.equal(got, want), "the same float32 weights give the same logits, bit for bit"
