@@ -114,6 +114,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(stats.summary(), file=sys.stderr)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from jaxllm.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, data=args.data, files=args.files, window=args.window,
+                                 batch_size=args.batch_size, progress=sys.stderr.isatty())  # fmt: skip
+    print(json.dumps(result.to_dict()))
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from jaxllm.serve import EngineSettings, serve
 
@@ -211,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples of the prompt (default 1)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
 
+    p = command("eval", cmd_eval, "perplexity and bits per byte on a dataset's val split or on text files (JSON)")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="params directory (config.yaml, params/)")
+    p.add_argument("--data", metavar="DATA", help="a preprocessed dataset: score its val split")
+    p.add_argument("files", nargs="*", metavar="FILE", help="UTF-8 text files to score (instead of --data)")
+    p.add_argument("--window", type=int, metavar="W", help="tokens of context per window (default min(context, 1024))")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="windows per call (default 8)")
+
     p = command("serve", cmd_serve, "serve a checkpoint over an OpenAI-compatible HTTP API (see docs/serve.md)")
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="params directory (config.yaml, params/)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -227,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands that run XLA on the CPU: glibc's malloc is set before their first JAX work (jaxllm/host_memory.py).
-XLA_COMMANDS = {"train", "generate", "serve"}
+XLA_COMMANDS = {"train", "generate", "serve", "eval"}
 
 
 def main(argv: Sequence[str] | None = None) -> Any:

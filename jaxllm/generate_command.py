@@ -84,7 +84,7 @@ def sample_checkpoint(
     )
     elapsed = time.perf_counter() - start
     if stream:
-        print(file=out)
+        print(file=out, flush=True)
     else:
         for i, text in enumerate(texts):
             print(f"--- sample {i + 1} ---\n{shown}{text}", file=out)
