@@ -12,16 +12,16 @@ import html
 import logging
 import queue
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import resources
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
 from jaxllm.completion import Completion
-from jaxllm.serve import protocol
+from jaxllm.serve import chat, protocol
 from jaxllm.serve.engine import Delta, Engine, Failed, Finished, Job
 from jaxllm.serve.errors import ServeError, timed_out
 from jaxllm.serve.metrics import Metrics, make_metrics
@@ -126,9 +126,16 @@ def create_app(
 
     @app.post("/v1/completions")
     def completions() -> Response:
+        return respond(protocol.parse_completion, TEXT)
+
+    @app.post("/v1/chat/completions")
+    def chat_completions() -> Response:
+        return respond(lambda body: chat.parse_chat(body, engine.cfg.context_length, engine.tokenizer), CHAT)
+
+    def respond(parse: Callable[[Any], protocol.CompletionParams], shape: Shape) -> Response:
         start = time.monotonic()
         try:
-            params = protocol.parse_completion(protocol.parse_json(request.get_data(cache=False)))
+            params = parse(protocol.parse_json(request.get_data(cache=False)))
             protocol.check_model(params, model)
             req, prompt_tokens = protocol.to_request(params, engine.cfg, engine.tokenizer)
             job = engine.submit(req)
@@ -137,7 +144,7 @@ def create_app(
             raise err from None
         metrics.prompt_tokens.inc(prompt_tokens)
         if params.stream:
-            stream = _SSE(job, params, model, prompt_tokens, start, metrics)
+            stream = _SSE(job, params, model, prompt_tokens, start, metrics, shape)
             return Response(stream, mimetype="text/event-stream", headers=SSE_HEADERS)
         results: list[Completion | None] = [None] * len(req.prompts)
         for event in _events(job, wait=None):
@@ -147,12 +154,25 @@ def create_app(
             if isinstance(event, Finished):
                 results[event.row] = event.completion
         finished = cast(list[Completion], results)  # every row has finished
-        body = protocol.completion_response(protocol.completion_id(), model, protocol.now(), finished, prompt_tokens)
+        body = shape.response(shape.new_id(), model, protocol.now(), finished, prompt_tokens)
         metrics.generated_tokens.inc(body["usage"]["completion_tokens"])
         _finish(metrics, job, start, "ok")
         return jsonify(body)
 
     return app
+
+
+class Shape(NamedTuple):
+    """How one endpoint's responses look: ids, the whole body, a streamed chunk, the stream's first chunk."""
+
+    new_id: Callable[[], str]
+    response: Callable[..., dict[str, Any]]
+    chunk: Callable[..., dict[str, Any]]
+    first_chunk: Callable[[str, str, int, int], dict[str, Any]] | None = None
+
+
+TEXT = Shape(protocol.completion_id, protocol.completion_response, protocol.chunk)
+CHAT = Shape(chat.chat_id, chat.chat_response, chat.chat_chunk, chat.role_chunk)
 
 
 def error_response(err: ServeError) -> Response:
@@ -188,8 +208,8 @@ class _SSE:
     frees its slots (nothing for a finished job), and records the outcome once."""
 
     def __init__(self, job: Job, params: protocol.CompletionParams, model: str, prompt_tokens: int, start: float,
-                 metrics: Metrics):  # fmt: skip
-        self.job, self.params, self.model, self.prompt_tokens = job, params, model, prompt_tokens
+                 metrics: Metrics, shape: Shape = TEXT):  # fmt: skip
+        self.job, self.params, self.model, self.prompt_tokens, self.shape = job, params, model, prompt_tokens, shape
         self.start, self.metrics = start, metrics
         self.outcome: str | None = "cancelled"
         self.chunks = self._chunks()
@@ -206,12 +226,15 @@ class _SSE:
 
     def _chunks(self) -> Iterator[bytes]:
         """Text as it comes, a chunk with each choice's finish_reason, usage when asked for, then [DONE]."""
-        cid, created, generated = protocol.completion_id(), protocol.now(), 0
+        cid, created, generated = self.shape.new_id(), protocol.now(), 0
 
         def chunk(choices: list[tuple[int, str, str | None]], usage: dict[str, int] | None = None) -> bytes:
-            body = protocol.chunk(cid, self.model, created, choices, usage, self.params.include_usage)
+            body = self.shape.chunk(cid, self.model, created, choices, usage, self.params.include_usage)
             return protocol.sse(body)
 
+        if self.shape.first_chunk is not None:
+            first = self.shape.first_chunk(cid, self.model, created, len(self.job.req.prompts))
+            yield protocol.sse({**first, **({"usage": None} if self.params.include_usage else {})})
         for event in _events(self.job, wait=PING_EVERY_S):
             if event is None:
                 yield protocol.SSE_PING

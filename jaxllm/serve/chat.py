@@ -1,0 +1,116 @@
+"""The OpenAI chat completions protocol: `messages` -> the engine request; results -> chat JSON / chunks.
+
+Pure functions (no Flask, no threads). A chat request is a completion request whose one prompt is
+the conversation rendered with the checkpoint's chat template (`jaxllm.text.TextCodec.encode_chat`,
+as transformers' `apply_chat_template(..., add_generation_prompt=True)`); generation stops at the
+model's end-of-turn tokens. Fields besides `/v1/completions`' (see `jaxllm.serve.protocol`):
+
+| field | rule |
+|---|---|
+| `messages` | required: a non-empty list of `{role, content}`; content a string or text parts |
+| `max_completion_tokens`, `max_tokens` | default: the rest of the context (as OpenAI's chat does) |
+| `logprobs`, `top_logprobs` | only false / null for now |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from jaxllm.completion import Completion
+from jaxllm.errors import InputError
+from jaxllm.serve import protocol
+from jaxllm.serve.errors import bad_request
+from jaxllm.text import TextCodec
+
+NEUTRAL = {"frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "logprobs": (False,),
+           "top_logprobs": (), "parallel_tool_calls": (), "tools": (), "tool_choice": ()}  # fmt: skip
+FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n", "stop",
+          "seed", "stream", "stream_options", "user", "ignore_eos", *NEUTRAL}  # fmt: skip
+
+
+def parse_chat(body: Any, context_length: int, tokenizer: Any) -> protocol.CompletionParams:
+    """Check a `/v1/chat/completions` body; the conversation becomes the one (token-id) prompt."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    unknown = sorted(set(body) - FIELDS)
+    if unknown:
+        raise bad_request(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
+    for name, neutral in NEUTRAL.items():
+        if protocol._given(body, name) and body[name] not in neutral:
+            raise bad_request(f"{name} is not supported by this server", name)
+    codec = TextCodec.wrap(tokenizer)
+    if not codec.chat_template:
+        raise bad_request("this model has no chat template: use /v1/completions", "messages", "no_chat_template")
+    if "messages" not in body or body["messages"] is None:
+        raise bad_request("messages is required", "messages")
+    try:
+        ids = codec.encode_chat(body["messages"])
+    except InputError as err:
+        raise bad_request(str(err), _field(str(err))) from None
+    given = [k for k in ("max_completion_tokens", "max_tokens") if protocol._given(body, k)]
+    key = given[0] if given else "max_tokens"
+    limit = protocol._integer(body, key, max(context_length - len(ids), 0), 0)
+    shared = protocol.FIELDS - set(protocol.NEUTRAL)  # the sampling fields both endpoints take
+    completion_like = {k: v for k, v in body.items() if k in shared}
+    params = protocol.parse_completion({**completion_like, "prompt": ids or [0], "max_tokens": limit})
+    return dataclasses.replace(params, prompts=[ids])
+
+
+def _field(message: str) -> str:
+    """The field a message names ("messages[1].role: ..." -> "messages[1].role"), else "messages"."""
+    head = message.split(" ", 1)[0]
+    return head if head.startswith("messages[") else "messages"
+
+
+def _choice(index: int, content: str, finish_reason: str | None) -> dict[str, Any]:
+    return {"index": index, "message": {"role": "assistant", "content": content}, "logprobs": None,
+            "finish_reason": finish_reason}  # fmt: skip
+
+
+def chat_response(id: str, model: str, created: int, results: list[Completion], prompt_tokens: int) -> dict[str, Any]:
+    """The non-streaming `chat.completion` body."""
+    return {
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [_choice(i, c.text or "", c.finish_reason) for i, c in enumerate(results)],
+        "usage": protocol.usage(prompt_tokens, sum(len(c.tokens) for c in results)),
+    }
+
+
+def chat_chunk(
+    id: str,
+    model: str,
+    created: int,
+    choices: list[tuple[int, str, str | None]],
+    usage_: dict[str, int] | None = None,
+    with_usage: bool = False,
+) -> dict[str, Any]:
+    """One `chat.completion.chunk`: a `delta` per (index, text, finish_reason); usage when requested."""
+    body: dict[str, Any] = {
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [
+            {"index": i, "delta": {"content": text} if text or reason is None else {}, "logprobs": None,
+             "finish_reason": reason}
+            for i, text, reason in choices
+        ],
+    }  # fmt: skip
+    if with_usage:
+        body["usage"] = usage_
+    return body
+
+
+def role_chunk(id: str, model: str, created: int, n: int) -> dict[str, Any]:
+    """The first chunk of a chat stream: each choice's `delta.role`, as OpenAI sends it."""
+    return {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None} for i in range(n)]}  # fmt: skip
+
+
+def chat_id() -> str:
+    return protocol.completion_id().replace("cmpl-", "chatcmpl-", 1)

@@ -1,0 +1,114 @@
+"""`POST /v1/chat/completions` through Flask's test client: OpenAI's shapes, the template, streaming, errors.
+
+A tiny engine (conftest.py's checkpoint) whose tokenizer carries a small chat template; the real
+SmolLM2 chat through the `openai` client is in tests/test_real_model.py.
+"""
+
+import json
+
+import pytest
+
+from jaxllm.generation import complete
+from jaxllm.serve import Engine, EngineSettings, create_app
+from jaxllm.text import TextCodec
+
+from serve_helpers import SLOTS, sse_data
+
+TEMPLATE = (
+    "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat"}]
+
+
+@pytest.fixture(scope="module")
+def codec(serve_tokenizer):
+    codec = TextCodec.wrap(serve_tokenizer)
+    codec.chat_template = TEMPLATE
+    return codec
+
+
+@pytest.fixture(scope="module")
+def client(checkpoint, codec):
+    _, _, cfg, params = checkpoint
+    engine = Engine(cfg, params, codec, EngineSettings(slots=SLOTS, max_prefill_batch=2)).start()
+    assert engine.wait_ready(120)
+    yield create_app(engine).test_client()
+    engine.stop()
+
+
+def expected(checkpoint, codec, max_tokens, **options):
+    _, _, cfg, params = checkpoint
+    ids = codec.encode_chat(MESSAGES)
+    return ids, complete(cfg, params, [ids], tokenizer=codec, max_new_tokens=max_tokens, stop=codec.end_ids,
+                         **options)[0]  # fmt: skip
+
+
+def test_chat_completion_has_openai_shape_and_the_template_rendered_prompt(client, checkpoint, codec):
+    r = client.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 12, "temperature": 0})
+    assert r.status_code == 200, r.json
+    body = r.json
+    ids, want = expected(checkpoint, codec, 12, temperature=0.0)
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    [choice] = body["choices"]
+    assert choice["message"] == {"role": "assistant", "content": want.text}
+    assert choice["finish_reason"] == want.finish_reason
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(want.tokens),
+                             "total_tokens": len(ids) + len(want.tokens)}  # fmt: skip
+
+
+def test_max_tokens_defaults_to_the_rest_of_the_context(client, checkpoint, codec):
+    _, _, cfg, _ = checkpoint
+    r = client.post("/v1/chat/completions", json={"messages": MESSAGES, "temperature": 0, "ignore_eos": True})
+    ids = codec.encode_chat(MESSAGES)
+    assert r.status_code == 200, r.json
+    assert r.json["usage"]["completion_tokens"] == cfg.context_length - len(ids)
+    assert r.json["choices"][0]["finish_reason"] == "length"
+
+
+def test_text_parts_equal_a_string_content(client):
+    parts = [{"role": "system", "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]},
+             MESSAGES[1]]  # fmt: skip
+    a = client.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 8, "seed": 3})
+    b = client.post("/v1/chat/completions", json={"messages": parts, "max_tokens": 8, "seed": 3})
+    assert a.status_code == b.status_code == 200
+    assert a.json["choices"] == b.json["choices"]
+
+
+def test_stream_sends_the_role_then_deltas_then_finish_reason_usage_and_done(client, checkpoint, codec):
+    body = {"messages": MESSAGES, "max_tokens": 10, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200 and r.mimetype == "text/event-stream"
+    events = sse_data(r.get_data())
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    _, want = expected(checkpoint, codec, 10, temperature=0.0)
+    assert text == want.text and reasons == [want.finish_reason]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == len(want.tokens)
+
+
+@pytest.mark.parametrize(
+    ("messages", "param"),
+    [
+        ([], "messages"),
+        ([{"role": "robot", "content": "hi"}], "messages[0].role"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "messages[0].content[0]"),
+        ([{"role": "user", "content": 5}], "messages[0].content"),
+        ("hi", "messages"),
+    ],
+)
+def test_bad_messages_get_400_naming_the_field(client, messages, param):
+    r = client.post("/v1/chat/completions", json={"messages": messages})
+    assert r.status_code == 400
+    assert r.json["error"]["param"] == param, r.json
+
+
+def test_a_checkpoint_without_a_chat_template_gets_a_clear_400(serve_engine):
+    r = create_app(serve_engine).test_client().post("/v1/chat/completions", json={"messages": MESSAGES})
+    assert r.status_code == 400
+    assert r.json["error"]["code"] == "no_chat_template" and "/v1/completions" in r.json["error"]["message"]
