@@ -113,19 +113,25 @@ def test_codec_renders_the_chat_as_transformers_does(imported, reference):
     assert tok.convert_ids_to_tokens(codec.end_ids) == ["<|im_end|>"]
 
 
-def test_generate_chat_answers_like_transformers_and_stops_at_end_of_turn(imported, reference, capsys):
+@pytest.fixture(scope="module")
+def greedy_answer(reference) -> str:
+    """transformers' greedy answer to QUESTION, up to its end of turn."""
     import torch
 
-    from jaxllm.cli import main
-
-    out, _, _ = imported
     model, tok = reference
     ids = chat_ids(tok, QUESTION)
     with torch.no_grad():
         want_ids = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)[0, len(ids) :].tolist()
     end = tok.convert_tokens_to_ids("<|im_end|>")
     assert end in want_ids, "transformers ends its turn within 40 tokens"
-    want = tok.decode(want_ids[: want_ids.index(end)])
+    return tok.decode(want_ids[: want_ids.index(end)])
+
+
+def test_generate_chat_answers_like_transformers_and_stops_at_end_of_turn(imported, greedy_answer, capsys):
+    from jaxllm.cli import main
+
+    out, _, _ = imported
+    want = greedy_answer
     main(["generate", "--checkpoint", str(out), "--chat", QUESTION, "--temperature", "0", "--max-new-tokens", "40"])
     printed = capsys.readouterr().out
     assert printed.rstrip("\n") == want
@@ -152,3 +158,35 @@ def test_export_hf_loads_in_transformers_with_its_tokenizer(imported, reference,
         got = exported.eval()(torch.tensor([ids])).logits
         want = model(torch.tensor([ids])).logits
     assert torch.equal(got, want), "the same float32 weights give the same logits, bit for bit"
+
+
+def test_openai_chat_client_gets_transformers_answer_streamed_and_not(imported, greedy_answer):
+    """The official client against `jaxllm serve`'s app (waitress, in this process) on the imported model,
+    its context cut to 256 positions to keep the KV cache small here."""
+    import threading
+
+    import waitress
+
+    from jaxllm.serve import Engine, EngineSettings, create_app
+    from jaxllm.text import load_codec
+
+    openai = pytest.importorskip("openai")
+    out, cfg, params = imported
+    engine = Engine(cfg.replace(context_length=256), params, load_codec(out, cfg.vocab_size),
+                    EngineSettings(slots=2, max_prefill_batch=1, warmup=False)).start()  # fmt: skip
+    server = waitress.create_server(create_app(engine), host="127.0.0.1", port=0, threads=4)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert engine.wait_ready(300)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.effective_port}/v1", api_key="unused")
+        messages = [{"role": "user", "content": QUESTION}]
+        reply = client.chat.completions.create(model=cfg.name, messages=messages, temperature=0, max_tokens=40)
+        assert reply.choices[0].message.content == greedy_answer
+        assert reply.choices[0].finish_reason == "stop"
+        stream = client.chat.completions.create(model=cfg.name, messages=messages, temperature=0, max_tokens=40,
+                                                stream=True)  # fmt: skip
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == greedy_answer
+    finally:
+        server.close()
+        engine.stop()
