@@ -170,6 +170,27 @@ def _compiled(template: str) -> Any:
 # Loading ------------------------------------------------------------------------------------------
 
 
+def _check_same_tokenizer(tok: Any, file: Path, own: Path) -> None:
+    """`InputError` unless `tok` (from `file`) is the tokenizer of the checkpoint's own `tokenizer.json`.
+
+    Compared by the SHA-256 of their canonical JSON: another tokenizer that fits the vocabulary would
+    still map ids to the wrong text."""
+    from tokenizers import Tokenizer
+
+    from jaxllm.data.tokenizer import sha256_hex, tokenizer_bytes
+
+    try:
+        theirs = Tokenizer.from_file(str(own))
+    except Exception:  # a broken own file: the given one replaces it
+        return
+    given, expected = sha256_hex(tokenizer_bytes(tok)), sha256_hex(tokenizer_bytes(theirs))
+    if given != expected:
+        raise InputError(
+            f"the tokenizer {file} (sha256 {given[:12]}) is not the checkpoint's own {own} (sha256 {expected[:12]}): "
+            "the model was trained with that one; leave out --tokenizer to use it"
+        )
+
+
 def load_codec(checkpoint_dir: str | Path, vocab_size: int, tokenizer_path: str | Path | None = None) -> TextCodec:
     """The `TextCodec` of a params directory (or of the `tokenizer.json` at `tokenizer_path`).
 
@@ -193,6 +214,9 @@ def load_codec(checkpoint_dir: str | Path, vocab_size: int, tokenizer_path: str 
     n_vocab = tok.get_vocab_size(with_added_tokens=True)
     if n_vocab > vocab_size:
         raise InputError(f"the tokenizer has {n_vocab} tokens, more than the model's vocabulary of {vocab_size}")
+    own = ck / TOKENIZER_FILE
+    if tokenizer_path is not None and own.is_file() and own.resolve() != file.resolve():
+        _check_same_tokenizer(tok, file, own)
     tok_cfg = _read_json(ck / "tokenizer_config.json")
     gen_cfg = _read_json(ck / "generation_config.json")
     if tokenizer_path is not None or not tok_cfg:  # a dataset's tokenizer, or a checkpoint jaxllm trained
