@@ -264,6 +264,7 @@ class Engine:
         admitted = self._admit()
         if admitted:
             self._prefill(admitted)
+            self._free_abandoned()  # rows of a request whose other row failed to prefill
         busy = self.busy_slots()
         if busy == 0:
             if not self._waiting:
@@ -313,6 +314,9 @@ class Engine:
         admitted = sorted(admitted, key=lambda sr: len(sr[1].prompt))  # similar lengths share a bucket
         step = self.settings.max_prefill_batch
         for i in range(0, len(admitted), step):
+            closed = [slot for slot, row in admitted[i : i + step] if row.job.closed]  # another row failed
+            if closed:
+                self._free_slots(closed)
             chunk = [(slot, row) for slot, row in admitted[i : i + step] if not row.job.closed]
             if not chunk:
                 continue
@@ -374,7 +378,7 @@ class Engine:
         now = time.monotonic()
         stopped = np.zeros(self.settings.slots, bool)
         for slot, row in enumerate(self._slots):
-            if row is None:
+            if row is None or row.job.closed:
                 continue
             done = bool(done_B[slot])
             try:
