@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from jaxllm.errors import JaxllmError
+from jaxllm.errors import InputError, JaxllmError
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -94,23 +95,49 @@ def cmd_train(args: argparse.Namespace) -> None:
           f"params in {result.final_dir}")
 
 
+# `jaxllm generate`'s flags by the names its errors (from the Python API) use for them.
+GENERATE_FLAGS = {"max_new_tokens": "--max-new-tokens", "top_k": "--top-k", "top_p": "--top-p",
+                  "num_samples": "--num-samples", "temperature": "--temperature", "seed": "--seed"}  # fmt: skip
+
+
+def flag_names(message: str, flags: dict[str, str]) -> str:
+    """`message` with parameter names replaced by the flags the user typed (top_k -> --top-k)."""
+    pattern = r"(?<![\w-])(" + "|".join(map(re.escape, flags)) + r")(?!\w)"
+    return re.sub(pattern, lambda m: flags[m.group(1)], message)
+
+
+def check_text_args(**texts: str | list[str] | None) -> None:
+    """Arguments that are not text (bytes that are not UTF-8 reach Python as lone surrogates): `InputError`."""
+    for name, value in texts.items():
+        for text in [value] if isinstance(value, str) else value or []:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                flag = "--" + name.replace("_", "-")
+                raise InputError(f"{flag} is not valid UTF-8 text: {text!r}") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from jaxllm.generate_command import sample_checkpoint
 
-    stats = sample_checkpoint(
-        args.checkpoint,
-        args.chat if args.chat is not None else args.prompt,
-        chat=args.chat is not None,
-        ignore_eos=args.ignore_eos,
-        tokenizer_path=args.tokenizer,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        num_samples=args.num_samples,
-        stop=args.stop,
-    )
+    check_text_args(prompt=args.prompt, chat=args.chat, stop=args.stop)
+    try:
+        stats = sample_checkpoint(
+            args.checkpoint,
+            args.chat if args.chat is not None else args.prompt,
+            chat=args.chat is not None,
+            ignore_eos=args.ignore_eos,
+            tokenizer_path=args.tokenizer,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            num_samples=args.num_samples,
+            stop=args.stop,
+        )
+    except InputError as err:
+        raise InputError(flag_names(str(err), GENERATE_FLAGS)) from None
     print(stats.summary(), file=sys.stderr)
 
 
@@ -123,6 +150,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    if not 0 <= args.port <= 65535:  # before importing JAX and loading the model
+        raise InputError(f"--port must be between 0 and 65535 (0: any free port), got {args.port}")
+    check_text_args(host=args.host, allow_host=args.allow_host)
     from jaxllm.serve import EngineSettings, serve
 
     settings = EngineSettings(
@@ -133,7 +163,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         timeout_s=args.timeout,
     )
     serve(args.checkpoint, args.host, args.port, settings=settings, tokenizer_path=args.tokenizer,
-          model_name=args.model_name, threads=args.threads)  # fmt: skip
+          model_name=args.model_name, threads=args.threads, connection_limit=args.connection_limit,
+          channel_timeout_s=args.channel_timeout, allowed_hosts=args.allow_host,
+          public_metrics=args.public_metrics)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,6 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-per-call", type=int, default=4, metavar="K", help="decode steps between joins (default 4)")
     p.add_argument("--max-prefill-batch", type=int, default=4, metavar="N", help="prompts per prefill (default 4)")
     p.add_argument("--threads", type=int, metavar="N", help="HTTP threads (default: slots + queue + 8)")
+    p.add_argument("--connection-limit", type=int, default=1000, metavar="N",
+                   help="open connections, idle ones included, before new ones wait (default 1000)")  # fmt: skip
+    p.add_argument("--channel-timeout", type=int, default=30, metavar="S",
+                   help="close a connection idle this long, in seconds (default 30)")  # fmt: skip
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host header is NAME (repeatable; * for any); "
+                   "loopback names and --host are always allowed")  # fmt: skip
+    p.add_argument("--public-metrics", action="store_true",
+                   help="serve /metrics without the API key (when JAXLLM_API_KEY is set)")  # fmt: skip
     return parser
 
 

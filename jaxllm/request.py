@@ -19,6 +19,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError
 
 INT32_MAX = 2**31 - 1  # the engines hold top_k as int32
+SEED_MAX = 2**32 - 1  # a seed is the uint32 of the PRNG key: larger ones are refused, not wrapped
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,8 @@ def check_request(
     """Raise `InputError` with a clear message for any bad argument; else the normalised request.
 
     Refused: no prompts, an empty prompt, a token id outside the vocabulary, temperature < 0 (or
-    not finite), top_k < 0, top_p outside (0, 1], max_new_tokens < 0, a prompt longer than the
+    not finite), top_k outside [0, 2**31), top_p outside (0, 1], max_new_tokens < 0, a seed outside
+    [0, 2**32), a prompt longer than the
     context, prompt + max_new_tokens past the context, stop strings without a tokenizer.
     """
     checked = _check_prompts(cfg, prompts)
@@ -122,6 +124,8 @@ def check_request(
     if not 0 < top_p <= 1:
         raise InputError(f"top_p must be in (0, 1] (1 switches it off), got {top_p}")
     seed = as_int(sampling.seed, "seed")
+    if not 0 <= seed <= SEED_MAX:
+        raise InputError(f"seed must be between 0 and {SEED_MAX} (32 bits), got {seed}")
     stop_ids, stop_strings = _check_stops(cfg, sampling.stop)
     if stop_strings and tokenizer is None:
         raise InputError("stop strings need a tokenizer (to turn tokens into text); pass tokenizer=...")

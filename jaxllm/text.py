@@ -127,17 +127,25 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
 
 
 def message_text(content: Any, where: str) -> str:
-    """The text of a message's content: a string, or OpenAI's list of text parts."""
+    """The text of a message's content: a string, or OpenAI's list of text parts (lone surrogates refused)."""
     if isinstance(content, str):
-        return content
+        return _encodable(content, where)
     if isinstance(content, list) and content:
         parts = []
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise InputError(f"{where}[{j}] must be a text part {{\"type\": \"text\", \"text\": ...}}")
-            parts.append(part["text"])
+            parts.append(_encodable(part["text"], f"{where}[{j}].text"))
         return "".join(parts)
     raise InputError(f"{where} must be a string or a non-empty list of text parts")
+
+
+def _encodable(text: str, where: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(f"{where} is not valid Unicode text: a lone surrogate at position {err.start}") from None
+    return text
 
 
 @cache
@@ -170,6 +178,27 @@ def _compiled(template: str) -> Any:
 # Loading ------------------------------------------------------------------------------------------
 
 
+def _check_same_tokenizer(tok: Any, file: Path, own: Path) -> None:
+    """`InputError` unless `tok` (from `file`) is the tokenizer of the checkpoint's own `tokenizer.json`.
+
+    Compared by the SHA-256 of their canonical JSON: another tokenizer that fits the vocabulary would
+    still map ids to the wrong text."""
+    from tokenizers import Tokenizer
+
+    from jaxllm.data.tokenizer import sha256_hex, tokenizer_bytes
+
+    try:
+        theirs = Tokenizer.from_file(str(own))
+    except Exception:  # a broken own file: the given one replaces it
+        return
+    given, expected = sha256_hex(tokenizer_bytes(tok)), sha256_hex(tokenizer_bytes(theirs))
+    if given != expected:
+        raise InputError(
+            f"the tokenizer {file} (sha256 {given[:12]}) is not the checkpoint's own {own} (sha256 {expected[:12]}): "
+            "the model was trained with that one; leave out --tokenizer to use it"
+        )
+
+
 def load_codec(checkpoint_dir: str | Path, vocab_size: int, tokenizer_path: str | Path | None = None) -> TextCodec:
     """The `TextCodec` of a params directory (or of the `tokenizer.json` at `tokenizer_path`).
 
@@ -193,6 +222,9 @@ def load_codec(checkpoint_dir: str | Path, vocab_size: int, tokenizer_path: str 
     n_vocab = tok.get_vocab_size(with_added_tokens=True)
     if n_vocab > vocab_size:
         raise InputError(f"the tokenizer has {n_vocab} tokens, more than the model's vocabulary of {vocab_size}")
+    own = ck / TOKENIZER_FILE
+    if tokenizer_path is not None and own.is_file() and own.resolve() != file.resolve():
+        _check_same_tokenizer(tok, file, own)
     tok_cfg = _read_json(ck / "tokenizer_config.json")
     gen_cfg = _read_json(ck / "generation_config.json")
     if tokenizer_path is not None or not tok_cfg:  # a dataset's tokenizer, or a checkpoint jaxllm trained

@@ -290,6 +290,7 @@ def test_serve_service_serves_the_mounted_checkpoint_on_0_0_0_0_published_on_loo
     serve = compose()["services"]["serve"]
     args = build_parser().parse_args(serve["command"])  # the image's entrypoint is `jaxllm`
     assert args.command == "serve" and args.host == "0.0.0.0"
+    assert args.allow_host == ["serve"], "other containers reach it by its service name (Host: serve:8000)"
     assert mounts(serve)[args.checkpoint][1], "the checkpoint is mounted read-only"
     (published,) = serve["ports"]
     host_ip, _, container_port = published.split(":")

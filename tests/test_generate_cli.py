@@ -86,12 +86,17 @@ def test_checkpoint_without_tokenizer_gets_one_clear_error_line(checkpoint, caps
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--top-p", "1.5"], "top_p must be in (0, 1]"),
-        (["--temperature", "-1"], "temperature must be >= 0"),
-        (["--top-k", "-2"], "top_k must be between 0"),
-        (["--top-k", "2147483648"], "top_k must be between 0"),
-        (["--max-new-tokens", "60"], "overflows the context length 48"),
-        (["--num-samples", "0"], "num_samples must be >= 1"),
+        (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--top-k", "-2"], "--top-k must be between 0"),
+        (["--top-k", "2147483648"], "--top-k must be between 0"),
+        (["--max-new-tokens", "60"], "+ --max-new-tokens 60 = 62 tokens overflows the context length 48; use "
+                                     "--max-new-tokens <= 46"),
+        (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
+        (["--num-samples", "0"], "--num-samples must be >= 1"),
+        (["--seed", "-1"], "--seed must be between 0 and 4294967295"),
+        (["--seed", str(2**32)], "--seed must be between 0 and 4294967295"),
+        (["--seed", str(2**64)], "--seed must be between 0 and 4294967295"),
     ],
 )
 def test_bad_options_get_one_clear_error_line(checkpoint, capsys, flags, message):
@@ -100,3 +105,59 @@ def test_bad_options_get_one_clear_error_line(checkpoint, capsys, flags, message
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_python_api_errors_keep_the_parameter_names(checkpoint):
+    from jaxllm.errors import InputError
+    from jaxllm.generate_command import sample_checkpoint
+
+    with pytest.raises(InputError, match=r"^top_k must be between 0"):
+        sample_checkpoint(checkpoint[0], PROMPT, top_k=-1)
+    with pytest.raises(InputError, match=r"^seed must be between 0 and 4294967295 \(32 bits\), got -1"):
+        sample_checkpoint(checkpoint[0], PROMPT, seed=-1)
+
+
+def test_the_largest_seed_is_used_whole(checkpoint, capsys):
+    args = ["--checkpoint", checkpoint[0], "--prompt", PROMPT, "--max-new-tokens", "12", "--temperature", "1"]
+    top = run_cli(capsys, *args, "--seed", str(2**32 - 1)).out
+    assert top == run_cli(capsys, *args, "--seed", str(2**32 - 1)).out != run_cli(capsys, *args, "--seed", "0").out
+
+
+@pytest.mark.parametrize("flag", ["--prompt", "--chat", "--stop"])
+def test_arguments_that_are_not_utf8_get_one_error_line_and_exit_2(checkpoint, flag):
+    """Bytes that are not UTF-8 reach Python's argv as lone surrogates (surrogateescape): b"a\xff" -> "a\udcff"."""
+    argv = [sys.executable, "-m", "jaxllm.cli", "generate", "--checkpoint", str(checkpoint[0]), flag, b"a\xff"]
+    proc = subprocess.run(argv, capture_output=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.decode("utf-8", "replace")
+    assert err.startswith(f"error: {flag} is not valid UTF-8 text") and err.count("\n") == 1, err
+
+
+def test_a_tokenizer_that_is_not_the_checkpoints_own_is_refused_naming_both(checkpoint, tmp_path, capsys):
+    from jaxllm.data.tokenizer import byte_tokenizer
+
+    other = tmp_path / "bytes.json"
+    byte_tokenizer().save(str(other))  # 257 tokens: fits the model's 300, but maps ids to other text
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(capsys, "--checkpoint", checkpoint[0], "--tokenizer", other, "--prompt", PROMPT)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert str(other) in err and str(checkpoint[0] / "tokenizer.json") in err and "sha256" in err
+    run_cli(capsys, "--checkpoint", checkpoint[1], "--tokenizer", other, "--prompt", "", "--max-new-tokens", "2")
+
+
+def test_a_copy_of_the_checkpoints_own_tokenizer_is_accepted_also_when_the_model_pads_its_vocabulary(
+    checkpoint, tokenizer_file, tmp_path
+):
+    """Real checkpoints (Qwen2) have more embedding rows than tokens: the same tokenizer, smaller, fits."""
+    import shutil
+
+    from jaxllm.text import load_codec
+
+    padded = tmp_path / "padded"
+    padded.mkdir()
+    shutil.copy(tokenizer_file, padded / "tokenizer.json")
+    copy = shutil.copy(tokenizer_file, tmp_path / "copy.json")
+    assert load_codec(padded, 320, copy).encode(PROMPT) == load_codec(padded, 320).encode(PROMPT)
+    assert load_codec(checkpoint[0], 300, copy).encode(PROMPT)

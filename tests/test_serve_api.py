@@ -314,3 +314,104 @@ def test_http_requests_are_counted_by_route_and_status(serve_engine):
     assert counter.labels("/v1/completions", "POST", "200")._value.get() == 1
     assert counter.labels("/v1/completions", "POST", "400")._value.get() == 1
     assert counter.labels("unmatched", "GET", "404")._value.get() == 1
+
+
+# Hardening: integer ranges, lone surrogates, Content-Type, Host, /metrics ---------------------------
+
+
+def post_raw(client, body, **kw):
+    """POST `body` as JSON text (json.dumps writes a lone surrogate as a \\ud800 escape, as a client may)."""
+    import json
+
+    return client.post("/v1/completions", data=json.dumps(body), content_type="application/json", **kw)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "x", "seed": 2**32}, "seed"),
+        ({"prompt": "x", "seed": -1}, "seed"),
+        ({"prompt": "x", "seed": 2**64}, "seed"),
+        ({"prompt": "x", "seed": 2**70}, "seed"),
+        ({"prompt": "x", "top_k": 2**31}, "top_k"),
+        ({"prompt": "x", "top_k": 2**70}, "top_k"),
+        ({"prompt": "x", "n": 2**70}, "n"),
+        ({"prompt": "x", "best_of": 2**70}, "best_of"),
+        ({"prompt": "x", "max_tokens": 2**70}, "max_tokens"),
+        ({"prompt": [1, 2**70]}, "prompt"),
+        ({"prompt": [[2**63, 1]]}, "prompt"),
+        ({"prompt": [-(2**70)]}, "prompt"),
+    ],
+)
+def test_integers_past_their_range_get_400_naming_the_field(client, body, param):
+    assert_error(post_raw(client, body), 400, param, "context_length_exceeded" if param == "max_tokens" else None)
+
+
+def test_seeds_are_32_bit_the_largest_is_served_and_differs_from_zero(client):
+    def text(seed):
+        r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, "seed": seed})
+        assert r.status_code == 200, r.data
+        return r.json["choices"][0]["text"]
+
+    assert text(2**32 - 1) == text(2**32 - 1) and text(2**32 - 1) != text(0)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "a\ud800b"}, "prompt"),
+        ({"prompt": ["the cat", "a\udcffb"]}, "prompt"),
+        ({"prompt": "the cat", "stop": "\ud800"}, "stop"),
+        ({"prompt": "the cat", "stop": ["x", "y\udfff"]}, "stop"),
+        ({"prompt": "a\ud800b", "stream": True}, "prompt"),
+        ({"prompt": "the cat", "stop": ["\ud83d"], "stream": True}, "stop"),
+        ({"prompt": "the cat", "model": "mini\ud800"}, "model"),
+    ],
+)
+def test_lone_surrogates_get_400_naming_the_field(client, body, param):
+    error = assert_error(post_raw(client, body), 400, param)
+    assert "surrogate" in error["message"]
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded", "text/json"])
+def test_completions_require_a_json_content_type(client, content_type):
+    import json
+
+    headers = {"Content-Type": content_type} if content_type else {}
+    r = client.post("/v1/completions", data=json.dumps({"prompt": "x", "max_tokens": 1}), headers=headers)
+    assert_error(r, 415, None, "unsupported_media_type")
+    ok = client.post("/v1/completions", data=json.dumps({"prompt": "x", "max_tokens": 1}),
+                     content_type="application/json; charset=utf-8")  # fmt: skip
+    assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "127.0.0.2", "localhost.evil.example", ""])
+def test_a_host_header_the_server_does_not_answer_to_gets_421(client, host):
+    for method, path in [("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/completions")]:
+        r = client.open(path, method=method, json={"prompt": "x", "max_tokens": 1}, headers={"Host": host})
+        assert_error(r, 421, None, "misdirected_request")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.1:8000", "localhost", "LOCALHOST:80", "[::1]", "[::1]:8000"])
+def test_loopback_host_headers_are_answered(client, host):
+    assert client.get("/health", headers={"Host": host}).status_code == 200
+
+
+def test_allowed_hosts_add_names_and_star_allows_any(serve_engine):
+    named = create_app(serve_engine, allowed_hosts=["api.example", "10.0.0.5"]).test_client()
+    assert named.get("/health", headers={"Host": "api.example:8000"}).status_code == 200
+    assert named.get("/health", headers={"Host": "10.0.0.5"}).status_code == 200
+    assert named.get("/health", headers={"Host": "other.example"}).status_code == 421
+    anyone = create_app(serve_engine, allowed_hosts=["*"]).test_client()
+    assert anyone.get("/health", headers={"Host": "other.example"}).status_code == 200
+
+
+def test_metrics_need_the_api_key_when_one_is_set_unless_public(serve_engine):
+    keyed = create_app(serve_engine, api_key="k").test_client()
+    error = assert_error(keyed.get("/metrics"), 401, None, "invalid_api_key")
+    assert "Bearer" in error["message"]
+    assert keyed.get("/metrics", headers={"Authorization": "Bearer k"}).status_code == 200
+    assert keyed.get("/health").status_code == 200 and keyed.get("/ready").status_code == 200
+    public = create_app(serve_engine, api_key="k", public_metrics=True).test_client()
+    assert public.get("/metrics").status_code == 200
+    assert public.get("/v1/models").status_code == 401

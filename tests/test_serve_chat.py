@@ -99,6 +99,8 @@ def test_stream_sends_the_role_then_deltas_then_finish_reason_usage_and_done(cli
         ([{"role": "robot", "content": "hi"}], "messages[0].role"),
         ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "messages[0].content[0]"),
         ([{"role": "user", "content": 5}], "messages[0].content"),
+        ([{"role": "user", "content": "a\ud800b"}], "messages[0].content"),
+        ([{"role": "user", "content": [{"type": "text", "text": "\udcff"}]}], "messages[0].content[0].text"),
         ("hi", "messages"),
     ],
 )
@@ -106,6 +108,11 @@ def test_bad_messages_get_400_naming_the_field(client, messages, param):
     r = client.post("/v1/chat/completions", json={"messages": messages})
     assert r.status_code == 400
     assert r.json["error"]["param"] == param, r.json
+
+
+def test_chat_requires_a_json_content_type(client):
+    r = client.post("/v1/chat/completions", data=json.dumps({"messages": MESSAGES}), content_type="text/plain")
+    assert r.status_code == 415
 
 
 def test_a_checkpoint_without_a_chat_template_gets_a_clear_400(serve_engine):

@@ -17,7 +17,7 @@ from jaxllm.serve import engine as engine_module
 from jaxllm.serve.engine import Delta, Failed, Finished
 from jaxllm.serve.protocol import CompletionParams, to_request
 
-from serve_helpers import SLOTS, collect, sse_data
+from serve_helpers import SLOTS, collect, reference, sse_data
 
 
 def make_request(checkpoint, tokenizer, prompt, **fields):
@@ -189,3 +189,56 @@ def test_engine_settings_refuse_nonsense(field):
         EngineSettings(**{field: 0})
     with pytest.raises(InputError, match="power of two"):
         EngineSettings(max_prefill_batch=3)
+
+
+def test_a_failure_in_one_requests_prefill_fails_only_that_request(checkpoint, serve_tokenizer, monkeypatch):
+    """The culprit shares a prefill with others: the chunk is run again row by row; only it fails."""
+    engine = slowed(checkpoint, serve_tokenizer, delay_s=0.01, max_prefill_batch=2)
+    real = engine_module.pack_prompts
+
+    def poisoned(rows, *args):
+        if any(req.seed == 666 for _, req, _ in rows):
+            raise RuntimeError("poisoned row")
+        return real(rows, *args)
+
+    monkeypatch.setattr(engine_module, "pack_prompts", poisoned)
+    try:
+        fields = [("the cat", 1), ("a dog", 2), ("the", 3)]
+        others = [make_request(checkpoint, serve_tokenizer, p, max_tokens=8, seed=s) for p, s in fields]
+        culprit = make_request(checkpoint, serve_tokenizer, "the mat", max_tokens=8, seed=666)
+        jobs = [engine.submit(others[0]), engine.submit(culprit), engine.submit(others[1]), engine.submit(others[2])]
+        with pytest.raises(Exception) as failed:
+            collect(jobs[1])
+        assert getattr(failed.value, "status", None) == 500
+        for job, (prompt, seed) in zip([jobs[0], jobs[2], jobs[3]], fields, strict=True):
+            [done] = collect(job)
+            assert done.text == reference(checkpoint, serve_tokenizer, [prompt], max_tokens=8, seed=seed)[0]
+        later = engine.submit(make_request(checkpoint, serve_tokenizer, "the cat", max_tokens=4, seed=5))
+        assert len(collect(later)[0].tokens) == 4 and engine.ready
+    finally:
+        engine.stop()
+
+
+def test_a_failed_decode_fails_only_the_rows_in_flight_and_the_queue_is_served(checkpoint, serve_tokenizer,
+                                                                               monkeypatch):  # fmt: skip
+    engine = slowed(checkpoint, serve_tokenizer, delay_s=0.01)
+    real, calls = engine_module.decode_jit, []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("device hiccup")
+        return real(*args)
+
+    monkeypatch.setattr(engine_module, "decode_jit", flaky)
+    try:
+        running = [engine.submit(make_request(checkpoint, serve_tokenizer, "the cat", max_tokens=30, temperature=0))
+                   for _ in range(SLOTS)]  # fmt: skip
+        queued = engine.submit(make_request(checkpoint, serve_tokenizer, "a dog", max_tokens=4, seed=1))
+        for job in running:
+            with pytest.raises(Exception) as failed:
+                collect(job)
+            assert getattr(failed.value, "status", None) == 500
+        assert len(collect(queued)[0].tokens) == 4 and engine.ready
+    finally:
+        engine.stop()

@@ -1,4 +1,6 @@
-"""Property: whatever JSON (or bytes) a client posts, the server answers 2xx or 4xx and keeps serving."""
+"""Property: whatever JSON (or bytes) a client posts, the server answers 2xx or 4xx and keeps serving.
+
+Every field draws integers up to 2**70 and strings with lone surrogates as well as near-valid values."""
 
 import json
 
@@ -15,30 +17,36 @@ def fuzz_app(serve_engine):
     return create_app(serve_engine)
 
 
-json_scalars = (
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=30)
-)
+# Text with lone surrogates ("\ud800": valid JSON escapes, not valid Unicode text) and integers far past int64.
+surrogate = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
+texts = st.text(max_size=30) | st.lists(st.text(max_size=4) | surrogate, min_size=1, max_size=6).map("".join)
+huge = st.integers(-(2**70), 2**70) | st.sampled_from([2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**63, 2**64, -1, -(2**63)])
+json_scalars = st.none() | st.booleans() | huge | st.floats(allow_nan=False) | texts
 json_values = st.recursive(
     json_scalars, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
     max_leaves=20,
 )  # fmt: skip
 # Values near the valid ones, so that about half of the bodies get past the checks into the engine.
+# Every integer field also draws from `huge`, every string field from `texts`.
 near_valid = {
-    "max_tokens": st.integers(-1, 50),
-    "temperature": st.floats(-0.5, 2.5, allow_nan=False),
-    "top_p": st.floats(0.0, 1.05, allow_nan=False),
-    "top_k": st.integers(-2, 400),
-    "n": st.integers(0, 4),
-    "stop": st.text(max_size=4) | st.lists(st.text(max_size=4), max_size=5),
-    "seed": st.integers(-(2**40), 2**40),
+    "max_tokens": st.integers(-1, 50) | huge,
+    "temperature": st.floats(-0.5, 2.5, allow_nan=False) | huge,
+    "top_p": st.floats(0.0, 1.05, allow_nan=False) | huge,
+    "top_k": st.integers(-2, 400) | huge,
+    "n": st.integers(0, 4) | huge,
+    "best_of": st.integers(0, 4) | huge,
+    "stop": st.text(max_size=4) | texts | st.lists(st.text(max_size=4) | texts, max_size=5),
+    "seed": st.integers(-(2**40), 2**40) | huge,
     "stream": st.booleans(),
-    "model": st.sampled_from(["mini", "other"]),
+    "model": st.sampled_from(["mini", "other"]) | texts,
     "echo": st.just(False),
-    "user": st.text(max_size=8),
+    "user": st.text(max_size=8) | texts,
 }
+token_ids = st.integers(-1, 310) | huge
 prompts = (
-    st.text(max_size=60) | st.lists(st.text(max_size=20), max_size=3) | st.lists(st.integers(-1, 310), max_size=50)
-)
+    st.text(max_size=60) | texts | st.lists(st.text(max_size=20) | texts, max_size=3)
+    | st.lists(token_ids, max_size=50) | st.lists(st.lists(token_ids, max_size=10), max_size=3)
+)  # fmt: skip
 bodies = (
     st.fixed_dictionaries({"prompt": prompts}, optional=near_valid)
     | st.fixed_dictionaries(
@@ -48,7 +56,7 @@ bodies = (
             "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
         },
     )
-    | st.dictionaries(st.sampled_from(sorted(FIELDS)) | st.text(max_size=8), json_values, max_size=6)
+    | st.dictionaries(st.sampled_from(sorted(FIELDS)) | texts, json_values, max_size=6)
     | json_values
 )
 

@@ -11,6 +11,7 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -197,6 +198,91 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(checkpoint, tmp_pat
         assert samples[("jaxllm_busy_slots", ())] == 0
         assert samples[("jaxllm_generated_tokens_total", ())] < 128 * 40
         assert call(port, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})[0] == 200
+
+
+def test_150_idle_connections_do_not_lock_other_clients_out(server):
+    """Sockets that connect and send nothing (waitress's default limit of 100 would refuse everyone else)."""
+    _, port = server
+    idle = []
+    try:
+        for _ in range(150):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        time.sleep(0.5)  # let the server accept them all
+        start = time.monotonic()
+        assert call(port, "GET", "/health", timeout=2)[0] == 200
+        status, _, body = call(port, "POST", "/v1/completions", {"prompt": "the cat", "max_tokens": 2}, timeout=2)
+        assert status == 200, body
+        assert time.monotonic() - start < 2
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def raw_request(port, data: bytes) -> tuple[int, dict, bytes]:
+    """(status, headers, body) of a hand-written request (what http.client will not send)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        r = http.client.HTTPResponse(sock)
+        r.begin()
+        return r.status, dict(r.getheaders()), r.read()
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        ("Content-Length: -1", 400),
+        ("Content-Length: abc", 400),
+        ("Content-Length: 100000000", 413),  # over waitress's own cap (64 MiB): refused before the app runs
+        ("Transfer-Encoding: gzip", 501),
+    ],
+)
+def test_errors_waitress_sends_itself_are_json_too(server, head, status):
+    _, port = server
+    request = f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{head}\r\n\r\n"
+    got, headers, body = raw_request(port, request.encode())
+    assert got == status, body
+    assert headers["Content-Type"] == "application/json"
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
+
+def test_the_real_server_checks_the_host_header_and_protects_metrics(server):
+    _, port = server
+    status, _, body = call(port, "GET", "/v1/models", headers={**AUTH, "Host": "attacker.example"})
+    assert status == 421 and json.loads(body)["error"]["code"] == "misdirected_request"
+    assert call(port, "GET", "/v1/models", headers={**AUTH, "Host": f"localhost:{port}"})[0] == 200
+    status, _, body = call(port, "GET", "/metrics", headers={"Accept": "*/*"})
+    assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
+    no_type = {"Authorization": AUTH["Authorization"]}
+    status, _, body = call(port, "POST", "/v1/completions", {"prompt": "x"}, headers=no_type)
+    assert status == 415 and json.loads(body)["error"]["code"] == "unsupported_media_type"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--port", "IN_USE"], "cannot listen on --host 127.0.0.1 --port IN_USE: Address already in use"),
+        (["--host", "256.1.1.1"], "cannot listen on --host 256.1.1.1"),
+        (["--host", "no-such-host.invalid"], "cannot listen on --host no-such-host.invalid"),
+        (["--port", "-1"], "--port must be between 0 and 65535"),
+        (["--port", "65536"], "--port must be between 0 and 65535"),
+        (["--port", "70000"], "--port must be between 0 and 65535"),
+        (["--connection-limit", "0"], "--connection-limit must be >= 1"),
+    ],
+)
+def test_an_address_serve_cannot_listen_on_is_one_error_line_and_exit_2(checkpoint, flags, message):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = str(taken.getsockname()[1])
+        flags = [busy if f == "IN_USE" else f for f in flags]
+        argv = [sys.executable, "-m", "jaxllm.cli", "serve", "--checkpoint", str(checkpoint[0]), "--port", "0", *flags]
+        start = time.monotonic()
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert message.replace("IN_USE", busy) in proc.stderr and proc.stdout == ""
+    assert time.monotonic() - start < 60  # (the model is never loaded)
 
 
 def test_sigterm_finishes_running_requests_then_exits_cleanly(server):

@@ -12,7 +12,7 @@ import html
 import logging
 import queue
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from importlib import resources
 from typing import Any, NamedTuple, cast
 
@@ -33,13 +33,36 @@ PING_EVERY_S = 1.0  # a stream waiting this long for tokens sends an SSE comment
 WAIT_GRACE_S = 5.0  # a request thread gives up this long after the engine should have timed its job out
 METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # Host header names always accepted
+JSON_ROUTES = {"/v1/completions", "/v1/chat/completions"}  # routes that read a JSON body: Content-Type must say so
+
+
+def host_name(header: str) -> str:
+    """The name of a Host header, lower case, without its port or brackets ("[::1]:80" -> "::1")."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    name, _, port = header.rpartition(":") if header.count(":") == 1 else (header, "", "")
+    return (name if port.isdigit() or not port else header).rstrip(".")
 
 
 def create_app(
-    engine: Engine, *, model_name: str | None = None, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES
+    engine: Engine,
+    *,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    allowed_hosts: Iterable[str] = (),
+    public_metrics: bool = False,
 ) -> Flask:
-    """The serving app over a started `engine`. `api_key`: require `Authorization: Bearer KEY` on /v1/."""
+    """The serving app over a started `engine`.
+
+    `api_key`: require `Authorization: Bearer KEY` on /v1/ and on /metrics (unless `public_metrics`).
+    Requests whose `Host` header names neither a loopback name nor one of `allowed_hosts` get 421
+    (against DNS rebinding: a web page whose name resolves to 127.0.0.1); "*" allows any Host.
+    """
     app = Flask(__name__)
+    hosts = {host_name(h) for h in (*LOOPBACK_HOSTS, *allowed_hosts)}
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     model = model_name or engine.cfg.name
@@ -49,8 +72,28 @@ def create_app(
     page = resources.files("jaxllm.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
     @app.before_request
+    def check_host() -> None:
+        if "*" in hosts:
+            return
+        name = host_name(request.headers.get("Host", ""))
+        if name not in hosts:
+            raise ServeError(
+                421, f"this server does not answer to the Host {name[:100]!r}; start it with --allow-host NAME "
+                "to accept that name", code="misdirected_request",
+            )  # fmt: skip
+
+    @app.before_request
+    def check_content_type() -> None:
+        if request.method == "POST" and request.path in JSON_ROUTES and request.mimetype != "application/json":
+            raise ServeError(
+                415, f"Content-Type must be application/json, got {request.mimetype or 'none'!r}",
+                code="unsupported_media_type",
+            )  # fmt: skip
+
+    @app.before_request
     def authenticate() -> None:
-        if api_key and request.path.startswith("/v1/"):
+        protected = request.path.startswith("/v1/") or (request.path == "/metrics" and not public_metrics)
+        if api_key and protected:
             header = request.headers.get("Authorization", "")
             token = header[7:].strip() if header[:7].lower() == "bearer " else ""
             if not hmac.compare_digest(token.encode("utf-8", "surrogateescape"), api_key.encode()):

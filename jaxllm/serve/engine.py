@@ -226,9 +226,17 @@ class Engine:
             try:
                 self._loop_once()
             except Exception:
+                # A decode call (or anything else outside a prefill) failed: only the rows in the slots
+                # were in it. Fail their requests, start from an empty state, and go on with the queue.
                 log.exception("generation engine error; failing the requests in flight and resetting")
-                self._fail_everything(ServeError(500, "internal error in the generation engine"))
-                self._reset_state()
+                self._fail_running(ServeError(500, "internal error in the generation engine"))
+                try:
+                    self._reset_state()
+                except Exception:  # the device itself is gone: nothing more can run
+                    log.exception("the generation engine cannot recover")
+                    self._error = RuntimeError("the generation engine failed")
+                    self._fail_everything(unavailable("the generation engine failed", "engine_failed"))
+                    return
         self._fail_everything(unavailable("the server is shutting down", "shutting_down"))
 
     def _reset_state(self) -> None:
@@ -256,6 +264,7 @@ class Engine:
         admitted = self._admit()
         if admitted:
             self._prefill(admitted)
+            self._free_abandoned()  # rows of a request whose other row failed to prefill
         busy = self.busy_slots()
         if busy == 0:
             if not self._waiting:
@@ -300,12 +309,59 @@ class Engine:
         return admitted
 
     def _prefill(self, admitted: list[tuple[int, _Row]]) -> None:
+        """Prefill admitted rows in chunks. A chunk that fails is run again row by row, so that only the
+        row that fails on its own (the culprit) fails its request; the others go on."""
         admitted = sorted(admitted, key=lambda sr: len(sr[1].prompt))  # similar lengths share a bucket
         step = self.settings.max_prefill_batch
         for i in range(0, len(admitted), step):
-            chunk = admitted[i : i + step]
-            t = bucket(max(len(row.prompt) for _, row in chunk), self.cfg.context_length)
-            self._prefill_rows(chunk, batch_bucket(len(chunk)), t)
+            closed = [slot for slot, row in admitted[i : i + step] if row.job.closed]  # another row failed
+            if closed:
+                self._free_slots(closed)
+            chunk = [(slot, row) for slot, row in admitted[i : i + step] if not row.job.closed]
+            if not chunk:
+                continue
+            try:
+                self._prefill_chunk(chunk)
+            except Exception as err:
+                if self._state_lost():  # failed after donating the state: the loop fails the slots, resets
+                    raise
+                if len(chunk) == 1:
+                    self._fail_rows(chunk, err)
+                    continue
+                log.warning("a prefill of %d rows failed (%s); prefilling them one by one", len(chunk), err)
+                for one in chunk:
+                    if one[1].job.closed:  # another row of the same request failed already
+                        self._free_slots([one[0]])
+                        continue
+                    try:
+                        self._prefill_chunk([one])
+                    except Exception as row_err:
+                        self._fail_rows([one], row_err)
+
+    def _state_lost(self) -> bool:
+        return any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(self._state))
+
+    def _prefill_chunk(self, chunk: list[tuple[int, _Row]]) -> None:
+        t = bucket(max(len(row.prompt) for _, row in chunk), self.cfg.context_length)
+        self._prefill_rows(chunk, batch_bucket(len(chunk)), t)
+
+    def _fail_rows(self, rows: list[tuple[int, _Row]], err: Exception) -> None:
+        """The rows' requests fail (400 for an `InputError`, else 500); their slots are freed."""
+        if isinstance(err, InputError):
+            error = ServeError(400, str(err))
+        else:
+            log.error("a request failed in the generation engine", exc_info=err)
+            error = ServeError(500, "internal error in the generation engine")
+        for _, row in rows:
+            self._close_job(row.job, error)
+        self._free_slots([slot for slot, _ in rows])
+
+    def _free_slots(self, slots: list[int]) -> None:
+        freed = np.zeros(self.settings.slots, bool)
+        for slot in slots:
+            self._slots[slot] = None
+            freed[slot] = True
+        self._state = mark_done(self._state, freed)
 
     def _prefill_rows(self, chunk: list[tuple[int, _Row]], b: int, t: int) -> None:
         """One jitted prefill of `chunk` padded to b rows of t tokens (a slot index past the end drops a row)."""
@@ -322,22 +378,28 @@ class Engine:
         now = time.monotonic()
         stopped = np.zeros(self.settings.slots, bool)
         for slot, row in enumerate(self._slots):
-            if row is None:
+            if row is None or row.job.closed:
                 continue
-            raw = seq_BS[slot, len(row.prompt) : positions_B[slot] + 1].tolist()
-            if raw and row.job.first_token_at is None:
-                row.job.first_token_at = now
             done = bool(done_B[slot])
-            row.collector.update([raw], [done])
-            new_text = row.text.take()
-            if row.collector.final[0]:
-                completion = row.collector.results[0]
-                rest = row.text.finish(completion.text or "")
-                row.job.events.put(Finished(row.index, new_text + rest, completion))
+            try:
+                raw = seq_BS[slot, len(row.prompt) : positions_B[slot] + 1].tolist()
+                if raw and row.job.first_token_at is None:
+                    row.job.first_token_at = now
+                row.collector.update([raw], [done])
+                new_text = row.text.take()
+                if row.collector.final[0]:
+                    completion = row.collector.results[0]
+                    rest = row.text.finish(completion.text or "")
+                    row.job.events.put(Finished(row.index, new_text + rest, completion))
+                    self._slots[slot] = None
+                    stopped[slot] = not done  # a stop string ended it: stop its decoding too
+                elif new_text:
+                    row.job.events.put(Delta(row.index, new_text))
+            except Exception as err:  # this row's text (its tokenizer, its stops) failed: only its request fails
+                log.error("a request failed while its text was made", exc_info=err)
+                self._close_job(row.job, ServeError(500, "internal error in the generation engine"))
                 self._slots[slot] = None
-                stopped[slot] = not done  # a stop string ended it: stop its decoding too
-            elif new_text:
-                row.job.events.put(Delta(row.index, new_text))
+                stopped[slot] = not done
         if stopped.any():
             self._state = mark_done(self._state, stopped)
 
@@ -363,6 +425,19 @@ class Engine:
             self._state = mark_done(self._state, freed)
         for job in jobs.values():
             self._close_if_abandoned(job)
+
+    def _close_job(self, job: Job, error: ServeError) -> None:
+        if not job.closed:
+            job.closed = True
+            job.events.put(Failed(error))
+
+    def _fail_running(self, error: ServeError) -> None:
+        """Fail the requests with a row in a slot (their waiting rows are dropped); queued requests stay."""
+        for row in self._slots:
+            if row is not None:
+                self._close_job(row.job, error)
+        self._slots = [None] * self.settings.slots
+        self._waiting = collections.deque(row for row in self._waiting if not row.job.closed)
 
     def _fail_everything(self, error: ServeError) -> None:
         jobs = {id(row.job): row.job for row in [*self._slots, *self._waiting] if row is not None}

@@ -2,8 +2,10 @@
 
 Every error the server sends is `{"error": {"message", "type", "param", "code"}}` with an HTTP status:
 400 invalid fields, 401 a missing or wrong API key, 404 unknown routes or models, 405 wrong methods,
-413 oversized bodies, 429 a full queue (with `Retry-After`), 503 not ready or shutting down, 504 a
-request past its time limit, 500 a bug (never for bad input).
+413 oversized bodies, 415 a body that is not declared JSON, 421 a Host header this server does not
+answer to, 429 a full queue (with `Retry-After`), 503 not ready or shutting down, 504 a request past
+its time limit, 500 a bug (never for bad input). waitress's own errors (before the app runs) have the
+same shape (`jaxllm.serve.server.JsonErrorTask`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ ERROR_TYPES = {
     404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
+    421: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "server_error",

@@ -11,7 +11,7 @@ Pure functions (no Flask, no threads). Field rules (null means "not given": the 
 | `top_k` | integer | 0 (off) | >= 0 (an extension of the OpenAI API) |
 | `n` | integer | 1 | 1 to 128; prompts x n <= 128 |
 | `stop` | string or list of up to 4 non-empty strings | none | |
-| `seed` | integer | random | the same seed and request give the same text |
+| `seed` | integer | random | 0 to 2**32 - 1; the same seed and request give the same text |
 | `stream`, `stream_options.include_usage` | boolean | false | |
 | `model` | string | the served model | must be the served model's id, else 404 |
 | `best_of` | integer | n | must equal n |
@@ -38,7 +38,7 @@ from typing import Any
 from jaxllm.completion import Completion, text_stops
 from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError
-from jaxllm.request import Request, Sampling, check_request
+from jaxllm.request import SEED_MAX, Request, Sampling, check_request
 from jaxllm.serve.errors import ServeError, bad_request
 from jaxllm.text import TextCodec
 
@@ -132,15 +132,27 @@ def _is_ids(x: Any) -> bool:
     return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
 
+def _check_text(text: str, what: str, param: str) -> str:
+    """`text` if it is encodable (JSON's "\\ud800" escapes give lone surrogates, which are not text), else a 400."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        message = f"{what} is not valid Unicode text: a lone surrogate at position {err.start}"
+        raise bad_request(message, param) from None
+    return text
+
+
 def _prompts(body: dict[str, Any]) -> list[str | list[int]]:
     if "prompt" not in body or body["prompt"] is None:
         raise bad_request("prompt is required", "prompt")
     p = body["prompt"]
     if isinstance(p, str):
-        return [p]
+        return [_check_text(p, "prompt", "prompt")]
     if _is_ids(p):
         return [p]
-    if isinstance(p, list) and p and (all(isinstance(x, str) for x in p) or all(_is_ids(x) for x in p)):
+    if isinstance(p, list) and p and all(isinstance(x, str) for x in p):
+        return [_check_text(x, f"prompt {i}", "prompt") for i, x in enumerate(p)]
+    if isinstance(p, list) and p and all(_is_ids(x) for x in p):
         return list(p)
     raise bad_request(
         "prompt must be a string, a non-empty list of strings, a list of token ids or a list of token-id lists",
@@ -155,7 +167,7 @@ def _stop(body: dict[str, Any]) -> list[str]:
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP:
         raise bad_request(f"stop must be a non-empty string or a list of at most {MAX_STOP} of them", "stop")
-    return list(stops)
+    return [_check_text(s, "stop", "stop") for s in stops]
 
 
 def parse_completion(body: Any) -> CompletionParams:
@@ -171,6 +183,8 @@ def parse_completion(body: Any) -> CompletionParams:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad_request("model must be a string", "model")
+    if model is not None:
+        _check_text(model, "model", "model")
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise bad_request("user must be a string", "user")
@@ -196,7 +210,7 @@ def parse_completion(body: Any) -> CompletionParams:
         top_k=_integer(body, "top_k", 0, 0, INT32_MAX),
         n=n,
         stop=_stop(body),
-        seed=_integer(body, "seed", 0) if _given(body, "seed") else None,
+        seed=_integer(body, "seed", 0, 0, SEED_MAX) if _given(body, "seed") else None,
         stream=stream,
         include_usage=include_usage,
         model=model,

@@ -7,20 +7,89 @@ ones finish (up to `drain_s`), then the server exits; a second signal exits at o
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from waitress.channel import HTTPChannel
+from waitress.task import ErrorTask
+
+from jaxllm.errors import InputError
 from jaxllm.serve.engine import Engine, EngineSettings
+from jaxllm.serve.errors import ServeError
 
 API_KEY_ENV = "JAXLLM_API_KEY"
 WAITRESS_MAX_BODY = 64 << 20  # waitress refuses bodies past this itself; the app's JSON 413 starts at 1 MiB
+CONNECTION_LIMIT = 1000  # open connections (idle ones included) before waitress stops accepting (its own: 100)
+CHANNEL_TIMEOUT_S = 30  # an idle connection (no request in progress) is closed after this (waitress's own: 120)
 log = logging.getLogger("jaxllm.serve")
+
+
+def check_address(host: str, port: int) -> None:
+    """`InputError` for a port outside 0-65535 (0: any free port)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise InputError(f"--port must be between 0 and 65535 (0: any free port), got {port}")
+    if not host:
+        raise InputError("--host must not be empty")
+
+
+def create_server(app: Any, host: str, port: int, **adjustments: Any) -> Any:
+    """A bound waitress server (not yet running) whose own errors (before the app runs) are JSON too.
+
+    An address that cannot be listened on (in use, not an address of this machine, not resolvable)
+    is an `InputError` naming it."""
+    import waitress
+
+    check_address(host, port)
+    sockets: dict[Any, Any] = {}
+    try:
+        server = waitress.create_server(app, map=sockets, host=host, port=port, **adjustments)
+    except OSError as err:  # socket.gaierror included
+        reason = err.strerror or str(err)
+        raise InputError(f"cannot listen on --host {host} --port {port}: {reason}") from None
+    except ValueError as err:  # waitress's own checks of its adjustments
+        raise InputError(f"cannot listen on --host {host} --port {port}: {err}") from None
+    for listener in _listeners(server, sockets):
+        listener.channel_class = JsonErrorChannel
+    server.jaxllm_listeners = _listeners(server, sockets)
+    return server
+
+
+def _listeners(server: Any, sockets: dict[Any, Any]) -> list[Any]:
+    from waitress.server import BaseWSGIServer
+
+    return [x for x in {id(x): x for x in [server, *sockets.values()]}.values() if isinstance(x, BaseWSGIServer)]
+
+
+def set_app(server: Any, app: Any) -> None:
+    """Serve `app` on a server made by `create_server` (bound before the model was loaded)."""
+    for listener in server.jaxllm_listeners:
+        listener.application = app
+
+
+class JsonErrorTask(ErrorTask):
+    """waitress's own error responses (bad framing, a body over its cap, a crash) in the API's JSON shape."""
+
+    def execute(self) -> None:
+        e = self.request.error
+        message = f"{e.reason}: {e.body}" if e.body else e.reason
+        body = json.dumps(ServeError(e.code, message).body()).encode()
+        self.status = f"{e.code} {e.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class JsonErrorChannel(HTTPChannel):
+    error_task_class = JsonErrorTask
 
 
 def load_engine(checkpoint: str | Path, settings: EngineSettings, tokenizer_path: str | Path | None = None) -> Engine:
@@ -43,24 +112,38 @@ def serve(
     model_name: str | None = None,
     threads: int | None = None,
     drain_s: float = 30.0,
+    connection_limit: int = CONNECTION_LIMIT,
+    channel_timeout_s: int = CHANNEL_TIMEOUT_S,
+    allowed_hosts: Sequence[str] = (),
+    public_metrics: bool = False,
     out: TextIO | None = None,
 ) -> None:
-    """Serve a checkpoint on http://host:port until SIGTERM/SIGINT (port 0: any free port, printed)."""
-    import waitress
+    """Serve a checkpoint on http://host:port until SIGTERM/SIGINT (port 0: any free port, printed).
 
+    The address is bound first, so that a bad one is an `InputError` before the model loads.
+    `allowed_hosts`: Host header names accepted besides loopback ones and `host` ("*": any)."""
     from jaxllm.serve.app import create_app
 
     out = out or sys.stdout
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = settings or EngineSettings()
-    engine = load_engine(checkpoint, settings, tokenizer_path)
-    api_key = os.environ.get(API_KEY_ENV) or None
-    app = create_app(engine, model_name=model_name, api_key=api_key)
     # Every request waiting for the engine holds a thread: enough for all slots and the whole queue.
     threads = threads or settings.slots + settings.max_queue + 8
-    server: Any = waitress.create_server(
-        app, host=host, port=port, threads=threads, max_request_body_size=WAITRESS_MAX_BODY, ident="jaxllm"
-    )
+    for name, value in (("--threads", threads), ("--connection-limit", connection_limit),
+                        ("--channel-timeout", channel_timeout_s)):  # fmt: skip
+        if value < 1:
+            raise InputError(f"{name} must be >= 1, got {value}")
+    server = create_server(
+        _not_loaded, host, port, threads=threads, max_request_body_size=WAITRESS_MAX_BODY, ident="jaxllm",
+        connection_limit=connection_limit, channel_timeout=channel_timeout_s,
+        cleanup_interval=max(1, min(30, channel_timeout_s // 2)),
+    )  # fmt: skip
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    engine = load_engine(checkpoint, settings, tokenizer_path)
+    api_key = os.environ.get(API_KEY_ENV) or None
+    hosts = [*allowed_hosts, *([] if host in ("0.0.0.0", "::") else [host])]
+    app = create_app(engine, model_name=model_name, api_key=api_key, allowed_hosts=hosts,
+                     public_metrics=public_metrics)  # fmt: skip
+    set_app(server, app)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("listening on %s without an API key (set %s to require one)", host, API_KEY_ENV)
     model = app.extensions["jaxllm"]["model"]
@@ -74,6 +157,13 @@ def serve(
             signal.signal(s, handler)
         engine.stop()
         print("server stopped", file=out, flush=True)
+
+
+def _not_loaded(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    """The app until the model is loaded (the server does not run before then: never called in practice)."""
+    body = json.dumps(ServeError(503, "the model is loading", code="not_ready").body()).encode()
+    start_response("503 Service Unavailable", [("Content-Type", "application/json"), ("Retry-After", "1")])
+    return [body]
 
 
 class _GracefulStop:
