@@ -161,6 +161,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         steps_per_call=args.steps_per_call,
         max_prefill_batch=args.max_prefill_batch,
         timeout_s=args.timeout,
+        max_context=args.max_context,
     )
     serve(args.checkpoint, args.host, args.port, settings=settings, tokenizer_path=args.tokenizer,
           model_name=args.model_name, threads=args.threads, connection_limit=args.connection_limit,
@@ -269,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per-request time limit (default 120)")
     p.add_argument("--steps-per-call", type=int, default=4, metavar="K", help="decode steps between joins (default 4)")
     p.add_argument("--max-prefill-batch", type=int, default=4, metavar="N", help="prompts per prefill (default 4)")
+    p.add_argument("--max-context", type=int, metavar="N",
+                   help="positions per slot, prompt + completion (default: the model's context)")  # fmt: skip
     p.add_argument("--threads", type=int, metavar="N", help="HTTP threads (default: slots + queue + 8)")
     p.add_argument("--connection-limit", type=int, default=1000, metavar="N",
                    help="open connections, idle ones included, before new ones wait (default 1000)")  # fmt: skip

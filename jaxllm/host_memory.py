@@ -14,7 +14,9 @@ system. `mallopt` takes the trim threshold as an int, so a free heap top above 2
 presets' steps) is still returned, and faulted in again, now and then.
 
 Entry points call it before their first JAX work (JAX's threads then share the main arena): the JAX
-CLI commands, the benchmarks, and the first JAX-backed name of `jaxllm`'s API (PEP 562). Set
+CLI commands, the benchmarks, and the first import of `jaxllm.model`, which every JAX-backed part of
+jaxllm imports (so `jaxllm.init_params`, `jaxllm.generate`… bring it). `import jaxllm`,
+`jaxllm.config`, `jaxllm.data` and `torch_ref` do not. Set
 `JAXLLM_MALLOC=system` to leave glibc's defaults alone. Elsewhere than glibc it does nothing.
 """
 

@@ -19,6 +19,14 @@ only the entries at p - W + 1 .. p (the cache still holds every position).
 
 from __future__ import annotations
 
+from jaxllm.host_memory import keep_freed_host_memory
+
+# Every JAX-backed part of jaxllm imports this module: the first such import (before JAX has run
+# anything) is where Python-API users get the malloc settings too (jaxllm/host_memory.py).
+keep_freed_host_memory()
+
+# ruff: noqa: E402  (the imports below start JAX's modules, after the malloc settings)
+
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple

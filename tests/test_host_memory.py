@@ -57,7 +57,7 @@ def test_kept_memory_removes_the_per_step_page_faults():
 # heap (the settings). mallinfo2's hblkhd counts the bytes in mmapped blocks.
 WHERE_A_LARGE_BLOCK_GOES = """
 import ctypes, json
-import jaxllm
+import jaxllm, jaxllm.model  # the first JAX-backed module applies the settings
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                "fsmblks", "uordblks", "fordblks", "keepcost")]

@@ -76,7 +76,7 @@ def test_first_jax_backed_name_applies_the_malloc_settings_once():
         [sys.executable, "-c", textwrap.dedent(
             """
             import sys
-            import jaxllm
+            import jaxllm, jaxllm.config, jaxllm.data, torch_ref
             from jaxllm import host_memory
             assert "jax" not in sys.modules and host_memory._applied is None
             jaxllm.init_params

@@ -162,7 +162,7 @@ def test_export_hf_loads_in_transformers_with_its_tokenizer(imported, reference,
 
 def test_openai_chat_client_gets_transformers_answer_streamed_and_not(imported, greedy_answer):
     """The official client against `jaxllm serve`'s app (waitress, in this process) on the imported model,
-    its context cut to 256 positions to keep the KV cache small here."""
+    its context cut to 256 positions (`--max-context`) to keep the KV cache small here."""
     import threading
 
     import waitress
@@ -172,8 +172,9 @@ def test_openai_chat_client_gets_transformers_answer_streamed_and_not(imported, 
 
     openai = pytest.importorskip("openai")
     out, cfg, params = imported
-    engine = Engine(cfg.replace(context_length=256), params, load_codec(out, cfg.vocab_size),
-                    EngineSettings(slots=2, max_prefill_batch=1, warmup=False)).start()  # fmt: skip
+    settings = EngineSettings(slots=2, max_prefill_batch=1, warmup=False, max_context=256)
+    engine = Engine(cfg, params, load_codec(out, cfg.vocab_size), settings).start()
+    assert engine.cfg.context_length == 256
     server = waitress.create_server(create_app(engine), host="127.0.0.1", port=0, threads=4)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -242,3 +242,22 @@ def test_a_failed_decode_fails_only_the_rows_in_flight_and_the_queue_is_served(c
         assert len(collect(queued)[0].tokens) == 4 and engine.ready
     finally:
         engine.stop()
+
+
+def test_max_context_cuts_a_rope_models_cache_and_is_refused_for_learned_positions(checkpoint, serve_tokenizer):
+    from jaxllm import ModelConfig, init_params
+    from jaxllm.errors import InputError
+    from jaxllm.serve import Engine, EngineSettings
+
+    _, _, gpt_cfg, params = checkpoint
+    with pytest.raises(InputError, match="needs a RoPE model"):
+        Engine(gpt_cfg, params, serve_tokenizer, EngineSettings(max_context=16))
+    cfg = ModelConfig.preset("advanced").replace(vocab_size=gpt_cfg.vocab_size, n_layers=1, d_model=64, n_heads=4,
+                                                 n_kv_heads=2, d_ff=128, context_length=1024)  # fmt: skip
+    engine = Engine(cfg, init_params(cfg, 0), serve_tokenizer, EngineSettings(slots=2, max_context=32)).start()
+    try:
+        assert engine.wait_ready(120)
+        assert engine.cfg.context_length == 32
+        assert engine._state.seq_BS.shape == (2, 32)  # the cache holds 32 positions per slot, not 1024
+    finally:
+        engine.stop()

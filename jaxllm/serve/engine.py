@@ -62,6 +62,10 @@ class EngineSettings:
     max_stop_ids: int = 4
     timeout_s: float = 120.0
     warmup: bool = True  # compile every prefill bucket and the decode before reporting ready
+    # Positions per slot (prompt + completion), at most the model's context; None: the whole context.
+    # The KV cache and the prefill buckets scale with it (an 8k-context model: 6 GB of float32 cache
+    # for 16 slots). RoPE models only: learned positions fix the context in the parameters.
+    max_context: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("slots", "max_queue", "steps_per_call", "max_stop_ids"):
@@ -71,6 +75,20 @@ class EngineSettings:
             raise InputError(f"the request timeout must be > 0 s, got {self.timeout_s}")
         if self.max_prefill_batch < 1 or self.max_prefill_batch & (self.max_prefill_batch - 1):
             raise InputError(f"max_prefill_batch must be a power of two, got {self.max_prefill_batch}")
+        if self.max_context is not None and self.max_context < 1:
+            raise InputError(f"max_context must be >= 1, got {self.max_context}")
+
+
+def serving_config(cfg: ModelConfig, settings: EngineSettings) -> ModelConfig:
+    """The inference config with the context cut to `settings.max_context` (RoPE models only)."""
+    cfg = inference_config(cfg)
+    limit = settings.max_context
+    if limit is None or limit >= cfg.context_length:
+        return cfg
+    if cfg.family != "llama":
+        raise InputError(f"max_context {limit} needs a RoPE model: {cfg.name}'s learned positions fix its "
+                         f"context at {cfg.context_length}")  # fmt: skip
+    return cfg.replace(context_length=limit)
 
 
 class Delta(NamedTuple):
@@ -136,10 +154,10 @@ class Engine:
     """Continuous batching over a fixed number of KV-cache slots, run by one worker thread (`start`)."""
 
     def __init__(self, cfg: ModelConfig, params: Params, tokenizer: Any, settings: EngineSettings | None = None):
-        self.cfg = inference_config(cfg)
+        self.settings = settings or EngineSettings()
+        self.cfg = serving_config(cfg, self.settings)
         self.params = params
         self.tokenizer = tokenizer
-        self.settings = settings or EngineSettings()
         self.on_decode: Callable[[int], None] | None = None  # called with the busy slots of each decode call
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=self.settings.max_queue)
         self._waiting: collections.deque[_Row] = collections.deque()  # rows of jobs taken from the queue
@@ -248,16 +266,19 @@ class Engine:
 
     def _warm_up(self) -> None:
         """Compile what serving will run: each (prefill batch, prompt bucket), the decode, the stop mask."""
-        c = self.cfg.context_length
+        start, c, shapes = time.monotonic(), self.cfg.context_length, 0
         for t in sorted({bucket(n, c) for n in range(1, c + 1)}):
             b = 1
             while b <= self.settings.max_prefill_batch:
                 self._prefill_rows([], b, t)  # padding rows only: dropped, the state is unchanged
                 b *= 2
+                shapes += 1
         self._state = decode_jit(self.cfg, self.params, self._state, np.int32(self.settings.steps_per_call))
         self._state = mark_done(self._state, np.zeros(self.settings.slots, bool))
         request_keys(0, 1)
         jax.block_until_ready(self._state)
+        log.info("warm-up: %d prefill shapes (context %d, batches up to %d) and the decode step compiled in %.1f s",
+                 shapes, c, self.settings.max_prefill_batch, time.monotonic() - start)  # fmt: skip
 
     def _loop_once(self) -> None:
         self._free_abandoned()
