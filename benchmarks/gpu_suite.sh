@@ -53,7 +53,7 @@ else
   echo "no GPU seen by both torch and JAX: the CPU run of the same stages (small)"
   stage cuda_tests 150 "${CUDA_TESTS[@]}" -rs
   stage parity 120 "$PY" -m benchmarks.parity --devices cpu --presets mini --steps 3 --out "$OUT"
-  stage real_model 120 "$PY" -m benchmarks.real_model --random --quick --batches 1
+  stage real_model 120 "$PY" -m benchmarks.real_model --random --layers 2 --quick --batches 1
   stage speed 300 "$PY" -m benchmarks.speed --quick --presets mini --decode-batches 1 --out "$OUT"
   SPEED_MD="$OUT/speed.md"
 fi

@@ -90,14 +90,16 @@ def load_real(info: dict) -> tuple:
     return cfg, params, hf, codec.encode_chat([{"role": "user", "content": QUESTION}]), facts
 
 
-def load_random() -> tuple:
-    """SmolLM2-135M's shape with random weights, the same in jaxllm and transformers."""
+def load_random(layers: int | None = None) -> tuple:
+    """SmolLM2-135M's shape with random weights (`layers` of them; default 30), the same in jaxllm and
+    transformers."""
     import transformers
 
     from jaxllm.hf import write_hf_dir
     from jaxllm.hf_families import config_from_hf
 
-    cfg, _ = config_from_hf(SMOLLM2_CONFIG, name="smollm2-135m-random")
+    hf_config = {**SMOLLM2_CONFIG, **({"num_hidden_layers": layers} if layers else {})}
+    cfg, _ = config_from_hf(hf_config, name="smollm2-135m-random")
     params = jaxllm.init_params(cfg, 0)
     with tempfile.TemporaryDirectory() as tmp:
         write_hf_dir(Path(tmp) / "hf", cfg, params)
@@ -113,6 +115,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per figure (median reported)")
     parser.add_argument("--random", action="store_true", help="SmolLM2's shape, random weights (no GGUF needed)")
+    parser.add_argument("--layers", type=int, help="with --random: fewer layers (a smoke run on the CPU)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="decode compute dtype")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")
@@ -120,7 +123,7 @@ def main() -> None:
     args = parser.parse_args()
     reps, new = (2, 8) if args.quick else (args.reps, args.new_tokens)
     info = machine_info(("jax", "jaxlib", "flax", "torch", "transformers", "gguf", "numpy"))
-    cfg, params, hf, ids, facts = load_random() if args.random else load_real(info)
+    cfg, params, hf, ids, facts = load_random(args.layers) if args.random else load_real(info)
     hf = hf.to(args.device)
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # parity at full float32 precision
@@ -151,7 +154,7 @@ def main() -> None:
             ),
             "transformers": hf_runner(hf, np.array(prompts), args.device),
         }
-        for name, r in decode_rates(runners, batch, new, reps, quiet=args.device == "cpu").items():
+        for name, r in decode_rates(runners, batch, new, reps, quiet=args.device == "cpu" and not args.quick).items():
             steps = r["tokens_per_s"] / batch
             row = {"batch": batch, "impl": name, "prompt": len(ids), "new_tokens": new, **r,
                    "roofline_fraction": steps * weight_bytes / bandwidth}  # fmt: skip
