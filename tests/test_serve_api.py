@@ -258,7 +258,7 @@ def test_oversized_body_gets_413_json(serve_engine):
 
 def test_unknown_routes_get_404_and_wrong_methods_405_with_allow(client):
     assert_error(client.get("/v2/completions"), 404)
-    assert_error(client.post("/v1/chat/completions", json={}), 404)
+    assert_error(client.post("/v1/embeddings", json={}), 404)
     r = client.get("/v1/completions")
     assert_error(r, 405)
     assert r.headers["Allow"] == "OPTIONS, POST"

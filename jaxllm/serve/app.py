@@ -21,10 +21,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
 from jaxllm.completion import Completion
-from jaxllm.serve import chat, protocol
+from jaxllm.serve import chat, cors, protocol
 from jaxllm.serve.engine import Delta, Engine, Failed, Finished, Job
 from jaxllm.serve.errors import ServeError, timed_out
 from jaxllm.serve.metrics import Metrics, make_metrics
+from jaxllm.text import TextCodec
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +55,15 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     allowed_hosts: Iterable[str] = (),
     public_metrics: bool = False,
+    cors_origins: Iterable[str] = (),
 ) -> Flask:
     """The serving app over a started `engine`.
 
     `api_key`: require `Authorization: Bearer KEY` on /v1/ and on /metrics (unless `public_metrics`).
     Requests whose `Host` header names neither a loopback name nor one of `allowed_hosts` get 421
     (against DNS rebinding: a web page whose name resolves to 127.0.0.1); "*" allows any Host.
+    `cors_origins`: origins (https://chat.example.com) whose pages may call /v1/ from a browser (`cors`).
+    The page at / is a chat page when the tokenizer has a chat template, else a completion page.
     """
     app = Flask(__name__)
     hosts = {host_name(h) for h in (*LOOPBACK_HOSTS, *allowed_hosts)}
@@ -81,6 +85,8 @@ def create_app(
                 421, f"this server does not answer to the Host {name[:100]!r}; start it with --allow-host NAME "
                 "to accept that name", code="misdirected_request",
             )  # fmt: skip
+
+    cors.install(app, cors_origins)  # after the Host check, before the API key's (preflights carry no key)
 
     @app.before_request
     def check_content_type() -> None:
@@ -136,7 +142,8 @@ def create_app(
 
     @app.get("/")
     def index() -> Response:
-        return Response(page.replace("{{MODEL}}", html.escape(model)), mimetype="text/html")
+        mode = "chat" if TextCodec.wrap(engine.tokenizer).chat_template else "completion"
+        return Response(page.replace("{{MODEL}}", html.escape(model)).replace("{{MODE}}", mode), mimetype="text/html")
 
     @app.get("/health")
     def health() -> Response:

@@ -116,13 +116,16 @@ def serve(
     channel_timeout_s: int = CHANNEL_TIMEOUT_S,
     allowed_hosts: Sequence[str] = (),
     public_metrics: bool = False,
+    cors_origins: Sequence[str] = (),
     out: TextIO | None = None,
 ) -> None:
     """Serve a checkpoint on http://host:port until SIGTERM/SIGINT (port 0: any free port, printed).
 
     The address is bound first, so that a bad one is an `InputError` before the model loads.
-    `allowed_hosts`: Host header names accepted besides loopback ones and `host` ("*": any)."""
+    `allowed_hosts`: Host header names accepted besides loopback ones and `host` ("*": any).
+    `cors_origins`: origins whose web pages may call the API (see `jaxllm.serve.cors`)."""
     from jaxllm.serve.app import create_app
+    from jaxllm.serve.cors import normalize_origin
 
     out = out or sys.stdout
     settings = settings or EngineSettings()
@@ -132,6 +135,7 @@ def serve(
                         ("--channel-timeout", channel_timeout_s)):  # fmt: skip
         if value < 1:
             raise InputError(f"{name} must be >= 1, got {value}")
+    cors_origins = [normalize_origin(o) for o in cors_origins]  # a bad one fails before the model loads
     server = create_server(
         _not_loaded, host, port, threads=threads, max_request_body_size=WAITRESS_MAX_BODY, ident="jaxllm",
         connection_limit=connection_limit, channel_timeout=channel_timeout_s,
@@ -142,7 +146,7 @@ def serve(
     api_key = os.environ.get(API_KEY_ENV) or None
     hosts = [*allowed_hosts, *([] if host in ("0.0.0.0", "::") else [host])]
     app = create_app(engine, model_name=model_name, api_key=api_key, allowed_hosts=hosts,
-                     public_metrics=public_metrics)  # fmt: skip
+                     public_metrics=public_metrics, cors_origins=cors_origins)  # fmt: skip
     set_app(server, app)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("listening on %s without an API key (set %s to require one)", host, API_KEY_ENV)
