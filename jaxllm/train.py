@@ -10,6 +10,7 @@ here `RUN/checkpoints/N/` is an orbax CheckpointManager step (train state, data-
 from __future__ import annotations
 
 import gc
+import inspect
 import logging
 import sys
 from collections.abc import Callable
@@ -295,18 +296,17 @@ def _restore_newest(
     absl_logger = logging.getLogger("absl")
     for step in steps:
         # Orbax logs each failure at length, and the reads still pending when one fails end as "Exception
-        # ignored in <coroutine…>" tracebacks: both are silenced while trying; one line is said below.
-        level, hook = absl_logger.level, sys.unraisablehook
+        # ignored in <coroutine…>" tracebacks (when they are collected): both are silenced; one line is said below.
+        level = absl_logger.level
         absl_logger.setLevel(logging.CRITICAL)
-        sys.unraisablehook = lambda _: None
         try:
             restored, why = manager.restore(step, args=args), ""
         except Exception as err:  # a corrupted checkpoint fails in many ways (tensorstore, JSON, missing files)
             restored, why = None, f"{type(err).__name__}: {_first_line(err)}"
-            gc.collect()  # the abandoned reads, while their tracebacks are silenced
+            _quiet_abandoned_reads()
+            gc.collect()
         finally:
             absl_logger.setLevel(level)
-            sys.unraisablehook = hook
         ok = restored is not None
         if jax.process_count() > 1:  # a part only one process reads may be the broken one
             ok = bool(np.all(multihost_utils.process_allgather(np.array(ok))))
@@ -333,6 +333,23 @@ def _restore_newest(
             multihost_utils.sync_global_devices("jaxllm: corrupted checkpoints moved aside")
         manager.reload()
     return step, restored
+
+
+def _quiet_abandoned_reads() -> None:
+    """Drop the "Exception ignored in <coroutine …>" reports of orbax's array reads abandoned when a
+    corrupted checkpoint failed to restore (they come whenever the coroutines are collected); any
+    other unraisable exception is reported as before."""
+    hook = sys.unraisablehook
+    if getattr(hook, "jaxllm_quiet_reads", False):
+        return
+
+    def unraisablehook(u: Any) -> None:
+        name = getattr(u.object, "__qualname__", "") or getattr(getattr(u.object, "cr_code", None), "co_name", "")
+        if not (inspect.iscoroutine(u.object) and "read_array" in name):
+            hook(u)
+
+    unraisablehook.jaxllm_quiet_reads = True
+    sys.unraisablehook = unraisablehook
 
 
 def _first_line(err: BaseException) -> str:

@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_train_processes import assert_same_params, env, jaxllm_cmd, losses
+from test_train_processes import assert_same_params, env, free_port, jaxllm_cmd, losses
 
 TINY = [
     "model.vocab_size=257",
@@ -238,3 +238,59 @@ def test_a_full_disk_found_by_the_writer_names_the_path_and_the_space(tmp_path):
     assert str(full).startswith(f"disk full: writing {tmp_path}/checkpoints needs about 1.0 MiB, ")
     assert "a partial checkpoint stays under its temporary name" in str(full)
     assert disk_full_error(ValueError("other"), tmp_path, {}) is None
+
+
+def test_two_processes_stop_at_the_same_step_on_a_signal_to_one(byte_dataset, tmp_path):
+    """A SIGINT to process 0 becomes JAX's preemption notice: both processes checkpoint the same step
+    (130 where the signal arrived, 143 on the other), and the resumed run equals an uninterrupted one."""
+    args = ["train.steps=60", "train.checkpoint_every=100"]
+
+    def start(out: Path, resume: bool = False) -> list[subprocess.Popen]:
+        port = free_port()
+        return [
+            subprocess.Popen(
+                [
+                    *train_cmd(byte_dataset, out, *args, resume=resume),
+                    "--coordinator",
+                    f"127.0.0.1:{port}",
+                    "--num-processes",
+                    "2",
+                    "--process-id",
+                    str(i),
+                ],
+                env=env(2),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
+
+    def succeed(procs: list[subprocess.Popen]) -> None:
+        for p in procs:
+            _, err = p.communicate(timeout=240)
+            assert p.returncode == 0, err[-3000:]
+
+    full, run_dir = tmp_path / "full", tmp_path / "run"
+    succeed(start(full))
+    procs = start(run_dir)
+    deadline = time.monotonic() + 240
+    while max(losses(run_dir), default=0) < 10 if (run_dir / "metrics.jsonl").exists() else True:
+        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, "ended or stalled early"
+        time.sleep(0.05)
+    procs[0].send_signal(signal.SIGINT)
+    errs = [p.communicate(timeout=240)[1] for p in procs]
+    assert [p.returncode for p in procs] == [130, 143], [e[-2000:] for e in errs]
+    [step] = [int(name) for name in steps_in(run_dir) if name.isdigit()]
+    assert 10 <= step < 60
+    for err, name in zip(errs, ("SIGINT", "SIGTERM"), strict=True):
+        assert lines(err)[-1] == (
+            f"interrupted by {name}: checkpoint of step {step} saved in {run_dir}/checkpoints/{step}; "
+            "continue with --resume"
+        )
+
+    succeed(start(run_dir, resume=True))
+    a, b = losses(full), losses(run_dir)
+    assert sorted(b) == list(range(1, 61))
+    assert [b[s] for s in range(1, 61)] == [a[s] for s in range(1, 61)]  # bit-identical
+    assert_same_params(full / "final", run_dir / "final", exact=True)
