@@ -9,7 +9,16 @@ jaxllm/host_memory.py), as the CLI's JAX commands do before anything else.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import TYPE_CHECKING, Any
+
+# The `jaxllm train` command line only (`python -m jaxllm.cli train …` or the `jaxllm` script): SIGINT and
+# SIGTERM exit 130/143 from the first moment, before even this package's imports (jaxllm/interrupt.py).
+if sys.argv[1:2] == ["train"] and (sys.argv[0] == "-m" or os.path.basename(sys.argv[0]) == "jaxllm"):
+    from jaxllm.interrupt import exit_on_signal
+
+    exit_on_signal()
 
 from jaxllm.config import ModelConfig, flops_per_token
 from jaxllm.errors import ConfigError, InputError, JaxllmError

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from jaxllm.errors import InputError, JaxllmError
+from jaxllm.interrupt import Interrupted
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -90,7 +91,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     overrides = [*args.overrides, *([f"data.path={args.data}"] if args.data else [])]
     config = Config.load(args.config, overrides)
-    result = train(config, args.out or f"runs/{config.model.name}", resume=args.resume, progress=not args.no_progress)
+    out = args.out or f"runs/{config.model.name}"
+    result = train(config, out, resume=args.resume, progress=not args.no_progress, handle_signals=True)
     print(f"trained steps {result.start_step + 1}-{result.end_step}, last loss {result.last_loss:.4f}; "
           f"params in {result.final_dir}")
 
@@ -294,6 +296,10 @@ XLA_COMMANDS = {"train", "generate", "serve", "eval"}
 
 def main(argv: Sequence[str] | None = None) -> Any:
     args = build_parser().parse_args(argv)
+    if args.command == "train":  # SIGINT/SIGTERM: exit 130/143 at any moment, never a crash in JAX's start-up
+        from jaxllm.interrupt import exit_on_signal
+
+        exit_on_signal()
     if args.command in XLA_COMMANDS:
         from jaxllm.host_memory import keep_freed_host_memory
 
@@ -303,6 +309,9 @@ def main(argv: Sequence[str] | None = None) -> Any:
     except JaxllmError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as stopped:  # training checkpointed its last step on a signal
+        print(stopped, file=sys.stderr, flush=True)
+        sys.exit(stopped.exit_status)
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -188,7 +188,9 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     steps: PositiveInt = 1000  # optimizer updates
-    seed: int = 0  # parameter init and data order
+    # Parameter init and data order. JAX's PRNG keys take 32 bits: seeds outside [0, 2**32) are refused
+    # (they used to wrap silently, so 0, 2**32 and 2**64 gave the same run).
+    seed: int = Field(0, ge=0, lt=2**32)
     batch_size: PositiveInt = 32  # global sequences per optimizer update
     grad_accum: PositiveInt = 1  # micro-batches per update (batch_size must be divisible by it)
     learning_rate: PositiveFloat = 3e-4  # peak, after linear warmup
@@ -263,6 +265,13 @@ class Config(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as err:
+            # A problem with a key given on the command line names the override, not the preset's file.
+            for item in overrides:
+                key = item.partition("=")[0]
+                for e in err.errors():
+                    loc = ".".join(str(p) for p in e["loc"])
+                    if loc == key or loc.startswith(key + ".") or key.startswith(loc + "."):
+                        raise ConfigError(f"override {item}: {_describe_error(e, cls, override=True)}") from None
             raise ConfigError(format_validation_error(err, cls, str(path))) from None
 
     def to_dict(self) -> dict[str, Any]:
@@ -310,19 +319,69 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def format_validation_error(err: ValidationError, schema: type[BaseModel], source: str) -> str:
     """One line per problem, naming the dotted key and suggesting the closest valid key."""
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(root)"
-        if e["type"] == "extra_forbidden":
-            fields = _schema_at(schema, e["loc"][:-1]).model_fields
-            lines.append(f"unknown key {key!r}{_suggest(str(e['loc'][-1]), fields)}")
-        elif e["type"] == "missing":
-            lines.append(f"missing required key {key!r}")
-        elif e["type"] == "value_error":
-            lines.append(f"{key}: {e['msg'].removeprefix('Value error, ')}")
-        else:
-            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
-    return f"{source}: " + "; ".join(lines)
+    return f"{source}: " + "; ".join(_describe_error(e, schema) for e in err.errors())
+
+
+def _describe_error(e: Any, schema: type[BaseModel], override: bool = False) -> str:
+    """One pydantic error as a line naming the dotted key; an unknown key gets the closest valid one
+    (`override`: the suggestion is the whole dotted key, and common short names such as `lr` count)."""
+    key = ".".join(str(p) for p in e["loc"]) or "(root)"
+    if e["type"] == "extra_forbidden":
+        parent, leaf = tuple(e["loc"][:-1]), str(e["loc"][-1])
+        fields = _schema_at(schema, parent).model_fields
+        if not override:
+            return f"unknown key {key!r}{_suggest(leaf, fields)}"
+        guess = _guess_key(schema, parent, leaf)
+        return f"unknown key {key!r}" + (f"; did you mean {guess!r}?" if guess else "")
+    if e["type"] == "missing":
+        return f"missing required key {key!r}"
+    if e["type"] == "value_error":
+        return f"{key}: {e['msg'].removeprefix('Value error, ')}"
+    return f"{key}: {e['msg']} (got {e.get('input')!r})"
+
+
+# Short names people type for a field (a suggestion only: they are never accepted as keys).
+KEY_ALIASES = {
+    "lr": "learning_rate",
+    "learning-rate": "learning_rate",
+    "wd": "weight_decay",
+    "bs": "batch_size",
+    "batch": "batch_size",
+    "accum": "grad_accum",
+    "gradient_accumulation_steps": "grad_accum",
+    "warmup": "warmup_steps",
+    "clip": "grad_clip",
+    "max_steps": "steps",
+    "iters": "steps",
+    "layers": "n_layers",
+    "heads": "n_heads",
+    "dim": "d_model",
+    "hidden_size": "d_model",
+    "vocab": "vocab_size",
+    "context": "context_length",
+    "ctx": "context_length",
+    "seq_len": "context_length",
+    "block_size": "context_length",
+}
+
+
+def _guess_key(schema: type[BaseModel], parent: tuple, leaf: str) -> str | None:
+    """The dotted key most likely meant by `parent.leaf`: an alias, a close spelling in the same
+    section, or the same name in another section (`train.d_model` -> `model.d_model`)."""
+    fields = _schema_at(schema, parent).model_fields
+    prefix = "".join(f"{p}." for p in parent)
+    alias = KEY_ALIASES.get(leaf.lower())
+    if alias in fields:
+        return prefix + alias
+    close = difflib.get_close_matches(leaf, list(fields), n=1)
+    if close:
+        return prefix + close[0]
+    if len(parent) == 1:
+        for section, info in schema.model_fields.items():
+            inner = info.annotation
+            if isinstance(inner, type) and issubclass(inner, BaseModel) and leaf in inner.model_fields:
+                return f"{section}.{leaf}"
+    return None
 
 
 def _schema_at(schema: type[BaseModel], loc: tuple) -> type[BaseModel]:

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import yaml
 
-from jaxllm.config import Config, TrainConfig, flops_per_token
+from jaxllm.config import Config, ModelConfig, TrainConfig, flops_per_token
 from jaxllm.errors import ConfigError, InputError, JaxllmError
+from jaxllm.interrupt import Interrupted, StopFlag
 from jaxllm.metrics import MetricsLogger, StepClock
 
 
@@ -107,7 +108,52 @@ def check_run(config: Config, run_dir: str | Path, resume: bool) -> Path:
     run_dir = Path(run_dir).absolute()
     if not resume and ((run_dir / "checkpoints").exists() or (run_dir / "final").exists()):
         raise InputError(f"{run_dir} already holds a run: pass --resume to continue it, or --out for a new run")
+    if resume:
+        if (run_dir / "final").exists() and not has_checkpoints(run_dir):
+            raise InputError(
+                f"{run_dir} holds finished params in final/ but no checkpoint to resume from: "
+                "use --out for a new run (or train.checkpoint_every > 0 to make runs resumable)"
+            )
+        check_same_shapes(config, run_dir / "config.yaml")
     return run_dir
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    """Whether RUN/checkpoints/ holds a step directory (a name that is a number)."""
+    d = run_dir / "checkpoints"
+    return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
+
+
+# Model fields that decide the shapes of parameters (and so of optimizer state and checkpoints).
+SHAPE_FIELDS = ("family", "vocab_size", "context_length", "d_model", "n_layers", "n_heads", "n_kv_heads",
+                "head_dim", "d_ff", "tie_embeddings", "qkv_bias")  # fmt: skip
+
+
+def check_same_shapes(config: Config, saved_config: Path) -> None:
+    """Refuse to resume when a model field that decides shapes differs from the run's config.yaml."""
+    if not saved_config.is_file():
+        return
+    try:
+        saved = Config.model_validate(yaml.safe_load(saved_config.read_text())).model
+    except Exception:  # an older or hand-edited file: the checkpoint's own shapes are checked on restore
+        return
+    now = config.model
+
+    def shapes(m: ModelConfig) -> tuple:  # n_kv_heads None and n_kv_heads = n_heads are the same shapes
+        return (*(getattr(m, f) for f in SHAPE_FIELDS), m.kv_heads, m.dim_per_head)
+
+    if shapes(saved) == shapes(now):
+        return
+    diff = [
+        f"model.{f}: run has {getattr(saved, f)!r}, now {getattr(now, f)!r}"
+        for f in SHAPE_FIELDS
+        if getattr(saved, f) != getattr(now, f)
+    ]
+    if diff:
+        raise ConfigError(
+            f"cannot resume {saved_config.parent}: the model's shapes changed ({'; '.join(diff)}); "
+            "resume with the run's values, or use --out for a new run"
+        )
 
 
 def start_run(run_dir: Path, config: Config, peak: tuple[float, str], *, start: int, is_main: bool) -> MetricsLogger:
@@ -151,9 +197,13 @@ def run_loop(
     peak: tuple[float, str],
     progress: bool,
     is_main: bool,
+    stop: StopFlag | None = None,
 ) -> float:
     """Steps `start + 1` to `train.steps`: each runs `train_step(step)`, then logs, evaluates and
     checkpoints (`save(step)`) on the cadence; returns the last finite loss.
+
+    `stop` (a signal arrived, see `jaxllm/interrupt.py`): after a step it says stop, that step is
+    checkpointed (if the cadence did not already) and `Interrupted` is raised.
 
     Evaluation and checkpoint time are not step time (the clock pauses). A non-finite update stops
     the run with `TrainingError`, or is logged as skipped under `train.nonfinite=skip`.
@@ -184,6 +234,11 @@ def run_loop(
             save(step)
             clock.pause()  # nor is checkpointing
         bar.update(1)
+        if stop is not None and stop.stop_at(step) and not cadence.is_final(step):
+            if not cadence.checkpoints(step):
+                save(step)
+            bar.close()
+            raise Interrupted(stop.signum, step, None)
     bar.close()
     return last_loss
 

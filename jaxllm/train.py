@@ -9,6 +9,10 @@ here `RUN/checkpoints/N/` is an orbax CheckpointManager step (train state, data-
 
 from __future__ import annotations
 
+import gc
+import inspect
+import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -24,6 +28,8 @@ from jax.sharding import Mesh, NamedSharding
 from jaxllm.checkpoint import save_params
 from jaxllm.config import Config
 from jaxllm.data.loader import make_loader
+from jaxllm.errors import ConfigError, InputError
+from jaxllm.interrupt import Interrupted, StopFlag, exit_on_signal
 from jaxllm.loop import (
     RunResult,
     StepOutput,
@@ -41,7 +47,7 @@ from jaxllm.peak import run_peak_flops
 from jaxllm.sharding import batch_sharding, make_mesh, param_shardings, replicated, tracing_on
 from jaxllm.train_step import eval_step, init_state, train_step
 
-__all__ = ["TrainResult", "TrainingError", "train"]
+__all__ = ["Interrupted", "TrainResult", "TrainingError", "train"]
 
 
 @dataclass
@@ -89,10 +95,15 @@ def train(
     resume: bool = False,
     progress: bool = True,
     devices: list[jax.Device] | None = None,
+    handle_signals: bool = False,
 ) -> TrainResult:
     """Train `config` into `run_dir` (every JAX process calls this with the same arguments).
 
     `devices`: the devices of the mesh (default: all of them).
+    `resume`: continue from the newest checkpoint that restores (one that does not is moved aside to
+    `checkpoints/N.corrupt-TIME` with a warning); none at all: start fresh.
+    `handle_signals` (the command line): SIGINT/SIGTERM during the loop checkpoint the last completed
+    step and raise `Interrupted` (see `jaxllm/interrupt.py`).
     """
     mcfg, tcfg = config.model, config.train
     run_dir = check_run(config, run_dir, resume)
@@ -120,40 +131,69 @@ def train(
         run_dir / "checkpoints",
         options=ocp.CheckpointManagerOptions(max_to_keep=tcfg.keep_checkpoints, enable_async_checkpointing=True),
     )
-    start = manager.latest_step() if resume else None
+    steps = sorted(manager.all_steps(), reverse=True) if resume else []
+    if steps and (steps[0] > tcfg.steps or (steps[0] == tcfg.steps and (run_dir / "final").exists())):
+        where = "past" if steps[0] > tcfg.steps else "already finished at"
+        raise InputError(
+            f"{run_dir} is at step {steps[0]}, {where} train.steps={tcfg.steps}: nothing to train "
+            f"(pass train.steps > {steps[0]} to train further)"
+        )
+    if steps:
+        _check_same_state(config, run_dir / "config.yaml")
+    elif resume and is_main:
+        print(f"no checkpoint in {run_dir}: starting fresh", flush=True)
+    stop = StopFlag(multiprocess=jax.process_count() > 1) if handle_signals else None
     with jax.default_matmul_precision(tcfg.matmul_precision), tracing_on(mesh):
-        if start is not None:
-            restored = manager.restore(
-                start,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state(config, optimizer, state_sh)),
-                    loader=ocp.args.JsonRestore(),
-                ),
-            )
+        if steps:
+            target = abstract_state(config, optimizer, state_sh)
+            start, restored = _restore_newest(manager, steps, target, run_dir, is_main)
             state = restored.state
-            loader.set_state(restored.loader)
+            loader.set_state(restored.loader)  # a changed data plan (batch size, seed…) is refused here
         else:
-            state = init_fn()
-        start = start or 0
+            start, state = 0, init_fn()
         logger = start_run(run_dir, config, peak, start=start, is_main=is_main)
         loop = _Loop(config, state, step_fn, eval_fn, loader, batch_sh, manager)
+        if stop is not None:
+            stop.install()
+        logging.getLogger("absl").addFilter(quiet := DiskFullLogFilter())
         try:
             last_loss = run_loop(
                 config, start=start, train_step=loop.step, evaluate=loop.evaluate, save=loop.save, logger=logger,
-                peak=peak, progress=progress, is_main=is_main,
+                peak=peak, progress=progress, is_main=is_main, stop=stop,
             )  # fmt: skip
-        finally:
             manager.wait_until_finished()
-            manager.close()
-            logger.close()
+        except Interrupted as stopped:
+            manager.wait_until_finished()
+            stopped.saved = run_dir / "checkpoints" / str(stopped.step)
+            raise
+        except Exception as err:
+            full = disk_full_error(err, run_dir / "checkpoints", loop.state)
+            if full is None:
+                raise
+            raise full from None
+        finally:
+            if stop is not None:
+                exit_on_signal()  # writing final/ is atomic: a signal now just ends the process
+            try:
+                manager.close()
+            finally:
+                logger.close()
+                logging.getLogger("absl").removeFilter(quiet)
     state = loop.state
-    final_dir = save_params(
-        run_dir / "final",
-        mcfg,
-        state["params"],
-        overwrite=True,
-        extra_files=[p for p in [data_dir / "tokenizer.json"] if p.exists()],
-    )
+    check_free_space(run_dir / "final", state["params"])
+    try:
+        final_dir = save_params(
+            run_dir / "final",
+            mcfg,
+            state["params"],
+            overwrite=True,
+            extra_files=[p for p in [data_dir / "tokenizer.json"] if p.exists()],
+        )
+    except Exception as err:
+        full = disk_full_error(err, run_dir / "final", state["params"])
+        if full is None:
+            raise
+        raise full from None
     if is_main and logger.path.exists():
         plot_loss_curve(logger.path, run_dir / "loss_curve.png")
     shardings = jax.tree.map(lambda x: x.sharding, state["params"])
@@ -182,6 +222,8 @@ class _Loop:
         return evaluate(self.config, self.state["params"], self.eval_fn, self.batch_sh)
 
     def save(self, step: int) -> None:
+        self.manager.wait_until_finished()  # the previous save's size is on disk before free space is read
+        check_free_space(Path(self.manager.directory) / str(step), self.state)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(self.state), loader=ocp.args.JsonSave(self.loader.get_state())
         )
@@ -207,3 +249,167 @@ def evaluate(config: Config, params: Any, eval_fn: Any, batch_sh: jax.sharding.N
     loader = _val_loader(config, batch_sh)
     return mean_eval_loss(lambda: float(eval_fn(params, loader.to_global(next(loader), batch_sh))),
                           config.train.eval_batches)  # fmt: skip
+
+
+# Resuming ------------------------------------------------------------------------------------------
+def _check_same_state(config: Config, saved_config: Path) -> None:
+    """Refuse a resume whose train state would have another structure or shapes than the run's
+    (the model's shape fields are checked earlier, by `check_run`; here e.g. train.grad_clip 0 vs > 0)."""
+    import yaml
+
+    try:
+        saved = Config.model_validate(yaml.safe_load(saved_config.read_text()))
+    except Exception:  # no config.yaml, or an older schema: orbax checks the shapes on restore
+        return
+
+    def shapes(c: Config) -> Any:
+        tree = jax.eval_shape(lambda: init_state(abstract_params(c.model), make_optimizer(c.train)))
+        return jax.tree.structure(tree), [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
+
+    if shapes(saved) != shapes(config):
+        diff = []
+        for k, v in saved.train.model_dump().items():  # the fields that change the shapes alone
+            now = getattr(config.train, k)
+            if now != v and shapes(
+                saved.model_copy(update={"train": saved.train.model_copy(update={k: now})})
+            ) != shapes(saved):
+                diff.append(f"train.{k}: run has {v!r}, now {now!r}")
+        raise ConfigError(
+            f"cannot resume {saved_config.parent}: the train state's shapes changed ({'; '.join(diff)}); "
+            "resume with the run's values, or use --out for a new run"
+        )
+
+
+def _restore_newest(
+    manager: ocp.CheckpointManager, steps: list[int], target: dict, run_dir: Path, is_main: bool
+) -> tuple[int, Any]:
+    """(step, restored) of the newest checkpoint in `steps` (newest first) that restores on every
+    process. Newer ones that do not are moved aside to `checkpoints/N.corrupt-TIME` (kept for a
+    post-mortem, out of the way of the next save of step N), one warning line each; when none
+    restores, nothing is moved and an `InputError` says so."""
+    import time
+
+    import numpy as np
+
+    bad: list[tuple[int, str]] = []
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(target), loader=ocp.args.JsonRestore())
+    absl_logger = logging.getLogger("absl")
+    for step in steps:
+        # Orbax logs each failure at length, and the reads still pending when one fails end as "Exception
+        # ignored in <coroutine…>" tracebacks (when they are collected): both are silenced; one line is said below.
+        level = absl_logger.level
+        absl_logger.setLevel(logging.CRITICAL)
+        try:
+            restored, why = manager.restore(step, args=args), ""
+        except Exception as err:  # a corrupted checkpoint fails in many ways (tensorstore, JSON, missing files)
+            restored, why = None, f"{type(err).__name__}: {_first_line(err)}"
+            _quiet_abandoned_reads()
+            gc.collect()
+        finally:
+            absl_logger.setLevel(level)
+        ok = restored is not None
+        if jax.process_count() > 1:  # a part only one process reads may be the broken one
+            ok = bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+            why = why or "it does not restore on another process"
+        if ok:
+            break
+        bad.append((step, why))
+    else:
+        newest, why = bad[0]
+        raise InputError(
+            f"no checkpoint in {run_dir / 'checkpoints'} restores (steps {', '.join(str(s) for s, _ in bad)}; "
+            f"step {newest}: {why})"
+        )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for bad_step, why in bad:
+        src = run_dir / "checkpoints" / str(bad_step)
+        dst = src.with_name(f"{bad_step}.corrupt-{stamp}")
+        if is_main:
+            src.rename(dst)
+            print(f"warning: checkpoint {src} does not restore ({why}): moved to {dst.name}; "
+                  f"resuming from step {step}", flush=True)  # fmt: skip
+    if bad:
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("jaxllm: corrupted checkpoints moved aside")
+        manager.reload()
+    return step, restored
+
+
+def _quiet_abandoned_reads() -> None:
+    """Drop the "Exception ignored in <coroutine …>" reports of orbax's array reads abandoned when a
+    corrupted checkpoint failed to restore (they come whenever the coroutines are collected); any
+    other unraisable exception is reported as before."""
+    hook = sys.unraisablehook
+    if getattr(hook, "jaxllm_quiet_reads", False):
+        return
+
+    def unraisablehook(u: Any) -> None:
+        name = getattr(u.object, "__qualname__", "") or getattr(getattr(u.object, "cr_code", None), "co_name", "")
+        if not (inspect.iscoroutine(u.object) and "read_array" in name):
+            hook(u)
+
+    unraisablehook.jaxllm_quiet_reads = True
+    sys.unraisablehook = unraisablehook
+
+
+def _first_line(err: BaseException) -> str:
+    line = (str(err).strip().splitlines() or [""])[0]
+    return line.split(" See full TensorStore details")[0][:200]
+
+
+# Disk full ---------------------------------------------------------------------------------------
+def check_free_space(path: Path, tree: Any) -> None:
+    """Refuse to start writing `tree` to `path` when the disk has less free space than its arrays' bytes
+    (checkpoints are not compressed much: that is a slight overestimate)."""
+    need = _nbytes(tree)
+    free = _free_bytes(path)
+    if free < need:
+        raise InputError(_disk_full_message(path, need, free, partial=False))
+
+
+def disk_full_error(err: BaseException, path: Path, tree: Any) -> InputError | None:
+    """An `InputError` naming `path` and the space needed when `err` (or its cause) is a full disk."""
+    import errno
+
+    seen, e = set(), err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+            break
+        e = e.__cause__ or e.__context__
+    else:
+        return None
+    return InputError(_disk_full_message(path, _nbytes(tree), _free_bytes(path), partial=True))
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(tree))
+
+
+def _free_bytes(path: Path) -> int:
+    import shutil
+
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _disk_full_message(path: Path, need: int, free: int, *, partial: bool) -> str:
+    what = "a partial checkpoint stays under its temporary name" if partial else "nothing was written"
+    return (
+        f"disk full: writing {path} needs about {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free "
+        f"({what}; the run's earlier checkpoints are intact: free some space, then --resume)"
+    )
+
+
+class DiskFullLogFilter(logging.Filter):
+    """Drops orbax's background-thread error logs (hundreds of lines) once the disk is full: the
+    command line says it in one line."""
+
+    full = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+        if "No space left on device" in text:
+            self.full = True
+        return not (self.full and record.levelno >= logging.ERROR)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from jaxllm import ConfigError, ModelConfig, count_params, flops_per_token
-from jaxllm.config import preset_names
+from jaxllm.config import Config, preset_names
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,3 +142,48 @@ def test_hf_family_fields_are_validated_and_round_trip_through_yaml(tmp_path):
         ModelConfig.preset("mini").replace(qkv_bias=True)
     with pytest.raises(ConfigError, match="sliding_window"):
         advanced.replace(sliding_window=0)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.lr=1", "override train.lr=1: unknown key 'train.lr'; did you mean 'train.learning_rate'?"),
+        ("model.n_layrs=1", "override model.n_layrs=1: unknown key 'model.n_layrs'; did you mean 'model.n_layers'?"),
+        ("train.d_model=64", "override train.d_model=64: unknown key 'train.d_model'; did you mean 'model.d_model'?"),
+        ("trian.steps=3", "override trian.steps=3: unknown key 'trian'; did you mean 'train'?"),
+        ("train.steps=abc", "override train.steps=abc: train.steps: Input should be a valid integer"),
+    ],
+)
+def test_a_bad_override_is_named_as_typed_with_a_suggestion(override, expected):
+    with pytest.raises(ConfigError) as err:
+        Config.load("mini", [override])
+    assert str(err.value).startswith(expected)
+    assert "mini.yaml" not in str(err.value)  # the preset's file is not where the mistake is
+
+
+def test_a_bad_override_on_the_command_line_is_one_error_line():
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxllm.cli", "train", "--config", "mini", "train.lr=1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: override train.lr=1: unknown key 'train.lr'; did you mean 'train.learning_rate'?"
+    ]
+
+
+def test_a_mistake_in_the_file_still_names_the_file(tmp_path):
+    path = _write(tmp_path, ModelConfig.preset("mini").to_dict(), train={"lr": 1})
+    with pytest.raises(ConfigError, match=rf"{path}: unknown key 'train.lr'"):
+        Config.load(path)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**64])
+def test_train_seeds_outside_32_bits_are_refused(seed):
+    """JAX's PRNG keys take 32 bits: 2**32 used to wrap silently to the run of seed 0."""
+    with pytest.raises(ConfigError, match=rf"override train.seed={seed}: train.seed: Input should be"):
+        Config.load("mini", [f"train.seed={seed}"])
+
+
+def test_the_largest_32_bit_train_seed_is_accepted():
+    assert Config.load("mini", [f"train.seed={2**32 - 1}"]).train.seed == 2**32 - 1
