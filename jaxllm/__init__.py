@@ -2,8 +2,8 @@
 
 Importing the package imports nothing heavy: each name below is loaded from its module the first
 time it is used (PEP 562), so `import jaxllm.config`, `import jaxllm.data` or `import torch_ref`
-never start JAX. The first use of a JAX-backed name applies `keep_freed_host_memory()` (see
-jaxllm/host_memory.py), as the CLI's JAX commands do before anything else.
+never start JAX. The first use of a JAX-backed name imports `jaxllm.model`, which applies
+`keep_freed_host_memory()` (see jaxllm/host_memory.py), as the CLI's JAX commands do first.
 """
 
 from __future__ import annotations
