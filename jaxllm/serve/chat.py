@@ -15,9 +15,9 @@ model's end-of-turn tokens. Fields besides `/v1/completions`' (see `jaxllm.serve
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Any
 
-from jaxllm.completion import Completion
 from jaxllm.errors import InputError
 from jaxllm.serve import protocol
 from jaxllm.serve.errors import bad_request
@@ -68,41 +68,14 @@ def _choice(index: int, content: str, finish_reason: str | None) -> dict[str, An
             "finish_reason": finish_reason}  # fmt: skip
 
 
-def chat_response(id: str, model: str, created: int, results: list[Completion], prompt_tokens: int) -> dict[str, Any]:
-    """The non-streaming `chat.completion` body."""
-    return {
-        "id": id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [_choice(i, c.text or "", c.finish_reason) for i, c in enumerate(results)],
-        "usage": protocol.usage(prompt_tokens, sum(len(c.tokens) for c in results)),
-    }
+def _delta_choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+    delta = {"content": text} if text or finish_reason is None else {}
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
 
-def chat_chunk(
-    id: str,
-    model: str,
-    created: int,
-    choices: list[tuple[int, str, str | None]],
-    usage_: dict[str, int] | None = None,
-    with_usage: bool = False,
-) -> dict[str, Any]:
-    """One `chat.completion.chunk`: a `delta` per (index, text, finish_reason); usage when requested."""
-    body: dict[str, Any] = {
-        "id": id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [
-            {"index": i, "delta": {"content": text} if text or reason is None else {}, "logprobs": None,
-             "finish_reason": reason}
-            for i, text, reason in choices
-        ],
-    }  # fmt: skip
-    if with_usage:
-        body["usage"] = usage_
-    return body
+# The chat endpoint's bodies: the completions' with chat's object names and choice shapes.
+chat_response = partial(protocol.completion_response, object_="chat.completion", choice=_choice)
+chat_chunk = partial(protocol.chunk, object_="chat.completion.chunk", choice=_delta_choice)
 
 
 def role_chunk(id: str, model: str, created: int, n: int) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import math
 import secrets
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -275,15 +275,16 @@ def _choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
 
 
 def completion_response(
-    id: str, model: str, created: int, results: Sequence[Completion], prompt_tokens: int
-) -> dict[str, Any]:
-    """The non-streaming response body."""
+    id: str, model: str, created: int, results: Sequence[Completion], prompt_tokens: int,
+    object_: str = "text_completion", choice: Callable[[int, str, str | None], dict[str, Any]] = _choice,
+) -> dict[str, Any]:  # fmt: skip
+    """The non-streaming response body (`object_` and `choice` make the chat endpoint's)."""
     return {
         "id": id,
-        "object": "text_completion",
+        "object": object_,
         "created": created,
         "model": model,
-        "choices": [_choice(i, c.text or "", c.finish_reason) for i, c in enumerate(results)],
+        "choices": [choice(i, c.text or "", c.finish_reason) for i, c in enumerate(results)],
         "usage": usage(prompt_tokens, sum(len(c.tokens) for c in results)),
     }
 
@@ -295,14 +296,16 @@ def chunk(
     choices: list[tuple[int, str, str | None]],
     usage_: dict[str, int] | None = None,
     with_usage: bool = False,
+    object_: str = "text_completion",
+    choice: Callable[[int, str, str | None], dict[str, Any]] = _choice,
 ) -> dict[str, Any]:
     """One streamed chunk: (index, text, finish_reason) per choice; `usage` only when requested."""
     body: dict[str, Any] = {
         "id": id,
-        "object": "text_completion",
+        "object": object_,
         "created": created,
         "model": model,
-        "choices": [_choice(i, text, reason) for i, text, reason in choices],
+        "choices": [choice(i, text, reason) for i, text, reason in choices],
     }
     if with_usage:
         body["usage"] = usage_
