@@ -39,7 +39,8 @@ near_valid = {
     "seed": st.integers(-(2**40), 2**40) | huge,
     "stream": st.booleans(),
     "model": st.sampled_from(["mini", "other"]) | texts,
-    "echo": st.just(False),
+    "echo": st.booleans() | st.none(),
+    "logprobs": st.none() | st.integers(-1, 6) | huge | st.booleans(),
     "user": st.text(max_size=8) | texts,
 }
 token_ids = st.integers(-1, 310) | huge

@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
 from jaxllm.completion import Completion
-from jaxllm.serve import chat, cors, protocol
+from jaxllm.serve import chat, cors, logprobs, protocol
 from jaxllm.serve.engine import Delta, Engine, Failed, Finished, Job
 from jaxllm.serve.errors import ServeError, timed_out
 from jaxllm.serve.metrics import Metrics, make_metrics
@@ -188,23 +188,39 @@ def create_app(
             params = parse(protocol.parse_json(request.get_data(cache=False)))
             protocol.check_model(params, model)
             req, prompt_tokens = protocol.to_request(params, engine.cfg, engine.tokenizer)
-            job = engine.submit(req)
+            scoring = protocol.scoring_of(params)
+            job = engine.submit(req, scoring)
         except ServeError as err:
             metrics.completions.labels("rejected").inc()
             raise err from None
         metrics.prompt_tokens.inc(prompt_tokens)
+        if scoring is not None:
+            metrics.scoring_requests.inc()
         if params.stream:
             stream = _SSE(job, params, model, prompt_tokens, start, metrics, shape)
             return Response(stream, mimetype="text/event-stream", headers=SSE_HEADERS)
         results: list[Completion | None] = [None] * len(req.prompts)
+        scores: list[logprobs.Scores | None] = [None] * len(req.prompts)
         for event in _events(job, wait=None):
             if isinstance(event, Failed):
                 _finish(metrics, job, start, "timeout" if event.error.status == 504 else "failed")
                 raise event.error
             if isinstance(event, Finished):
-                results[event.row] = event.completion
+                results[event.row], scores[event.row] = event.completion, event.scores
         finished = cast(list[Completion], results)  # every row has finished
-        body = shape.response(shape.new_id(), model, protocol.now(), finished, prompt_tokens)
+        texts = [c.text or "" for c in finished]
+        if params.echo:
+            codec = TextCodec.wrap(engine.tokenizer)
+            texts = [codec.decode(prompt) + text for prompt, text in zip(req.prompts, texts, strict=True)]
+        choice_logprobs: list[Any] = [None] * len(finished)
+        if scoring is not None:
+            for i, s in enumerate(scores):
+                assert s is not None
+                choice_logprobs[i] = shape.logprobs(s, engine.tokenizer, scoring.top)
+                metrics.scored_tokens.labels("prompt").inc(len(req.prompts[i]) if scoring.echo else 0)
+                metrics.scored_tokens.labels("completion").inc(len(finished[i].tokens))
+        body = shape.response(shape.new_id(), model, protocol.now(), finished, prompt_tokens, texts=texts,
+                              logprobs=choice_logprobs)  # fmt: skip
         metrics.generated_tokens.inc(body["usage"]["completion_tokens"])
         _finish(metrics, job, start, "ok")
         return jsonify(body)
@@ -218,11 +234,12 @@ class Shape(NamedTuple):
     new_id: Callable[[], str]
     response: Callable[..., dict[str, Any]]
     chunk: Callable[..., dict[str, Any]]
+    logprobs: Callable[[logprobs.Scores, Any, int], dict[str, Any]]
     first_chunk: Callable[[str, str, int, int], dict[str, Any]] | None = None
 
 
-TEXT = Shape(protocol.completion_id, protocol.completion_response, protocol.chunk)
-CHAT = Shape(chat.chat_id, chat.chat_response, chat.chat_chunk, chat.role_chunk)
+TEXT = Shape(protocol.completion_id, protocol.completion_response, protocol.chunk, logprobs.legacy)
+CHAT = Shape(chat.chat_id, chat.chat_response, chat.chat_chunk, logprobs.chat_content, chat.role_chunk)
 
 
 def error_response(err: ServeError) -> Response:

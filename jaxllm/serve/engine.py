@@ -11,6 +11,11 @@ Built on the slot engine (`jaxllm.slots`: `prefill`, `decode`) and the host help
   steps for every busy slot at once, (4) reads the tokens back, turns them into final text with a
   `Collector` per row (stop ids, stop strings), and posts `Delta` / `Finished` events to each job's
   own queue. A finished row leaves its slot at once; the next row joins on the next loop.
+- A request that asks for log-probabilities (`Scoring`: OpenAI's `logprobs`, `echo`) is scored after
+  generation: each loop, the rows that finished in it and want scores are run together through one
+  jitted full forward over prompt + completion (`jaxllm.scoring.score_tokens`; rows padded to a
+  power-of-two batch of up to `max_score_batch` and a length bucket, so few shapes compile), and only
+  then is their `Finished` posted, carrying the `Scores`.
 - Row i of a request draws with the key fold_in(key(seed), i), whichever slot it lands in and
   whatever shares the batch: a request gives what `jaxllm.generate` gives for the same arguments.
 """
@@ -34,7 +39,9 @@ from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError
 from jaxllm.model import Params
 from jaxllm.request import Request
+from jaxllm.scoring import score_tokens
 from jaxllm.serve.errors import ServeError, queue_full, timed_out, unavailable
+from jaxllm.serve.logprobs import Scores, Scoring
 from jaxllm.slots import (
     batch_bucket,
     bucket,
@@ -60,6 +67,7 @@ class EngineSettings:
     steps_per_call: int = 4  # decode steps per jitted call: fewer host round trips, coarser joins
     max_prefill_batch: int = 4  # rows prefilled in one call (a power of two: each size compiles once)
     max_stop_ids: int = 4
+    max_score_batch: int = 4  # rows scored in one call (a power of two) for requests with logprobs / echo
     timeout_s: float = 120.0
     warmup: bool = True  # compile every prefill bucket and the decode before reporting ready
     # Positions per slot (prompt + completion), at most the model's context; None: the whole context.
@@ -75,6 +83,8 @@ class EngineSettings:
             raise InputError(f"the request timeout must be > 0 s, got {self.timeout_s}")
         if self.max_prefill_batch < 1 or self.max_prefill_batch & (self.max_prefill_batch - 1):
             raise InputError(f"max_prefill_batch must be a power of two, got {self.max_prefill_batch}")
+        if self.max_score_batch < 1 or self.max_score_batch & (self.max_score_batch - 1):
+            raise InputError(f"max_score_batch must be a power of two, got {self.max_score_batch}")
         if self.max_context is not None and self.max_context < 1:
             raise InputError(f"max_context must be >= 1, got {self.max_context}")
 
@@ -99,11 +109,13 @@ class Delta(NamedTuple):
 
 
 class Finished(NamedTuple):
-    """Row `row` is done: the rest of its text, and its `Completion` (all tokens, text, finish reason)."""
+    """Row `row` is done: the rest of its text, its `Completion` (all tokens, text, finish reason) and,
+    when the request asked for them, its `Scores`."""
 
     row: int
     text: str
     completion: Completion
+    scores: Scores | None = None
 
 
 class Failed(NamedTuple):
@@ -118,8 +130,9 @@ Event = Delta | Finished | Failed
 class Job:
     """One submitted request: its checked rows and the queue of events the engine posts for it."""
 
-    def __init__(self, req: Request, timeout_s: float):
+    def __init__(self, req: Request, timeout_s: float, scoring: Scoring | None = None):
         self.req = req
+        self.scoring = scoring
         self.timeout_s = timeout_s
         self.created = time.monotonic()
         self.deadline = self.created + timeout_s
@@ -162,6 +175,7 @@ class Engine:
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=self.settings.max_queue)
         self._waiting: collections.deque[_Row] = collections.deque()  # rows of jobs taken from the queue
         self._slots: list[_Row | None] = [None] * self.settings.slots
+        self._to_score: list[tuple[_Row, str]] = []  # finished rows waiting for their scores (this loop)
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._draining = False
@@ -174,15 +188,16 @@ class Engine:
         self._thread.start()
         return self
 
-    def submit(self, req: Request) -> Job:
-        """Queue a checked request; raises `ServeError` 429 (queue full) or 503 (not running)."""
+    def submit(self, req: Request, scoring: Scoring | None = None) -> Job:
+        """Queue a checked request (`scoring`: score its tokens after generation); raises `ServeError` 429
+        (queue full) or 503 (not running)."""
         if self.stopping:
             raise unavailable("the server is shutting down", "shutting_down")
         if self._error is not None:
             raise unavailable(f"the generation engine failed to start: {self._error}", "engine_failed")
         if len(req.stop_ids) > self.settings.max_stop_ids:
             raise ServeError(400, f"at most {self.settings.max_stop_ids} stop token ids", param="stop")
-        job = Job(req, self.settings.timeout_s)
+        job = Job(req, self.settings.timeout_s, scoring)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -210,7 +225,7 @@ class Engine:
         return sum(row is not None for row in self._slots)
 
     def idle(self) -> bool:
-        return self._queue.empty() and not self._waiting and self.busy_slots() == 0
+        return self._queue.empty() and not self._waiting and not self._to_score and self.busy_slots() == 0
 
     def drain(self, timeout: float) -> bool:
         """Refuse new requests (503) and wait up to `timeout` s for the running ones; True if all ended."""
@@ -295,6 +310,8 @@ class Engine:
         if self.on_decode is not None:
             self.on_decode(busy)
         self._deliver()
+        if self._to_score:
+            self._score()
 
     def _take_job(self, block: bool) -> bool:
         """Move the next live job from the queue into `_waiting` (one row per prompt)."""
@@ -411,7 +428,10 @@ class Engine:
                 if row.collector.final[0]:
                     completion = row.collector.results[0]
                     rest = row.text.finish(completion.text or "")
-                    row.job.events.put(Finished(row.index, new_text + rest, completion))
+                    if row.job.scoring is not None:
+                        self._to_score.append((row, new_text + rest))  # posted once scored, this loop
+                    else:
+                        row.job.events.put(Finished(row.index, new_text + rest, completion))
                     self._slots[slot] = None
                     stopped[slot] = not done  # a stop string ended it: stop its decoding too
                 elif new_text:
@@ -423,6 +443,55 @@ class Engine:
                 stopped[slot] = not done
         if stopped.any():
             self._state = mark_done(self._state, stopped)
+
+    def _score(self) -> None:
+        """Score the rows that finished this loop (batched by length), then post their `Finished`. A
+        batch that fails fails only its requests (500)."""
+        pending, self._to_score = self._to_score, []
+        pending = sorted((p for p in pending if not p[0].job.closed), key=lambda p: len(self._sequence(p[0])))
+        step = self.settings.max_score_batch
+        for i in range(0, len(pending), step):
+            chunk = [p for p in pending[i : i + step] if not p[0].job.closed]
+            if not chunk:
+                continue
+            try:
+                scores = self._score_chunk([row for row, _ in chunk])
+            except Exception as err:
+                log.error("scoring failed", exc_info=err)
+                for row, _ in chunk:
+                    self._close_job(row.job, ServeError(500, "internal error in the generation engine"))
+                continue
+            for (row, text), row_scores in zip(chunk, scores, strict=True):
+                if not row.job.closed:
+                    row.job.events.put(Finished(row.index, text, row.collector.results[0], row_scores))
+
+    @staticmethod
+    def _sequence(row: _Row) -> list[int]:
+        completion = row.collector.results[0]
+        assert completion is not None
+        return [*row.prompt, *completion.tokens]
+
+    def _score_chunk(self, rows: list[_Row]) -> list[Scores]:
+        """One jitted forward over `rows` (prompt + completion each), padded to (batch bucket, length bucket)."""
+        seqs = [self._sequence(row) for row in rows]
+        t = bucket(max(map(len, seqs)), self.cfg.context_length)
+        tokens_BT = np.zeros((batch_bucket(len(rows)), t), np.int32)
+        for j, seq in enumerate(seqs):
+            tokens_BT[j, : len(seq)] = seq
+        target_BT, top_logp_BTK, top_ids_BTK = jax.device_get(score_tokens(self.cfg, self.params, tokens_BT))
+        out = []
+        for j, (row, seq) in enumerate(zip(rows, seqs, strict=True)):
+            scoring = row.job.scoring
+            assert scoring is not None
+            start = 0 if scoring.echo else len(row.prompt)
+            logprobs: list[float | None] = []
+            top: list[list[tuple[int, float]] | None] = []
+            for p in range(start, len(seq)):  # index p - 1 holds token p's scores; token 0 has none
+                ids, values = top_ids_BTK[j, p - 1, : scoring.top], top_logp_BTK[j, p - 1, : scoring.top]
+                logprobs.append(None if p == 0 else float(target_BT[j, p - 1]))
+                top.append(None if p == 0 else [(int(i), float(v)) for i, v in zip(ids, values, strict=True)])
+            out.append(Scores(seq[start:], logprobs, top))
+        return out
 
     def _close_if_abandoned(self, job: Job) -> bool:
         """Close a cancelled or expired job (posting `Failed` when expired); True if it is closed."""
@@ -453,15 +522,18 @@ class Engine:
             job.events.put(Failed(error))
 
     def _fail_running(self, error: ServeError) -> None:
-        """Fail the requests with a row in a slot (their waiting rows are dropped); queued requests stay."""
-        for row in self._slots:
+        """Fail the requests with a row in a slot or waiting for scores (their waiting rows are dropped);
+        queued requests stay."""
+        for row in [*self._slots, *(row for row, _ in self._to_score)]:
             if row is not None:
                 self._close_job(row.job, error)
+        self._to_score = []
         self._slots = [None] * self.settings.slots
         self._waiting = collections.deque(row for row in self._waiting if not row.job.closed)
 
     def _fail_everything(self, error: ServeError) -> None:
-        jobs = {id(row.job): row.job for row in [*self._slots, *self._waiting] if row is not None}
+        rows = [*self._slots, *self._waiting, *(row for row, _ in self._to_score)]
+        jobs = {id(row.job): row.job for row in rows if row is not None}
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -474,3 +546,4 @@ class Engine:
                 job.events.put(Failed(error))
         self._slots = [None] * self.settings.slots
         self._waiting.clear()
+        self._to_score.clear()

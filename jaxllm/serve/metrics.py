@@ -5,6 +5,8 @@
 | `jaxllm_http_requests_total{endpoint,method,status}` | counter | every HTTP request, by route and status |
 | `jaxllm_completion_requests_total{outcome}` | counter | ok, rejected (refused: 4xx, 503), timeout, cancelled, failed |
 | `jaxllm_prompt_tokens_total`, `jaxllm_generated_tokens_total` | counter | tokens in prompts / returned |
+| `jaxllm_scoring_requests_total` | counter | requests with `logprobs` (scored after generation) |
+| `jaxllm_scored_tokens_total{part}` | counter | tokens scored and returned: `prompt` (echo), `completion` |
 | `jaxllm_request_latency_seconds` | histogram | a completion's whole time, request to last token |
 | `jaxllm_time_to_first_token_seconds` | histogram | request to its first sampled token |
 | `jaxllm_queue_depth` | gauge | jobs waiting in the engine's queue |
@@ -31,6 +33,8 @@ class Metrics:
     completions: Counter
     prompt_tokens: Counter
     generated_tokens: Counter
+    scoring_requests: Counter
+    scored_tokens: Counter
     latency: Histogram
     ttft: Histogram
     batch_size: Histogram
@@ -49,6 +53,8 @@ def make_metrics(engine: Engine) -> Metrics:
         completions=Counter("jaxllm_completion_requests", "Completion requests by outcome", ["outcome"], registry=r),
         prompt_tokens=Counter("jaxllm_prompt_tokens", "Prompt tokens of accepted completions", registry=r),
         generated_tokens=Counter("jaxllm_generated_tokens", "Tokens generated and returned", registry=r),
+        scoring_requests=Counter("jaxllm_scoring_requests", "Requests with log-probabilities", registry=r),
+        scored_tokens=Counter("jaxllm_scored_tokens", "Tokens returned with log-probabilities", ["part"], registry=r),
         latency=Histogram(
             "jaxllm_request_latency_seconds", "Request to last token", buckets=LATENCY_BUCKETS, registry=r
         ),

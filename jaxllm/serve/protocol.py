@@ -15,12 +15,15 @@ Pure functions (no Flask, no threads). Field rules (null means "not given": the 
 | `stream`, `stream_options.include_usage` | boolean | false | |
 | `model` | string | the served model | must be the served model's id, else 404 |
 | `best_of` | integer | n | must equal n |
-| `echo`, `logprobs`, `suffix` | | | only false / null / null |
+| `logprobs` | integer | null | 0 to 5: each token's log-probability and the `logprobs` most likely tokens |
+| `echo` | boolean | false | the prompt's tokens come first in `text` and in `logprobs` |
+| `suffix` | | | only null |
 | `frequency_penalty`, `presence_penalty`, `logit_bias` | | | only 0 / 0 / {} |
 | `user` | string | | ignored |
 
 Values are then checked by `jaxllm.request.check_request` (token ids, the context), the same check
-`jaxllm.generate` makes; its message comes back as a 400.
+`jaxllm.generate` makes; its message comes back as a 400. `stream` with `logprobs` or `echo` is
+refused (400 naming the field): the scores are computed after generation (`jaxllm.scoring`).
 """
 
 from __future__ import annotations
@@ -40,20 +43,20 @@ from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError
 from jaxllm.request import SEED_MAX, Request, Sampling, check_request
 from jaxllm.serve.errors import ServeError, bad_request
+from jaxllm.serve.logprobs import Scoring
 from jaxllm.text import TextCodec
 
 MAX_ROWS = 128  # prompts x n in one request
 MAX_STOP = 4
+MAX_LOGPROBS = 5  # OpenAI's limit for the completions endpoint
 NEUTRAL = {  # OpenAI fields accepted only at the value that changes nothing
-    "echo": (False,),
-    "logprobs": (),
     "suffix": (),
     "frequency_penalty": (0,),
     "presence_penalty": (0,),
     "logit_bias": ({},),
 }
 FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream",
-          "stream_options", "best_of", "user", "ignore_eos", *NEUTRAL}  # fmt: skip
+          "stream_options", "best_of", "user", "ignore_eos", "logprobs", "echo", *NEUTRAL}  # fmt: skip
 INT32_MAX = 2**31 - 1
 
 
@@ -73,6 +76,15 @@ class CompletionParams:
     include_usage: bool = False
     model: str | None = None
     ignore_eos: bool = False  # an extension (vLLM's name): do not stop at the model's end tokens
+    logprobs: int | None = None  # alternatives per token; None: no log-probabilities
+    echo: bool = False  # the prompt's text and scored tokens come first
+
+
+def scoring_of(params: CompletionParams) -> Scoring | None:
+    """What the engine must score for `params` (None: nothing)."""
+    if params.logprobs is None:  # echo alone only puts the prompt's text first
+        return None
+    return Scoring(echo=params.echo, top=params.logprobs or 0)
 
 
 def parse_json(data: bytes) -> Any:
@@ -202,6 +214,11 @@ def parse_completion(body: Any) -> CompletionParams:
         if not isinstance(options, dict) or set(options) - {"include_usage"}:
             raise bad_request('stream_options must be an object like {"include_usage": true}', "stream_options")
     include_usage = _boolean(options, "include_usage") if isinstance(options, dict) else False
+    logprobs = _integer(body, "logprobs", 0, 0, MAX_LOGPROBS) if _given(body, "logprobs") else None
+    echo = _boolean(body, "echo")
+    for name, wanted in (("logprobs", logprobs is not None), ("echo", echo)):
+        if stream and wanted:
+            raise bad_request(f"{name} cannot be combined with stream on this server: send stream false", name)
     return CompletionParams(
         prompts=prompts,
         max_tokens=_integer(body, "max_tokens", 16, 0),
@@ -215,6 +232,8 @@ def parse_completion(body: Any) -> CompletionParams:
         include_usage=include_usage,
         model=model,
         ignore_eos=_boolean(body, "ignore_eos"),
+        logprobs=logprobs,
+        echo=echo,
     )
 
 
@@ -270,21 +289,25 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def _choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def _choice(index: int, text: str, finish_reason: str | None, logprobs: Any = None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def completion_response(
     id: str, model: str, created: int, results: Sequence[Completion], prompt_tokens: int,
-    object_: str = "text_completion", choice: Callable[[int, str, str | None], dict[str, Any]] = _choice,
+    object_: str = "text_completion", choice: Callable[..., dict[str, Any]] = _choice,
+    texts: Sequence[str] | None = None, logprobs: Sequence[Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """The non-streaming response body (`object_` and `choice` make the chat endpoint's)."""
+    """The non-streaming response body (`object_` and `choice` make the chat endpoint's); `texts`
+    replace the choices' texts (echo), `logprobs` are the choices' log-probability objects."""
+    texts = texts if texts is not None else [c.text or "" for c in results]
+    logprobs = logprobs if logprobs is not None else [None] * len(results)
     return {
         "id": id,
         "object": object_,
         "created": created,
         "model": model,
-        "choices": [choice(i, c.text or "", c.finish_reason) for i, c in enumerate(results)],
+        "choices": [choice(i, texts[i], c.finish_reason, logprobs[i]) for i, c in enumerate(results)],
         "usage": usage(prompt_tokens, sum(len(c.tokens) for c in results)),
     }
 
@@ -297,7 +320,7 @@ def chunk(
     usage_: dict[str, int] | None = None,
     with_usage: bool = False,
     object_: str = "text_completion",
-    choice: Callable[[int, str, str | None], dict[str, Any]] = _choice,
+    choice: Callable[..., dict[str, Any]] = _choice,
 ) -> dict[str, Any]:
     """One streamed chunk: (index, text, finish_reason) per choice; `usage` only when requested."""
     body: dict[str, Any] = {
