@@ -95,8 +95,8 @@ def loglikelihoods(sample: dict) -> list[float]:
 def test_local_completions_against_the_server_equals_hf(model_dirs, task_dir, tmp_path):
     ck, export = model_dirs
     hf_results, hf_samples = run_lm_eval("hf", f"pretrained={export},dtype=float32", task_dir, tmp_path / "hf")
-    with running_server(ck, tmp_path, "--slots", "4") as (_, port):
-        args = (f"model={ck.name},base_url=http://127.0.0.1:{port}/v1/completions,tokenizer_backend=huggingface,"
+    with running_server(ck, tmp_path, "--slots", "4", "--model-name", "tiny") as (_, port):
+        args = (f"model=tiny,base_url=http://127.0.0.1:{port}/v1/completions,tokenizer_backend=huggingface,"
                 f"tokenizer={export},num_concurrent=1,max_retries=1")  # fmt: skip
         api_results, api_samples = run_lm_eval("local-completions", args, task_dir, tmp_path / "api",
                                                {"OPENAI_API_KEY": API_KEY})  # fmt: skip
