@@ -119,3 +119,16 @@ def test_a_checkpoint_without_a_chat_template_gets_a_clear_400(serve_engine):
     r = create_app(serve_engine).test_client().post("/v1/chat/completions", json={"messages": MESSAGES})
     assert r.status_code == 400
     assert r.json["error"]["code"] == "no_chat_template" and "/v1/completions" in r.json["error"]["message"]
+
+
+def test_metrics_count_accepted_chat_requests(client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def chats() -> float:
+        families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").get_data(as_text=True))}
+        return sum(s.value for s in families["jaxllm_chat_requests"].samples if s.name.endswith("_total"))
+
+    before = chats()
+    assert client.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2}).status_code == 200
+    assert client.post("/v1/chat/completions", json={"messages": []}).status_code == 400  # refused: not counted
+    assert chats() == before + 1

@@ -90,3 +90,51 @@ def test_the_engine_still_serves_after_the_fuzzing(fuzz_app, serve_engine):
     assert client.post("/v1/completions", json={"prompt": "the cat", "max_tokens": 3}).status_code == 200
     metrics = fuzz_app.extensions["jaxllm"]["metrics"]
     assert metrics.completions.labels("failed")._value.get() == 0
+
+
+# The chat route: an engine whose tokenizer has a chat template, and messages near the valid shape.
+@pytest.fixture(scope="module")
+def chat_app(checkpoint, serve_tokenizer):
+    from jaxllm.serve import Engine, EngineSettings
+    from jaxllm.text import TextCodec
+
+    from serve_helpers import SLOTS
+
+    codec = TextCodec.wrap(serve_tokenizer)
+    codec.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
+    _, _, cfg, params = checkpoint
+    engine = Engine(cfg, params, codec, EngineSettings(slots=SLOTS, max_prefill_batch=2)).start()
+    assert engine.wait_ready(120)
+    yield create_app(engine)
+    engine.stop()
+
+
+parts = st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]), "text": texts}), max_size=3)
+roles = st.sampled_from(["system", "user", "assistant", "robot"]) | texts
+messages = st.lists(st.fixed_dictionaries({"role": roles, "content": texts | parts | json_values}), max_size=4)
+messages = messages | json_values
+chat_fields = {
+    **{k: v for k, v in near_valid.items() if k not in ("echo", "best_of")},
+    "max_completion_tokens": st.integers(-1, 50) | huge,
+    "logprobs": st.booleans() | st.none() | huge,
+    "top_logprobs": st.none() | st.integers(-1, 21) | huge,
+}
+chat_bodies = (
+    st.fixed_dictionaries({"messages": messages}, optional=chat_fields)
+    | st.dictionaries(st.sampled_from(sorted(chat_fields)) | st.just("messages") | texts, json_values, max_size=6)
+)
+
+
+@settings(max_examples=80, deadline=10_000, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])  # fmt: skip
+@given(body=chat_bodies)
+def test_random_chat_bodies_get_only_2xx_or_4xx(chat_app, body):
+    r = chat_app.test_client().post("/v1/chat/completions", data=json.dumps(body), content_type="application/json")
+    assert 200 <= r.status_code < 300 or 400 <= r.status_code < 500, (r.status_code, r.data[:300])
+    payload = r.get_data()
+    if r.status_code >= 400:
+        assert set(json.loads(payload)["error"]) == {"message", "type", "param", "code"}
+    elif r.mimetype == "text/event-stream":
+        assert payload.endswith(b"data: [DONE]\n\n") and b'"error"' not in payload
+    else:
+        assert json.loads(payload)["object"] == "chat.completion"

@@ -196,6 +196,8 @@ def create_app(
         metrics.prompt_tokens.inc(prompt_tokens)
         if scoring is not None:
             metrics.scoring_requests.inc()
+        if shape is CHAT:
+            metrics.chat_requests.inc()
         if params.stream:
             stream = _SSE(job, params, model, prompt_tokens, start, metrics, shape)
             return Response(stream, mimetype="text/event-stream", headers=SSE_HEADERS)

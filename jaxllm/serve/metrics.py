@@ -35,6 +35,7 @@ class Metrics:
     generated_tokens: Counter
     scoring_requests: Counter
     scored_tokens: Counter
+    chat_requests: Counter
     latency: Histogram
     ttft: Histogram
     batch_size: Histogram
@@ -55,6 +56,7 @@ def make_metrics(engine: Engine) -> Metrics:
         generated_tokens=Counter("jaxllm_generated_tokens", "Tokens generated and returned", registry=r),
         scoring_requests=Counter("jaxllm_scoring_requests", "Requests with log-probabilities", registry=r),
         scored_tokens=Counter("jaxllm_scored_tokens", "Tokens returned with log-probabilities", ["part"], registry=r),
+        chat_requests=Counter("jaxllm_chat_requests", "Accepted chat completion requests", registry=r),
         latency=Histogram(
             "jaxllm_request_latency_seconds", "Request to last token", buckets=LATENCY_BUCKETS, registry=r
         ),
