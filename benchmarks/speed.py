@@ -109,9 +109,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timings(runners: dict[str, Callable[[], object]], reps: int, device: str) -> dict[str, list[float]]:
-    """Seconds per call of each runner (`interleaved_timings`; the CPU-load check on the CPU only)."""
-    return interleaved_timings(runners, reps, quiet=device == "cpu")[0]
+def timings(runners: dict[str, Callable[[], object]], reps: int, quiet: bool) -> dict[str, list[float]]:
+    """Seconds per call of each runner (`interleaved_timings`; `quiet`: the CPU-load check)."""
+    return interleaved_timings(runners, reps, quiet=quiet)[0]
 
 
 def summary(seconds: list[float], per_call: float = 1.0) -> dict[str, float]:
@@ -202,6 +202,7 @@ def bench_preset(
     Training first: it carries the goals, and a run cut short by a time limit keeps it.
     """
     shape = SHAPES[device][preset]
+    quiet = device == "cpu" and not quick  # the CPU-load check: not for smoke runs (they time nothing to keep)
     if quick:
         shape = Shape(min(shape.batch, 4), min(shape.context, 64), 1, 4, 8)
     cfg = load_config(preset, device, shape)
@@ -223,7 +224,7 @@ def bench_preset(
             COMPILED: torch_train_runner(cfg, state_dict, device, True, steps),
         },
         reps,
-        device,
+        quiet,
     )
     result["train"] = {name: summary(t, steps) for name, t in train.items()}
     if device == "cpu" and not quick:
@@ -233,7 +234,7 @@ def bench_preset(
     print_row(preset, "train tokens/s", {n: s["tokens_per_s"] for n, s in result["train"].items()})
     save(result)
 
-    fwd = timings(forward_runners(cfg, params, model, device), reps, device)
+    fwd = timings(forward_runners(cfg, params, model, device), reps, quiet)
     result["forward"] = {name: summary(t) for name, t in fwd.items()}
     print_row(preset, "forward ms", {n: s["median_s"] * 1e3 for n, s in result["forward"].items()})
     save(result)
@@ -242,7 +243,7 @@ def bench_preset(
         prompts = np.random.default_rng(3).integers(0, mc.vocab_size, (batch, shape.prompt)).tolist()
         torch._dynamo.reset()  # fresh torch.compile caches per decode shape
         runners = decode_runners(cfg, params, model, prompts)
-        rates = decode_rates(runners, batch, shape.new_tokens, reps, quiet=device == "cpu")
+        rates = decode_rates(runners, batch, shape.new_tokens, reps, quiet=quiet)
         result["decode"][str(batch)] = rates
         print_row(preset, f"decode b{batch} tok/s", {n: r["tokens_per_s"] for n, r in rates.items()})
         save(result)
@@ -262,7 +263,7 @@ def jax_train_only(preset: str, reps: int) -> dict:
     shape = SHAPES["cpu"][preset]
     cfg = load_config(preset, "cpu", shape)
     params = jaxllm.init_params(cfg.model, 0)
-    seconds = timings({JAX: jax_train_runner(cfg, params, shape.steps_per_timing)}, reps, "cpu")[JAX]
+    seconds = timings({JAX: jax_train_runner(cfg, params, shape.steps_per_timing)}, reps, True)[JAX]
     return {**summary(seconds, shape.steps_per_timing), "malloc_settings_applied": jaxllm.keep_freed_host_memory()}
 
 
