@@ -82,6 +82,8 @@ def test_jax_top_k_top_p_filter_matches_the_numpy_reference(row, setting):
     temperature, top_k, top_p = setting
     x = _pad(row)
     scaled = x / np.float32(temperature)
+    # XLA's CPU code flushes subnormal floats to zero (e.g. 1.18e-38 / 1.5): the reference does the same.
+    scaled[np.abs(scaled) < np.finfo(np.float32).tiny] = 0.0
     expected, margin = reference_keep(scaled[0], top_k, top_p)
     if margin < MARGIN:
         return
