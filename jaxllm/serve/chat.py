@@ -35,14 +35,7 @@ FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperatu
 
 def parse_chat(body: Any, context_length: int, tokenizer: Any) -> protocol.CompletionParams:
     """Check a `/v1/chat/completions` body; the conversation becomes the one (token-id) prompt."""
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object")
-    unknown = sorted(set(body) - FIELDS)
-    if unknown:
-        raise bad_request(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
-    for name, neutral in NEUTRAL.items():
-        if protocol._given(body, name) and body[name] not in neutral:
-            raise bad_request(f"{name} is not supported by this server", name)
+    body = protocol.check_fields(body, FIELDS, NEUTRAL)
     logprobs = protocol._boolean(body, "logprobs")
     top = protocol._integer(body, "top_logprobs", 0, 0, MAX_TOP)
     if protocol._given(body, "top_logprobs") and not logprobs:

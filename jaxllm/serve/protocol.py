@@ -182,16 +182,23 @@ def _stop(body: dict[str, Any]) -> list[str]:
     return [_check_text(s, "stop", "stop") for s in stops]
 
 
-def parse_completion(body: Any) -> CompletionParams:
-    """Check a `/v1/completions` body's fields (types, ranges); raises `ServeError` 400 naming the field."""
+def check_fields(body: Any, fields: set[str], neutral: dict[str, tuple]) -> dict[str, Any]:
+    """`body` if it is a JSON object of known `fields`, each of the `neutral` ones at a value that changes
+    nothing; else a 400 naming the field (shared by the completions and chat endpoints)."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
-    unknown = sorted(set(body) - FIELDS)
+    unknown = sorted(set(body) - fields)
     if unknown:
         raise bad_request(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
-    for name, neutral in NEUTRAL.items():
-        if _given(body, name) and body[name] not in neutral:
+    for name, values in neutral.items():
+        if _given(body, name) and body[name] not in values:
             raise bad_request(f"{name} is not supported by this server", name)
+    return body
+
+
+def parse_completion(body: Any) -> CompletionParams:
+    """Check a `/v1/completions` body's fields (types, ranges); raises `ServeError` 400 naming the field."""
+    body = check_fields(body, FIELDS, NEUTRAL)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad_request("model must be a string", "model")
