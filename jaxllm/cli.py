@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    p = command("import-hf", cmd_import_hf, "import a Hugging Face GPT-2 directory into a jaxllm params directory")
+    p = command("import-hf", cmd_import_hf, "import a Hugging Face directory (gpt2, llama, qwen2, mistral) as params")
     p.add_argument("hf_dir", metavar="HF_DIR", help="directory with config.json + model.safetensors")
     p.add_argument("out_dir", metavar="OUT_DIR", help="jaxllm params directory to create")
 
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE", help="a .gguf file (llama.cpp format; F32/F16/BF16 or quantized weights)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="jaxllm params directory to create")
 
-    p = command("export-hf", cmd_export_hf, "export a jaxllm params directory as a Hugging Face GPT-2 directory")
+    p = command("export-hf", cmd_export_hf, "export a jaxllm params directory as a Hugging Face directory")
     p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="jaxllm params directory (from save_params / train)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory to create (config.json + model.safetensors)")
 
