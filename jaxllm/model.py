@@ -318,7 +318,7 @@ class Transformer(nn.Module):
             )
         x_BTD = _constrain(x_BTD.astype(cfg.dtype), ACT_BTD)
         block = Block
-        if cfg.remat != "none":  # (inside a scan, CSE across iterations cannot undo the recomputation)
+        if cfg.remat != "none":  # a scan's loop already keeps XLA from merging recomputation away
             block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             layers = nn.scan(
