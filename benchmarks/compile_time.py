@@ -10,8 +10,11 @@
 2. Step time: each preset's training step at its own width and depth, scanned vs unrolled, at a
    batch x context that fits this machine (given in the table). The two are timed in alternating
    rounds, so load from other work falls on both; the median step of each is reported.
+3. Decode: `advanced`'s shape (8 layers) with 8 slots and a 1024-position KV cache, decode steps
+   (`jaxllm.slots.decode`) from position 500, unrolled (one cache per layer) vs scanned (one cache
+   with a layer axis, scanned over with the params), alternating rounds.
 
-Writes benchmarks/results/compile_time.json and .md.
+Writes benchmarks/results/compile_time.json and .md (`--decode-only` re-measures section 3 into them).
 """
 
 from __future__ import annotations
@@ -90,6 +93,36 @@ def step_times(cfg: ModelConfig, batch: int, context: int, steps: int) -> dict[s
     }
 
 
+def decode_times(rounds: int, slots: int = 8, cache_len: int = 1024, steps: int = 16) -> dict[str, float]:
+    """Median ms per decode step of `advanced` (context 1024), unrolled vs scanned, alternating rounds."""
+    import jaxllm.slots as engine
+    from jaxllm.model import to_layout
+
+    cfg = ModelConfig.preset("advanced").replace(context_length=cache_len)
+    params = init_params(cfg, 0)
+    start = cache_len // 2 - steps  # every round decodes the same positions (the state is donated: fresh arrays)
+    runs = {}
+    for scan in (False, True):
+        c = cfg.replace(scan_layers=scan)
+        state = engine.init_state_jit(c, slots, cache_len, 1)
+        state = state._replace(done_B=jnp.zeros((slots,), bool), end_B=jnp.full((slots,), cache_len, jnp.int32))
+        runs[scan] = [c, to_layout(c, params), state, []]
+    for i in range(rounds + 1):  # round 0 compiles
+        for scan in (False, True):
+            c, p, state, times = runs[scan]
+            t0 = time.perf_counter()
+            state = jax.block_until_ready(
+                engine.decode_jit(c, p, state._replace(positions_B=jnp.full((slots,), start, jnp.int32)), steps)
+            )
+            if i:
+                times.append((time.perf_counter() - t0) / steps)
+            runs[scan][2] = state
+    return {
+        "slots": slots, "cache_len": cache_len, "n_layers": cfg.n_layers,
+        "unrolled_ms": 1e3 * statistics.median(runs[False][3]), "scanned_ms": 1e3 * statistics.median(runs[True][3]),
+    }  # fmt: skip
+
+
 def markdown(data: dict) -> str:
     info = data["machine"]
     lines = [
@@ -128,6 +161,21 @@ def markdown(data: dict) -> str:
             f"| {r['preset']} | {r['n_layers']} | {r['batch']} x {r['context']} | {r['unrolled_ms']:.1f} | "
             f"{r['scanned_ms']:.1f} | {ratio:.2f} |"
         )
+    if "decode" in data:
+        d = data["decode"]
+        lines += [
+            "",
+            f"## Decode step (advanced: {d['n_layers']} layers, {d['slots']} slots, "
+            f"{d['cache_len']}-position KV cache; median ms per step)",
+            "",
+            "| unrolled (a cache per layer) | scanned (one cache, layer axis) | scanned / unrolled |",
+            "| ---: | ---: | ---: |",
+            f"| {d['unrolled_ms']:.1f} | {d['scanned_ms']:.1f} | {d['scanned_ms'] / d['unrolled_ms']:.2f} |",
+            "",
+            "The scan reads each layer's cache out of the stacked array and writes the updated layer back "
+            "(`lax.scan`'s xs -> ys), where the loop updates each cache in place: decode pays extra passes over "
+            "the whole cache every step.",
+        ]
     lines += [
         "",
         "Each preset's `scan_layers` in `jaxllm/configs/*.yaml` is whichever layout was faster here; a tie "
@@ -143,7 +191,20 @@ def main() -> None:
         "--presets", nargs="*", default=["mini", "advanced", "gpt2-124m"], help="presets whose steps to time"
     )
     parser.add_argument("--steps", type=int, default=6, help="timed rounds per preset")
+    parser.add_argument("--decode-only", action="store_true", help="re-measure the decode section into the results")
     args = parser.parse_args()
+    if args.decode_only:
+        import json
+
+        from benchmarks.machine import RESULTS
+
+        data = json.loads((RESULTS / "compile_time.json").read_text())
+        data["decode"] = decode_times(args.steps)
+        data["decode"]["machine"] = machine_info(("jax", "jaxlib", "flax", "numpy"))
+        data["decode"]["load_average_at_end"] = round(os.getloadavg()[0], 2)
+        write_results("compile_time", data, markdown(data))
+        print(data["decode"])
+        return
     info = machine_info(("jax", "jaxlib", "flax", "numpy"))
     depths = (8, 16) if args.quick else (8, 16, 32)
     rows = []
@@ -168,7 +229,10 @@ def main() -> None:
         times = step_times(cfg, batch, context, rounds)
         steps.append({"preset": preset, "n_layers": cfg.n_layers, "batch": batch, "context": context, **times})
         print(steps[-1], flush=True)
+    decode = decode_times(rounds)
+    print(decode, flush=True)
     data = {"machine": info, "quick": args.quick, "compile": rows, "goal": goal, "steps": steps, "rounds": rounds,
+            "decode": decode,
             "load_average_at_end": round(os.getloadavg()[0], 2)}  # fmt: skip
     md = markdown(data)
     write_results("compile_time", data, md)
