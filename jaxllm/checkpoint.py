@@ -2,6 +2,8 @@
 
 Written under a temporary name and renamed last, so an interrupted save never leaves a directory
 that looks complete. `load_params` restores onto given shardings, or onto the default device.
+The files are per-layer (`blocks_0`, …) whatever `model.scan_layers` says: params are unstacked
+to save and stacked again on load (`jaxllm.model.to_per_layer` / `to_layout`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import yaml
 
 from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError
-from jaxllm.model import Params, abstract_params
+from jaxllm.model import Params, abstract_params, to_layout, to_per_layer
 
 CONFIG_FILE = "config.yaml"
 PARAMS_DIR = "params"
@@ -44,6 +46,8 @@ def save_params(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     checkpointer = ocp.StandardCheckpointer()
+    if cfg.scan_layers:  # one program (on every process) slices the stacked layers apart
+        params = jax.jit(to_per_layer)(params)
     checkpointer.save(tmp / PARAMS_DIR, params)
     checkpointer.wait_until_finished()
     if jax.process_index() == 0:
@@ -57,18 +61,36 @@ def save_params(
 
 
 def load_params(path: str | Path, shardings: Any = None) -> tuple[ModelConfig, Params]:
-    """(cfg, params) from a directory written by `save_params`.
+    """(cfg, params) from a directory written by `save_params`, in `cfg`'s layer layout.
 
-    `shardings`: optional pytree of `jax.sharding.Sharding` matching the params, to restore each
-    array directly onto its devices; by default arrays land on the default device.
+    `shardings`: optional pytree of `jax.sharding.Sharding` matching the params (in that layout), to
+    restore each array directly onto its devices; by default arrays land on the default device.
     """
     path = Path(path).absolute()
     if not (path / CONFIG_FILE).is_file() or not (path / PARAMS_DIR).is_dir():
         raise InputError(f"{path} is not a jaxllm params directory (needs {CONFIG_FILE} and {PARAMS_DIR}/)")
     cfg = ModelConfig.from_yaml(path / CONFIG_FILE)
-    target = abstract_params(cfg)
+    target = abstract_params(cfg.replace(scan_layers=False))  # the files' layout
+    stacked_shardings = shardings if cfg.scan_layers else None
     if shardings is None:  # not the saving run's topology (which may have had other devices or hosts)
         shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), target)
+    elif cfg.scan_layers:  # each layer restored as its stacked array's slice is placed
+        shardings = _per_layer_shardings(cfg, shardings)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
     params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
+    if cfg.scan_layers:
+        params = jax.jit(lambda p: to_layout(cfg, p), out_shardings=stacked_shardings)(params)
     return cfg, params
+
+
+def _per_layer_shardings(cfg: ModelConfig, shardings: Params) -> Params:
+    """The files' (per-layer) shardings from stacked ones: each layer placed as its slice of the stack."""
+
+    def drop_layer_axis(s: Any) -> Any:
+        if isinstance(s, jax.sharding.NamedSharding):
+            return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*s.spec[1:]))
+        return s
+
+    one_layer = jax.tree.map(drop_layer_axis, shardings["blocks"])
+    rest = {k: v for k, v in shardings.items() if k != "blocks"}
+    return {**rest, **{f"blocks_{i}": one_layer for i in range(cfg.n_layers)}}

@@ -99,6 +99,10 @@ class ModelConfig(BaseModel):
     # Activation checkpointing per block: "none", "full" (recompute everything in the backward
     # pass) or "save_dots" (keep matmul outputs, recompute the rest). Numerics are unchanged.
     remat: Literal["none", "full", "save_dots"] = "none"
+    # One `nn.scan` over the blocks (parameters stacked on a leading "layers" axis) instead of a
+    # Python loop: the compiled program stops growing with depth. Numerics are unchanged, and params
+    # directories, exports and conversions stay per-layer either way (jaxllm/model.py).
+    scan_layers: bool = False
 
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelConfig:

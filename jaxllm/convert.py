@@ -3,6 +3,8 @@
 The two models use the same names (`blocks_0/attn/query/kernel` <-> `blocks.0.attn.query.weight`);
 a Flax kernel (in..., out...) is a torch Linear weight (out, in) transposed and reshaped. Shapes on
 each side come from the model definitions themselves, so nothing here restates an architecture.
+torch_ref is always per-layer: stacked (`model.scan_layers`) params are unstacked on the way out and
+stacked again on the way in (`jaxllm.model.to_per_layer` / `to_layout`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 
 from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError
-from jaxllm.model import Params, abstract_params
+from jaxllm.model import Params, abstract_params, to_layout, to_per_layer
 
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 
@@ -45,10 +47,14 @@ def _unflat(flat: dict[tuple[str, ...], Any]) -> Params:
     return tree
 
 
+def _per_layer_abstract(cfg: ModelConfig) -> dict[tuple[str, ...], Any]:
+    return _flat(abstract_params(cfg.replace(scan_layers=False)))
+
+
 def to_numpy_state_dict(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
     """torch_ref state-dict layout as float32 numpy arrays (tied head listed under both names)."""
-    abstract = _flat(abstract_params(cfg))
-    flat = _flat(params)
+    abstract = _per_layer_abstract(cfg)
+    flat = _flat(to_per_layer(params))
     _check_same_keys(set(flat), set(abstract), "params")
     out: dict[str, np.ndarray] = {}
     for path, leaf in flat.items():
@@ -69,7 +75,7 @@ def to_numpy_state_dict(cfg: ModelConfig, params: Params) -> dict[str, np.ndarra
 def torch_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """torch_ref parameter name -> shape for `cfg`, without allocating (the tied head listed too)."""
     out = {}
-    for path, leaf in _flat(abstract_params(cfg)).items():
+    for path, leaf in _per_layer_abstract(cfg).items():
         shape = tuple(leaf.shape)
         if path[-1] == "kernel":
             n_in = len(shape) - (2 if path[-2] in ("query", "key", "value") else 1)
@@ -90,8 +96,8 @@ def to_torch_state_dict(cfg: ModelConfig, params: Params) -> dict[str, Any]:
 
 
 def from_torch_state_dict(cfg: ModelConfig, state_dict: dict[str, Any]) -> Params:
-    """jaxllm params from a torch_ref state dict (torch tensors or numpy arrays)."""
-    abstract = _flat(abstract_params(cfg))
+    """jaxllm params (in `cfg`'s layer layout) from a torch_ref state dict (torch tensors or numpy arrays)."""
+    abstract = _per_layer_abstract(cfg)
     wanted = {torch_key(path): path for path in abstract}
     given = set(state_dict) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
     _check_same_keys(given, set(wanted), "state dict")
@@ -103,7 +109,7 @@ def from_torch_state_dict(cfg: ModelConfig, state_dict: dict[str, Any]) -> Param
         if w.size != np.prod(abstract[path].shape):
             raise InputError(f"state dict {key!r}: shape {tuple(w.shape)} does not fit {abstract[path].shape}")
         flat[path] = jnp.asarray(w.reshape(abstract[path].shape), dtype=jnp.float32)
-    return _unflat(flat)
+    return to_layout(cfg, _unflat(flat))
 
 
 def _to_numpy(x: Any) -> np.ndarray:

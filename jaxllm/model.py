@@ -7,6 +7,11 @@ that a sharding rules table can place it on a mesh without touching this file.
 Public functions are pure and jit-able: `init_params`, `forward`, `forward_cached`, `init_cache`,
 `count_params`, `logical_axes`, `abstract_params`.
 
+Layer layout: with `scan_layers` false the blocks are a Python loop with params `blocks_0`,
+`blocks_1`, …; with it true they are one `nn.scan`, params `blocks` with a leading "layers" axis
+(L, …) on every leaf. Files, exports and conversions are always per-layer: `to_per_layer` and
+`to_layout` are the one pair of functions every load, save and conversion calls at the edge.
+
 Inference with a KV cache (`forward_cached`): every layer keeps a preallocated `KVCache` of S
 positions per row, holding only the K kv heads (grouped-query attention caches K, not N, heads).
 Entry s of row b is the key/value of that row's token at position s, so rows advance
@@ -14,7 +19,9 @@ independently: each token is written at its own position and attends to the entr
 <= its own. Entries past a row's current position (right padding, or an earlier request's leftovers
 in a reused slot) are therefore never read, and must not be: a row's positions 0..p-1 must have
 been written before position p is computed. With a `sliding_window` W, a token at position p reads
-only the entries at p - W + 1 .. p (the cache still holds every position).
+only the entries at p - W + 1 .. p (the cache still holds every position). With `scan_layers` the
+cache is one `KVCache` whose arrays carry a leading layer axis, (L, B, K, S, H), scanned over with
+the stacked params: no per-step stacking or unstacking.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from jaxllm.rope import scaled_inv_freq
 Params = dict[str, Any]
 
 # The logical axis names used on parameters. The sharding module maps each to a mesh axis.
-LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "positions")
+LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "positions", "layers")
 # Activation constraints (the residual stream and the logits), by the same rules table. They only
 # act under `flax.linen.logical_axis_rules` and `jax.set_mesh` (the training loop sets both); elsewhere
 # they are no-ops. "embed" yields to "batch" when both would use the fsdp axis.
@@ -136,12 +143,15 @@ class KVCache(NamedTuple):
     v_BKSH: jax.Array
 
 
-Cache = tuple[KVCache, ...]  # one per layer
+# One KVCache per layer; with `scan_layers`, one KVCache of (L, B, K, S, H) arrays.
+Cache = tuple[KVCache, ...] | KVCache
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
-    """A zeroed cache of `length` positions for `batch` rows, in the compute dtype."""
+    """A zeroed cache of `length` positions for `batch` rows, in the compute dtype (layout: `Cache`)."""
     shape = (batch, cfg.kv_heads, length, cfg.dim_per_head)
+    if cfg.scan_layers:
+        return KVCache(jnp.zeros((cfg.n_layers, *shape), cfg.dtype), jnp.zeros((cfg.n_layers, *shape), cfg.dtype))
     return tuple(KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.n_layers))
 
 
@@ -249,7 +259,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    Its signature is `nn.scan`'s: (carry x_BTD, positions broadcast, cache scanned over) -> (x_BTD, cache).
+    """
 
     cfg: ModelConfig
 
@@ -259,7 +272,8 @@ class Block(nn.Module):
     ) -> tuple[jax.Array, KVCache | None]:
         attn_BTD, cache = Attention(self.cfg, name="attn")(Norm(self.cfg, name="attn_norm")(x_BTD), positions_BT, cache)
         x_BTD = x_BTD + attn_BTD
-        return x_BTD + MLP(self.cfg, name="mlp")(Norm(self.cfg, name="mlp_norm")(x_BTD)), cache
+        x_BTD = x_BTD + MLP(self.cfg, name="mlp")(Norm(self.cfg, name="mlp_norm")(x_BTD))
+        return _constrain(x_BTD, ACT_BTD), cache
 
 
 _REMAT_POLICIES = {"full": None, "save_dots": jax.checkpoint_policies.dots_saveable}
@@ -268,7 +282,7 @@ _REMAT_POLICIES = {"full": None, "save_dots": jax.checkpoint_policies.dots_savea
 class Transformer(nn.Module):
     """Token ids (B, T) -> float32 logits (B, T, V).
 
-    With a `cache` (one `KVCache` per layer) it returns (logits, updated cache). `logits_at_B`
+    With a `cache` (layout: `Cache`) it returns (logits, updated cache). `logits_at_B`
     (an index along T per row) keeps only those tokens' logits, (B, 1, V): a prefill needs just
     each prompt's last token, and skips the (B, T, V) output head.
     """
@@ -303,13 +317,26 @@ class Transformer(nn.Module):
                 pos_embed_TD[None, : tokens_BT.shape[1]] if contiguous else jnp.take(pos_embed_TD, positions_BT, axis=0)
             )
         x_BTD = _constrain(x_BTD.astype(cfg.dtype), ACT_BTD)
-        block = Block if cfg.remat == "none" else nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat])
-        new_cache = []
-        for i in range(cfg.n_layers):
-            layer_cache = None if cache is None else cache[i]
-            x_BTD, layer_cache = block(cfg, name=f"blocks_{i}")(x_BTD, positions_BT, layer_cache)
-            x_BTD = _constrain(x_BTD, ACT_BTD)
-            new_cache.append(layer_cache)
+        block = Block
+        if cfg.remat != "none":  # a scan's loop already keeps XLA from merging recomputation away
+            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            layers = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, 0),
+                length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x_BTD, new_cache = layers(cfg, name="blocks")(x_BTD, positions_BT, cache)
+        else:
+            new_cache = []
+            for i in range(cfg.n_layers):
+                layer_cache = None if cache is None else cache[i]
+                x_BTD, layer_cache = block(cfg, name=f"blocks_{i}")(x_BTD, positions_BT, layer_cache)
+                new_cache.append(layer_cache)
+            new_cache = tuple(new_cache)
         if logits_at_B is not None:
             x_BTD = jnp.take_along_axis(x_BTD, logits_at_B[:, None, None], axis=1)
         x_BTD = Norm(cfg, name="final_norm")(x_BTD)
@@ -321,7 +348,7 @@ class Transformer(nn.Module):
                 x_BTD
             )
         logits_BTV = _constrain(logits_BTV.astype(jnp.float32), ACT_BTV)
-        return logits_BTV if cache is None else (logits_BTV, tuple(new_cache))
+        return logits_BTV if cache is None else (logits_BTV, new_cache)
 
 
 # Pure functional API ---------------------------------------------------------------------------
@@ -333,9 +360,10 @@ def _boxed_init(cfg: ModelConfig, rng: jax.Array) -> Params:
 
 
 def init_params(cfg: ModelConfig, seed: int | jax.Array = 0) -> Params:
-    """Fresh float32 parameters as a plain pytree of arrays (no logical-axis boxes)."""
+    """Fresh float32 parameters as a plain pytree of arrays (no logical-axis boxes), in `cfg`'s
+    layer layout. The same seed gives the same values with or without `scan_layers`."""
     rng = jax.random.key(seed) if isinstance(seed, int) else seed
-    return nn.unbox(_boxed_init(cfg, rng))
+    return to_layout(cfg, nn.unbox(_boxed_init(cfg.replace(scan_layers=False), rng)))
 
 
 def abstract_params(cfg: ModelConfig) -> Params:
@@ -359,6 +387,7 @@ def forward(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, positions_BT
     Shapes are checked always; token values when they are concrete (outside `jit`).
     """
     check_tokens(cfg, tokens_BT)
+    check_layout(cfg, params)
     return Transformer(cfg).apply({"params": params}, tokens_BT, positions_BT)
 
 
@@ -376,6 +405,7 @@ def forward_cached(
     positions <= its own (see the module docstring). Logits are (B, T, V), or (B, 1, V) at
     `logits_at_B`. No value checks: the caller (the generation engine) validates its inputs.
     """
+    check_layout(cfg, params)
     return Transformer(cfg).apply({"params": params}, tokens_BT, positions_BT, cache, logits_at_B)
 
 
@@ -395,3 +425,44 @@ def check_tokens(cfg: ModelConfig, tokens_BT: Any) -> None:
     if lo < 0 or hi >= cfg.vocab_size:
         bad = hi if hi >= cfg.vocab_size else lo
         raise InputError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
+
+
+# Layer layouts: stacked (scan_layers) in memory, per-layer at every edge ----------------------------
+
+
+def _is_stacked(params: Params) -> bool:
+    return "blocks" in params
+
+
+def to_per_layer(params: Params) -> Params:
+    """Params with per-layer blocks (`blocks_0` … `blocks_{L-1}`), as files, exports and conversions
+    hold them; per-layer params are returned as they are. Works under `jit` and on host arrays."""
+    if not _is_stacked(params):
+        return params
+    stacked = params["blocks"]
+    n_layers = jax.tree.leaves(stacked)[0].shape[0]
+    rest = {k: v for k, v in params.items() if k != "blocks"}
+    return {**rest, **{f"blocks_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n_layers)}}
+
+
+def to_layout(cfg: ModelConfig, params: Params) -> Params:
+    """Params (either layout) in the layout `cfg.scan_layers` asks for: stacked `blocks` (each leaf
+    with a leading layer axis) when true, per-layer otherwise."""
+    if not cfg.scan_layers:
+        return to_per_layer(params)
+    if _is_stacked(params):
+        return params
+    layers = [params[f"blocks_{i}"] for i in range(cfg.n_layers)]
+    rest = {k: v for k, v in params.items() if not k.startswith("blocks_")}
+    stack = np.stack if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(layers)) else jnp.stack
+    return {**rest, "blocks": jax.tree.map(lambda *xs: stack(xs), *layers)}
+
+
+def check_layout(cfg: ModelConfig, params: Params) -> None:
+    """Raise `InputError` when `params`' layer layout is not the one `cfg.scan_layers` asks for."""
+    if _is_stacked(params) != cfg.scan_layers:
+        has = "stacked (blocks)" if _is_stacked(params) else "per-layer (blocks_0, …)"
+        raise InputError(
+            f"params are {has} but model.scan_layers={str(cfg.scan_layers).lower()}: "
+            "convert them with jaxllm.model.to_layout(cfg, params)"
+        )

@@ -41,6 +41,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "head_dim": None,
     "positions": None,
+    "layers": None,  # the leading axis of stacked (scanned) layer params and KV caches
 }
 
 # `mesh.strategy`: mesh sizes (data, fsdp, tensor); sizes given explicitly in the config win.

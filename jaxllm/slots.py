@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig
-from jaxllm.model import Cache, KVCache, Params, forward_cached, init_cache
+from jaxllm.model import Cache, Params, forward_cached, init_cache
 from jaxllm.request import Request
 from jaxllm.sampling import SamplingParams, sample
 
@@ -58,7 +58,7 @@ class Prompts(NamedTuple):
 class DecodeState(NamedTuple):
     """Every slot's sequence, cache and settings (see the module docstring)."""
 
-    cache: Cache  # per layer, (slots, kv heads, S, head_dim)
+    cache: Cache  # per layer (slots, kv heads, S, head_dim); scan_layers: one with a leading layer axis
     seq_BS: jax.Array  # int32 token at each position: prompt, then generated tokens
     positions_B: jax.Array  # int32 position of the newest token: the next step's input
     end_B: jax.Array  # int32 prompt length + max_new: the slot stops at position end_B - 1
@@ -112,14 +112,11 @@ def prefill(
     def put(all_slots: jax.Array, rows: jax.Array) -> jax.Array:
         return all_slots.at[slots_B].set(rows.astype(all_slots.dtype), mode="drop")
 
-    def put_cache(all_slots_BKSH: jax.Array, rows_BKTH: jax.Array) -> jax.Array:
-        return all_slots_BKSH.at[slots_B, :, :t].set(rows_BKTH.astype(all_slots_BKSH.dtype), mode="drop")
+    def put_cache(all_slots_BKSH: jax.Array, rows_BKTH: jax.Array) -> jax.Array:  # (a leading L axis or not)
+        return all_slots_BKSH.at[..., slots_B, :, :t, :].set(rows_BKTH.astype(all_slots_BKSH.dtype), mode="drop")
 
     state = DecodeState(
-        cache=tuple(
-            KVCache(put_cache(old.k_BKSH, new.k_BKSH), put_cache(old.v_BKSH, new.v_BKSH))
-            for old, new in zip(state.cache, new_cache, strict=True)
-        ),
+        cache=jax.tree.map(put_cache, state.cache, new_cache),
         seq_BS=put(state.seq_BS, seq_BS),
         positions_B=put(state.positions_B, last_B + wants_B),
         end_B=put(state.end_B, prompts.lengths_B + prompts.max_new_B),

@@ -261,6 +261,13 @@ def _check_same_state(config: Config, saved_config: Path) -> None:
         saved = Config.model_validate(yaml.safe_load(saved_config.read_text()))
     except Exception:  # no config.yaml, or an older schema: orbax checks the shapes on restore
         return
+    if saved.model.scan_layers != config.model.scan_layers:
+        was = str(saved.model.scan_layers).lower()
+        raise ConfigError(
+            f"cannot resume {saved_config.parent}: its checkpoints hold the layers "
+            f"{'stacked' if saved.model.scan_layers else 'per layer'} (model.scan_layers={was}); "
+            f"resume with model.scan_layers={was}, or use --out for a new run (final/ is per-layer either way)"
+        )
 
     def shapes(c: Config) -> Any:
         tree = jax.eval_shape(lambda: init_state(abstract_params(c.model), make_optimizer(c.train)))
