@@ -41,6 +41,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "head_dim": None,
     "positions": None,
+    "cache_length": None,  # KV-cache positions (`jaxllm.model.KV_CACHE_AXES`); its "batch" is serving slots
 }
 
 # `mesh.strategy`: mesh sizes (data, fsdp, tensor); sizes given explicitly in the config win.
@@ -153,6 +154,24 @@ def tracing_on(mesh: Mesh) -> Iterator[None]:
     nothing) and the rules table for the model's activation constraints."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules()):
         yield
+
+
+def constrain(tree: Any, axes: Any, mesh: Mesh) -> Any:
+    """Inside jit: each array of `tree` constrained to the sharding its logical axes (`axes`, a
+    matching tree of `PartitionSpec`s of names) get on `mesh` by `RULES` (`mesh_spec`'s fallbacks)."""
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    return jax.tree.map(
+        lambda spec, x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, mesh_spec(tuple(spec), x.shape, mesh))),
+        axes,
+        tree,
+        is_leaf=is_spec,
+    )
+
+
+def mesh_of(params: Params) -> Mesh | None:
+    """The mesh that `params` are sharded over (`load_params` with `param_shardings`), or None."""
+    sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
+    return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
