@@ -1,7 +1,8 @@
 """A params directory: `config.yaml` (the model section) beside an orbax checkpoint in `params/`.
 
 Written under a temporary name and renamed last, so an interrupted save never leaves a directory
-that looks complete. `load_params` restores onto given shardings, or onto the default device.
+that looks complete. `load_params` restores onto given shardings, or onto the default device;
+`load_params_on_mesh` onto a mesh given as `mesh.*=` overrides, as `jaxllm train` takes them.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import jax
 import orbax.checkpoint as ocp
 import yaml
 
-from jaxllm.config import ModelConfig
-from jaxllm.errors import InputError
+from jaxllm.config import Config, ModelConfig
+from jaxllm.errors import ConfigError, InputError
 from jaxllm.model import Params, abstract_params
 
 CONFIG_FILE = "config.yaml"
@@ -62,9 +63,7 @@ def load_params(path: str | Path, shardings: Any = None) -> tuple[ModelConfig, P
     `shardings`: optional pytree of `jax.sharding.Sharding` matching the params, to restore each
     array directly onto its devices; by default arrays land on the default device.
     """
-    path = Path(path).absolute()
-    if not (path / CONFIG_FILE).is_file() or not (path / PARAMS_DIR).is_dir():
-        raise InputError(f"{path} is not a jaxllm params directory (needs {CONFIG_FILE} and {PARAMS_DIR}/)")
+    path = _params_dir(path)
     cfg = ModelConfig.from_yaml(path / CONFIG_FILE)
     target = abstract_params(cfg)
     if shardings is None:  # not the saving run's topology (which may have had other devices or hosts)
@@ -72,3 +71,25 @@ def load_params(path: str | Path, shardings: Any = None) -> tuple[ModelConfig, P
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
     params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
     return cfg, params
+
+
+def load_params_on_mesh(path: str | Path, mesh_overrides: Sequence[str] = ()) -> tuple[ModelConfig, Params]:
+    """`load_params`, each parameter restored onto its devices of the mesh that `mesh.*=` overrides
+    (`mesh.tensor=2`, as `jaxllm train` takes them) describe, by the rules table; none: one device."""
+    if not mesh_overrides:
+        return load_params(path)
+    from jaxllm.sharding import inference_mesh, param_shardings  # the sharding module imports JAX's mesh code
+
+    for item in mesh_overrides:
+        if not item.startswith("mesh."):
+            raise ConfigError(f"override {item}: only mesh.* overrides apply here (the model is the checkpoint's)")
+    path = _params_dir(path)
+    config = Config.load(path / CONFIG_FILE, mesh_overrides)
+    return load_params(path, param_shardings(config.model, inference_mesh(config.mesh)))
+
+
+def _params_dir(path: str | Path) -> Path:
+    path = Path(path).absolute()
+    if not (path / CONFIG_FILE).is_file() or not (path / PARAMS_DIR).is_dir():
+        raise InputError(f"{path} is not a jaxllm params directory (needs {CONFIG_FILE} and {PARAMS_DIR}/)")
+    return path

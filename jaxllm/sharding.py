@@ -82,6 +82,16 @@ def make_mesh(mesh_cfg: MeshConfig, devices: list[jax.Device] | None = None) -> 
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
+def inference_mesh(mesh_cfg: MeshConfig) -> Mesh:
+    """`make_mesh` for generation and serving: sizes that need fewer devices than there are take the
+    first ones (`mesh.data=2 mesh.tensor=2` on 8 devices uses 4); training needs them all."""
+    devices = jax.devices()
+    sizes = (mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+    if mesh_cfg.strategy is None and -1 not in sizes and math.prod(sizes) < len(devices):
+        devices = devices[: math.prod(sizes)]
+    return make_mesh(mesh_cfg, devices)
+
+
 def mesh_spec(
     logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh, what: str | None = None
 ) -> PartitionSpec:
