@@ -23,7 +23,7 @@ tokens from `seq_BS`, and frees a slot by leaving it done. Shapes depend only on
 slots, the cache length, the prompt width and the stop-id width, so requests coming and going,
 and their settings, never recompile.
 
-Padding: prompts are right-padded to a bucket length (`bucket`). Every token sits at its own
+Padding: prompts are right-padded (to the cache length, by the engine and `generate`). Every token sits at its own
 position (0 for each prompt's first token, as in a full forward pass) and attends only to cache
 entries at positions <= its own (`jaxllm.model.forward_cached`). Padding entries lie past their
 row's position and are overwritten by generated tokens before any query can reach them, so they
