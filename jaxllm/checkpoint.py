@@ -1,7 +1,8 @@
 """A params directory: `config.yaml` (the model section) beside an orbax checkpoint in `params/`.
 
 Written under a temporary name and renamed last, so an interrupted save never leaves a directory
-that looks complete. `load_params` restores onto given shardings, or onto the default device.
+that looks complete. `load_params` restores onto given shardings, or onto the default device;
+`load_params_on_mesh` onto a mesh given as `mesh.*=` overrides, as `jaxllm train` takes them.
 The files are per-layer (`blocks_0`, …) whatever `model.scan_layers` says: params are unstacked
 to save and stacked again on load (`jaxllm.model.to_per_layer` / `to_layout`).
 """
@@ -17,8 +18,8 @@ import jax
 import orbax.checkpoint as ocp
 import yaml
 
-from jaxllm.config import ModelConfig
-from jaxllm.errors import InputError
+from jaxllm.config import Config, ModelConfig
+from jaxllm.errors import ConfigError, InputError
 from jaxllm.model import Params, abstract_params, to_layout, to_per_layer
 
 CONFIG_FILE = "config.yaml"
@@ -66,9 +67,7 @@ def load_params(path: str | Path, shardings: Any = None) -> tuple[ModelConfig, P
     `shardings`: optional pytree of `jax.sharding.Sharding` matching the params (in that layout), to
     restore each array directly onto its devices; by default arrays land on the default device.
     """
-    path = Path(path).absolute()
-    if not (path / CONFIG_FILE).is_file() or not (path / PARAMS_DIR).is_dir():
-        raise InputError(f"{path} is not a jaxllm params directory (needs {CONFIG_FILE} and {PARAMS_DIR}/)")
+    path = _params_dir(path)
     cfg = ModelConfig.from_yaml(path / CONFIG_FILE)
     target = abstract_params(cfg.replace(scan_layers=False))  # the files' layout
     stacked_shardings = shardings if cfg.scan_layers else None
@@ -94,3 +93,25 @@ def _per_layer_shardings(cfg: ModelConfig, shardings: Params) -> Params:
     one_layer = jax.tree.map(drop_layer_axis, shardings["blocks"])
     rest = {k: v for k, v in shardings.items() if k != "blocks"}
     return {**rest, **{f"blocks_{i}": one_layer for i in range(cfg.n_layers)}}
+
+
+def load_params_on_mesh(path: str | Path, mesh_overrides: Sequence[str] = ()) -> tuple[ModelConfig, Params]:
+    """`load_params`, each parameter restored onto its devices of the mesh that `mesh.*=` overrides
+    (`mesh.tensor=2`, as `jaxllm train` takes them) describe, by the rules table; none: one device."""
+    if not mesh_overrides:
+        return load_params(path)
+    from jaxllm.sharding import inference_mesh, param_shardings  # the sharding module imports JAX's mesh code
+
+    for item in mesh_overrides:
+        if not item.startswith("mesh."):
+            raise ConfigError(f"override {item}: only mesh.* overrides apply here (the model is the checkpoint's)")
+    path = _params_dir(path)
+    config = Config.load(path / CONFIG_FILE, mesh_overrides)
+    return load_params(path, param_shardings(config.model, inference_mesh(config.mesh)))
+
+
+def _params_dir(path: str | Path) -> Path:
+    path = Path(path).absolute()
+    if not (path / CONFIG_FILE).is_file() or not (path / PARAMS_DIR).is_dir():
+        raise InputError(f"{path} is not a jaxllm params directory (needs {CONFIG_FILE} and {PARAMS_DIR}/)")
+    return path

@@ -137,6 +137,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             seed=args.seed,
             num_samples=args.num_samples,
             stop=args.stop,
+            mesh_overrides=args.overrides,
         )
     except InputError as err:
         raise InputError(flag_names(str(err), GENERATE_FLAGS)) from None
@@ -168,7 +169,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.checkpoint, args.host, args.port, settings=settings, tokenizer_path=args.tokenizer,
           model_name=args.model_name, threads=args.threads, connection_limit=args.connection_limit,
           channel_timeout_s=args.channel_timeout, allowed_hosts=args.allow_host,
-          public_metrics=args.public_metrics, cors_origins=args.cors_origin)  # fmt: skip
+          public_metrics=args.public_metrics, cors_origins=args.cors_origin,
+          mesh_overrides=args.overrides)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="same seed, same text (default 0)")
     p.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples of the prompt (default 1)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
+    add_mesh_overrides(p)
 
     p = command("eval", cmd_eval, "perplexity and bits per byte on a dataset's val split or on text files (JSON)")
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="params directory (config.yaml, params/)")
@@ -287,7 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. https://chat.example.com) call the API from a browser "
                    "(repeatable; CORS)")  # fmt: skip
+    add_mesh_overrides(p)
     return parser
+
+
+def add_mesh_overrides(p: argparse.ArgumentParser) -> None:
+    """generate's and serve's trailing `mesh.*=` overrides, as train takes them (docs/launch.md)."""
+    p.add_argument("overrides", nargs="*", metavar="mesh.KEY=VALUE",
+                   help="shard the model and its KV cache over devices, e.g. mesh.tensor=2 (docs/launch.md)")
 
 
 # Commands that run XLA on the CPU: glibc's malloc is set before their first JAX work (jaxllm/host_memory.py).

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jaxllm.checkpoint import load_params
+from jaxllm.checkpoint import load_params_on_mesh
 from jaxllm.errors import InputError
 from jaxllm.generation import complete_text, precompile, with_text_stops
 from jaxllm.request import Sampling, as_int, check_request
@@ -38,6 +39,7 @@ def sample_checkpoint(
     max_new_tokens: int | None = None,
     num_samples: int = 1,
     out: Any = None,
+    mesh_overrides: Sequence[str] = (),
     **options: Any,
 ) -> SampleStats:
     """What `jaxllm generate` does: load a checkpoint and its tokenizer, sample, print to `out`.
@@ -45,10 +47,11 @@ def sample_checkpoint(
     `chat`: `prompt` is a user message, rendered with the checkpoint's chat template; only the
     answer is printed. One sample streams as it is generated; several print one after another. An
     empty prompt starts from the BOS (or end-of-text) token: unconditional samples. `max_new_tokens`
-    None: as many as the context leaves, at most 256. `options`: the other `Sampling` fields.
+    None: as many as the context leaves, at most 256. `mesh_overrides`: `mesh.*=` overrides (as
+    `jaxllm train`'s) to shard the model and its cache over devices. `options`: the other `Sampling` fields.
     """
     out = out or sys.stdout
-    cfg, params = load_params(checkpoint)
+    cfg, params = load_params_on_mesh(checkpoint, mesh_overrides)
     codec = load_codec(checkpoint, cfg.vocab_size, tokenizer_path)
     num_samples = as_int(num_samples, "num_samples")
     if num_samples < 1:

@@ -20,6 +20,7 @@ from jaxllm.completion import Collector, Completion, TextStream, text_stops
 from jaxllm.config import ModelConfig
 from jaxllm.model import Params
 from jaxllm.request import Request, Sampling, check_request
+from jaxllm.sharding import mesh_of
 from jaxllm.slots import (
     DecodeState,
     batch_bucket,
@@ -150,7 +151,7 @@ def precompile(cfg: ModelConfig, params: Params, req: Request) -> None:
     (committed to the device of `params` or not) is part of what a compiled function is keyed on.
     """
     cfg, _, state = _prefilled(cfg, params, req)
-    decode_jit.lower(cfg, params, state, np.int32(1)).compile()
+    decode_jit.lower(cfg, params, state, np.int32(1), mesh_of(params)).compile()
 
 
 def _complete(
@@ -164,6 +165,7 @@ def _complete(
     if req.max_new_tokens == 0:
         return [Completion([], "" if tokenizer is not None else None, "length") for _ in req.prompts]
     cfg, b, state = _prefilled(cfg, params, req)
+    mesh = mesh_of(params)
     n = len(req.prompts)
     rows = Collector(req, tokenizer, callback)
     interactive = callback is not None or bool(req.stop_strings)
@@ -178,20 +180,23 @@ def _complete(
             finished_B = np.zeros((b,), bool)
             finished_B[ended] = True
             state = mark_done(state, finished_B)
-        state = decode_jit(cfg, params, state, np.int32(steps))
+        state = decode_jit(cfg, params, state, np.int32(steps), mesh)
     return rows.results  # type: ignore[return-value]
 
 
 def _prefilled(cfg: ModelConfig, params: Params, req: Request) -> tuple[ModelConfig, int, DecodeState]:
-    """(inference config, slots, engine state after the prefill of `req`'s prompts)."""
+    """(inference config, slots, engine state after the prefill of `req`'s prompts).
+
+    Sharded `params` (`jaxllm.sharding.mesh_of`) give a cache sharded by the same rules."""
     cfg = inference_config(cfg)
+    mesh = mesh_of(params)
     n = len(req.prompts)
     longest = max(len(p) for p in req.prompts)
     b = batch_bucket(n)
-    t = bucket(longest, cfg.context_length)
     s = bucket(longest + req.max_new_tokens, cfg.context_length)
     x = batch_bucket(len(req.stop_ids))
     keys = row_key_data(req.seed, n)
-    prompts = pack_prompts([(p, req, keys[i]) for i, p in enumerate(req.prompts)], b, t, x)
-    state, _ = prefill_jit(cfg, params, init_state_jit(cfg, b, s, x), prompts, np.arange(b, dtype=np.int32))
+    prompts = pack_prompts([(p, req, keys[i]) for i, p in enumerate(req.prompts)], b, s, x)
+    state = init_state_jit(cfg, b, s, x, mesh)
+    state, _ = prefill_jit(cfg, params, state, prompts, np.arange(b, dtype=np.int32), mesh)
     return cfg, b, state

@@ -146,6 +146,15 @@ class KVCache(NamedTuple):
 # One KVCache per layer; with `scan_layers`, one KVCache of (L, B, K, S, H) arrays.
 Cache = tuple[KVCache, ...] | KVCache
 
+# The logical axes of a cache array, by the same rules table as the parameters: rows (serving slots)
+# as "batch", kv heads as the attention's. Axes before these four (e.g. stacked layers) are unnamed.
+KV_CACHE_AXES = ("batch", "kv_heads", "cache_length", "head_dim")
+
+
+def cache_axes(cache: Any) -> Any:
+    """The cache's pytree with a `PartitionSpec` of logical axis names at each array."""
+    return jax.tree.map(lambda x: jax.sharding.PartitionSpec(*(None,) * (x.ndim - 4), *KV_CACHE_AXES), cache)
+
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
     """A zeroed cache of `length` positions for `batch` rows, in the compute dtype (layout: `Cache`)."""

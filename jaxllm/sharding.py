@@ -42,6 +42,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "head_dim": None,
     "positions": None,
     "layers": None,  # the leading axis of stacked (scanned) layer params and KV caches
+    "cache_length": None,  # KV-cache positions (`jaxllm.model.KV_CACHE_AXES`); its "batch" is serving slots
 }
 
 # `mesh.strategy`: mesh sizes (data, fsdp, tensor); sizes given explicitly in the config win.
@@ -80,6 +81,16 @@ def make_mesh(mesh_cfg: MeshConfig, devices: list[jax.Device] | None = None) -> 
     shape = mesh_shape(mesh_cfg, len(devices))
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def inference_mesh(mesh_cfg: MeshConfig) -> Mesh:
+    """`make_mesh` for generation and serving: sizes that need fewer devices than there are take the
+    first ones (`mesh.data=2 mesh.tensor=2` on 8 devices uses 4); training needs them all."""
+    devices = jax.devices()
+    sizes = (mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+    if mesh_cfg.strategy is None and -1 not in sizes and math.prod(sizes) < len(devices):
+        devices = devices[: math.prod(sizes)]
+    return make_mesh(mesh_cfg, devices)
 
 
 def mesh_spec(
@@ -154,6 +165,24 @@ def tracing_on(mesh: Mesh) -> Iterator[None]:
     nothing) and the rules table for the model's activation constraints."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules()):
         yield
+
+
+def constrain(tree: Any, axes: Any, mesh: Mesh) -> Any:
+    """Inside jit: each array of `tree` constrained to the sharding its logical axes (`axes`, a
+    matching tree of `PartitionSpec`s of names) get on `mesh` by `RULES` (`mesh_spec`'s fallbacks)."""
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    return jax.tree.map(
+        lambda spec, x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, mesh_spec(tuple(spec), x.shape, mesh))),
+        axes,
+        tree,
+        is_leaf=is_spec,
+    )
+
+
+def mesh_of(params: Params) -> Mesh | None:
+    """The mesh that `params` are sharded over (`load_params` with `param_shardings`), or None."""
+    sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
+    return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -6,7 +6,12 @@ that started at different times with different settings:
 
 - `init_state(cfg, slots, cache_len)`: every slot empty (done).
 - `prefill(cfg, params, state, prompts, slots_B)`: run a batch of right-padded prompts through the
-  model into a fresh cache, copy each one's keys/values into its slot, and sample its first token.
+  model in chunks of `PREFILL_CHUNK` tokens (a loop inside one compiled call), each chunk written
+  into a fresh cache at its positions; copy each row's cache into its slot, and sample its first
+  token. Compiled once per (batch, cache length, prompt width): callers pass prompts as wide as
+  the cache, so a prompt's length never adds a shape.
+- `resize(state, length)`: the same slots with a cache of another length (grown with zeros, or cut
+  where no active slot reaches), so a server's cache follows what its requests need.
 - `decode_step(cfg, params, state)`: one token for every active slot, each at its own position.
 - `decode(cfg, params, state, max_steps)`: `decode_step` in a `lax.while_loop`, until `max_steps`
   steps are done or every slot has finished (a stop token id, or its `max_new` tokens).
@@ -15,10 +20,10 @@ that started at different times with different settings:
 Slot b's tokens are `seq_BS[b, :positions_B[b] + 1]`: the prompt, then what was generated. A
 server keeps one state, prefills a request into a free (done) slot between decode calls, reads
 tokens from `seq_BS`, and frees a slot by leaving it done. Shapes depend only on the number of
-slots, the cache length, the prompt bucket and the stop-id width, so requests coming and going,
+slots, the cache length, the prompt width and the stop-id width, so requests coming and going,
 and their settings, never recompile.
 
-Padding: prompts are right-padded to a bucket length (`bucket`). Every token sits at its own
+Padding: prompts are right-padded (to the cache length, by the engine and `generate`). Every token sits at its own
 position (0 for each prompt's first token, as in a full forward pass) and attends only to cache
 entries at positions <= its own (`jaxllm.model.forward_cached`). Padding entries lie past their
 row's position and are overwritten by generated tokens before any query can reach them, so they
@@ -35,13 +40,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
 from jaxllm.config import ModelConfig
-from jaxllm.model import Cache, Params, forward_cached, init_cache
+from jaxllm.model import Cache, Params, cache_axes, forward_cached, init_cache
 from jaxllm.request import Request
 from jaxllm.sampling import SamplingParams, sample
 
 MIN_BUCKET = 16  # the shortest prompt / cache bucket; longer ones double up to the context length
+PREFILL_CHUNK = 64  # prompt tokens per step of a prefill (at most the cache length)
 
 
 class Prompts(NamedTuple):
@@ -68,8 +75,31 @@ class DecodeState(NamedTuple):
     stop_ids_BX: jax.Array
 
 
-def init_state(cfg: ModelConfig, slots: int, cache_len: int, max_stop_ids: int = 1) -> DecodeState:
-    """`slots` empty slots with room for `cache_len` positions each (prompt + generated)."""
+def state_axes(state: DecodeState) -> DecodeState:
+    """The logical axis names of every leaf (a `PartitionSpec`): slots are the "batch" axis; the cache's
+    axes are the model's (`jaxllm.model.cache_axes`). The sharding rules place the state by these."""
+    rows = lambda x: PartitionSpec("batch", *(None,) * (x.ndim - 1))  # noqa: E731
+    return jax.tree.map(rows, state)._replace(cache=cache_axes(state.cache))
+
+
+def place(state: DecodeState, mesh: Mesh | None) -> DecodeState:
+    """Inside jit: `state` constrained to its shardings on `mesh` by the rules table (None: as it is)."""
+    if mesh is None:
+        return state
+    from jaxllm.sharding import constrain  # the sharding module imports the model, as this one does
+
+    return constrain(state, state_axes(state), mesh)
+
+
+def init_state(
+    cfg: ModelConfig, slots: int, cache_len: int, max_stop_ids: int = 1, mesh: Mesh | None = None
+) -> DecodeState:
+    """`slots` empty slots with room for `cache_len` positions each (prompt + generated), sharded over
+    `mesh` when given (slots over the batch axes, kv heads over tensor)."""
+    return place(_empty_state(cfg, slots, cache_len, max_stop_ids), mesh)
+
+
+def _empty_state(cfg: ModelConfig, slots: int, cache_len: int, max_stop_ids: int) -> DecodeState:
     return DecodeState(  # distinct buffers (no shared zeros): the state is donated
         cache=init_cache(cfg, slots, cache_len),
         seq_BS=jnp.zeros((slots, cache_len), jnp.int32),
@@ -87,36 +117,57 @@ def _is_stop(tokens_B: jax.Array, stop_ids_BX: jax.Array) -> jax.Array:
 
 
 def prefill(
-    cfg: ModelConfig, params: Params, state: DecodeState, prompts: Prompts, slots_B: jax.Array
+    cfg: ModelConfig,
+    params: Params,
+    state: DecodeState,
+    prompts: Prompts,
+    slots_B: jax.Array,
+    mesh: Mesh | None = None,
 ) -> tuple[DecodeState, jax.Array]:
     """Put `prompts` into slots `slots_B` and sample their first tokens; returns (state, logits_BV).
 
-    Needs T <= the cache length. A slot index >= the number of slots drops that row (batch
-    padding). `logits_BV` are the logits at each prompt's last token.
+    Each prompt must be shorter than the cache (its first token is written after it). A slot index
+    >= the number of slots drops that row (batch padding). `logits_BV` are the logits at each
+    prompt's last token. The prompts run in chunks of `PREFILL_CHUNK` tokens, as many as the longest
+    prompt needs (a traced count): chunk i writes positions i*C .. i*C+C-1, each attending to the
+    entries at positions <= its own, all written by then.
     """
     b, t = prompts.tokens_BT.shape
     s = state.seq_BS.shape[1]
-    positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    c = min(PREFILL_CHUNK, s)
+    tokens_BW = jnp.pad(prompts.tokens_BT, ((0, 0), (0, -t % c)))  # whole chunks
     last_B = prompts.lengths_B - 1
-    logits_B1V, new_cache = forward_cached(
-        cfg, params, prompts.tokens_BT, positions_BT, init_cache(cfg, b, t), logits_at_B=last_B
-    )
-    logits_BV = logits_B1V[:, 0]
+
+    def chunk(i: jax.Array, carry: tuple[Cache, jax.Array]) -> tuple[Cache, jax.Array]:
+        cache, logits_BV = carry
+        start = i * c
+        tokens_BC = jax.lax.dynamic_slice_in_dim(tokens_BW, start, c, axis=1)
+        positions_BC = jnp.broadcast_to(start + jnp.arange(c, dtype=jnp.int32), (b, c))
+        at_B = jnp.clip(last_B - start, 0, c - 1)
+        logits_B1V, cache = forward_cached(cfg, params, tokens_BC, positions_BC, cache, logits_at_B=at_B)
+        here_B = (last_B >= start) & (last_B < start + c)
+        return cache, jnp.where(here_B[:, None], logits_B1V[:, 0], logits_BV)
+
+    chunks = (jnp.max(prompts.lengths_B) + c - 1) // c
+    empty = (init_cache(cfg, b, s), jnp.zeros((b, cfg.vocab_size), jnp.float32))
+    new_cache, logits_BV = jax.lax.fori_loop(0, chunks, chunk, empty)
     first_B = sample(logits_BV, jax.vmap(jax.random.fold_in)(prompts.keys_B, last_B), prompts.sampling)
     wants_B = prompts.max_new_B > 0
     rows_B = jnp.arange(b)
-    seq_BS = jnp.zeros((b, s), jnp.int32).at[:, :t].set(prompts.tokens_BT)
+    seq_BS = jnp.zeros((b, s), jnp.int32).at[:, : min(t, s)].set(prompts.tokens_BT[:, :s])
     seq_BS = seq_BS.at[rows_B, jnp.where(wants_B, prompts.lengths_B, s)].set(first_B, mode="drop")
     done_B = ~wants_B | (prompts.max_new_B == 1) | _is_stop(first_B, prompts.stop_ids_BX)
 
     def put(all_slots: jax.Array, rows: jax.Array) -> jax.Array:
         return all_slots.at[slots_B].set(rows.astype(all_slots.dtype), mode="drop")
 
-    def put_cache(all_slots_BKSH: jax.Array, rows_BKTH: jax.Array) -> jax.Array:  # (a leading L axis or not)
-        return all_slots_BKSH.at[..., slots_B, :, :t, :].set(rows_BKTH.astype(all_slots_BKSH.dtype), mode="drop")
+    def put_cache(all_slots: jax.Array, rows: jax.Array, axes: PartitionSpec) -> jax.Array:
+        slot_axis = tuple(axes).index("batch")  # whatever axes lead it (e.g. stacked layers)
+        moved = put(jnp.moveaxis(all_slots, slot_axis, 0), jnp.moveaxis(rows, slot_axis, 0))
+        return jnp.moveaxis(moved, 0, slot_axis)
 
     state = DecodeState(
-        cache=jax.tree.map(put_cache, state.cache, new_cache),
+        cache=jax.tree.map(put_cache, state.cache, new_cache, cache_axes(state.cache)),
         seq_BS=put(state.seq_BS, seq_BS),
         positions_B=put(state.positions_B, last_B + wants_B),
         end_B=put(state.end_B, prompts.lengths_B + prompts.max_new_B),
@@ -125,10 +176,12 @@ def prefill(
         sampling=SamplingParams(*(put(a, r) for a, r in zip(state.sampling, prompts.sampling, strict=True))),
         stop_ids_BX=put(state.stop_ids_BX, prompts.stop_ids_BX),
     )
-    return state, logits_BV
+    return place(state, mesh), logits_BV
 
 
-def decode_step(cfg: ModelConfig, params: Params, state: DecodeState) -> tuple[DecodeState, jax.Array]:
+def decode_step(
+    cfg: ModelConfig, params: Params, state: DecodeState, mesh: Mesh | None = None
+) -> tuple[DecodeState, jax.Array]:
     """Feed every slot's newest token at its own position and sample the next; (state, logits_BV).
 
     Done slots are computed too (a fixed shape) but change nothing: their position does not advance
@@ -145,10 +198,13 @@ def decode_step(cfg: ModelConfig, params: Params, state: DecodeState) -> tuple[D
     seq_BS = state.seq_BS.at[rows_B, jnp.where(active_B, positions_B, s)].set(next_B, mode="drop")
     finished_B = _is_stop(next_B, state.stop_ids_BX) | (positions_B >= state.end_B - 1)
     done_B = state.done_B | (active_B & finished_B)
-    return state._replace(cache=cache, seq_BS=seq_BS, positions_B=positions_B, done_B=done_B), logits_BV
+    state = state._replace(cache=cache, seq_BS=seq_BS, positions_B=positions_B, done_B=done_B)
+    return place(state, mesh), logits_BV
 
 
-def decode(cfg: ModelConfig, params: Params, state: DecodeState, max_steps: jax.Array | int) -> DecodeState:
+def decode(
+    cfg: ModelConfig, params: Params, state: DecodeState, max_steps: jax.Array | int, mesh: Mesh | None = None
+) -> DecodeState:
     """Up to `max_steps` decode steps (a traced value: no recompiling), ending early once all are done."""
 
     def cond(carry: tuple[jax.Array, DecodeState]) -> jax.Array:
@@ -157,9 +213,29 @@ def decode(cfg: ModelConfig, params: Params, state: DecodeState, max_steps: jax.
 
     def body(carry: tuple[jax.Array, DecodeState]) -> tuple[jax.Array, DecodeState]:
         i, st = carry
-        return i + 1, decode_step(cfg, params, st)[0]
+        return i + 1, decode_step(cfg, params, st, mesh)[0]
 
     return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
+
+
+def resize(state: DecodeState, length: int, mesh: Mesh | None = None) -> DecodeState:
+    """The state with room for `length` positions per slot: zeros appended, or the tail cut.
+
+    Cutting is safe when every active slot ends (`end_B`) at or before `length`: entries past a
+    slot's position are never read. Done slots keep their stale positions (their steps write
+    nothing in range). The cache's length axis is found by its logical name, whatever leads it.
+    """
+    s = state.seq_BS.shape[1]
+
+    def fit(x: jax.Array, axes: PartitionSpec) -> jax.Array:
+        axis = tuple(axes).index("cache_length")
+        if length <= s:
+            return jax.lax.slice_in_dim(x, 0, length, axis=axis)
+        return jnp.pad(x, [(0, length - s if a == axis else 0) for a in range(x.ndim)])
+
+    cache = jax.tree.map(fit, state.cache, cache_axes(state.cache))
+    seq_BS = state.seq_BS[:, :length] if length <= s else jnp.pad(state.seq_BS, ((0, 0), (0, length - s)))
+    return place(state._replace(cache=cache, seq_BS=seq_BS), mesh)
 
 
 def request_keys(seed: int, n: int) -> jax.Array:
@@ -172,11 +248,12 @@ def _request_keys(seed: jax.Array, n: int) -> jax.Array:
     return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(n))
 
 
-# Jitted once per (cfg, shapes); the state is donated so the cache is updated in place.
-init_state_jit = jax.jit(init_state, static_argnums=(0, 1, 2, 3))
-prefill_jit = jax.jit(prefill, static_argnums=0, donate_argnums=2)
-decode_step_jit = jax.jit(decode_step, static_argnums=0, donate_argnums=2)
-decode_jit = jax.jit(decode, static_argnums=0, donate_argnums=2)
+# Jitted once per (cfg, shapes, mesh); the state is donated so the cache is updated in place.
+init_state_jit = jax.jit(init_state, static_argnums=(0, 1, 2, 3, 4))
+prefill_jit = jax.jit(prefill, static_argnums=(0, 5), donate_argnums=2)
+decode_step_jit = jax.jit(decode_step, static_argnums=(0, 3), donate_argnums=2)
+decode_jit = jax.jit(decode, static_argnums=(0, 4), donate_argnums=2)
+resize_jit = jax.jit(resize, static_argnums=(1, 2))  # not donated: no buffer has the new shape
 
 
 @partial(jax.jit, donate_argnums=0)

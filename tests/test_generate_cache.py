@@ -108,9 +108,9 @@ def test_new_prompt_lengths_within_a_bucket_do_not_recompile(monkeypatch):
     traces = []
     real = engine.forward_cached
     monkeypatch.setattr(engine, "forward_cached", lambda *a, **k: traces.append(a[2].shape) or real(*a, **k))
-    for length in (2, 5, 9, 16):  # one prompt bucket (16) and, with 16 new tokens, one cache bucket (32)
+    for length in (2, 5, 9, 16):  # with 16 new tokens, one cache bucket (32)
         generate(cfg, params, [[1] * length, [2] * 3], max_new_tokens=16)
-    assert traces == [(2, 16), (2, 1)]  # traced once: the prefill and the decode step
+    assert traces == [(2, 32), (2, 1)]  # traced once: the prefill's chunk (min(PREFILL_CHUNK, 32)) and the decode step
 
 
 def test_buckets_double_from_16_up_to_the_context_length():

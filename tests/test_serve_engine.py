@@ -58,9 +58,9 @@ def test_a_request_gives_the_same_text_in_any_slot_and_beside_any_batch_mates(ch
     slots_of_probe = []
     real = engine._prefill_rows
 
-    def spy(chunk, b, t):
+    def spy(chunk, b):
         slots_of_probe.extend(slot for slot, row in chunk if row.job.req.top_k == 40)
-        return real(chunk, b, t)
+        return real(chunk, b)
 
     monkeypatch.setattr(engine, "_prefill_rows", spy)
     try:

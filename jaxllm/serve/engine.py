@@ -5,7 +5,15 @@ Built on the slot engine (`jaxllm.slots`: `prefill`, `decode`) and the host help
 
 - Request threads call `submit(req)` with a request checked by `jaxllm.request.check_request`;
   each prompt of it is a *row*. The job waits in a bounded queue (full: `ServeError` 429).
-- The worker thread keeps one `DecodeState` of `slots` KV-cache slots. Each loop it (1) frees the
+- The worker thread keeps one `DecodeState` of `slots` KV-cache slots. Its cache length follows the
+  busy slots: before each prefill and decode it becomes the smallest bucket (`min_cache` doubled, up
+  to the context) that holds every busy row's next `steps_per_call` tokens (at most its prompt +
+  max_tokens), growing as rows advance and shrinking as they leave (`jaxllm.slots.resize`), so
+  short requests pay for short caches. Prefill and decode compile once per (cache length, prefill
+  batch); the warm-up compiles the shortest cache length's, the others compile on first use.
+- With parameters sharded over a mesh (`jaxllm.sharding.param_shardings`), the state is placed by
+  the same rules: slots over the batch axes, kv heads over tensor.
+- Each loop the worker (1) frees the
   slots of cancelled (client gone) and expired jobs, (2) takes rows from the queue into free slots
   and prefills them (batches of up to `max_prefill_batch`), (3) runs up to `steps_per_call` decode
   steps for every busy slot at once, (4) reads the tokens back, turns them into final text with a
@@ -42,6 +50,7 @@ from jaxllm.request import Request
 from jaxllm.scoring import score_tokens
 from jaxllm.serve.errors import ServeError, queue_full, timed_out, unavailable
 from jaxllm.serve.logprobs import Scores, Scoring
+from jaxllm.sharding import mesh_of
 from jaxllm.slots import (
     batch_bucket,
     bucket,
@@ -52,6 +61,7 @@ from jaxllm.slots import (
     pack_prompts,
     prefill_jit,
     request_keys,
+    resize_jit,
     row_key_data,
 )
 
@@ -69,14 +79,15 @@ class EngineSettings:
     max_stop_ids: int = 4
     max_score_batch: int = 4  # rows scored in one call (a power of two) for requests with logprobs / echo
     timeout_s: float = 120.0
-    warmup: bool = True  # compile every prefill bucket and the decode before reporting ready
+    warmup: bool = True  # compile the prefills and the decode of the shortest cache before reporting ready
     # Positions per slot (prompt + completion), at most the model's context; None: the whole context.
     # The KV cache and the prefill buckets scale with it (an 8k-context model: 6 GB of float32 cache
     # for 16 slots). RoPE models only: learned positions fix the context in the parameters.
     max_context: int | None = None
+    min_cache: int = 256  # the shortest cache length (positions per slot); longer ones double up to the context
 
     def __post_init__(self) -> None:
-        for name in ("slots", "max_queue", "steps_per_call", "max_stop_ids"):
+        for name in ("slots", "max_queue", "steps_per_call", "max_stop_ids", "min_cache"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.timeout_s > 0:
@@ -170,11 +181,14 @@ class Engine:
         self.settings = settings or EngineSettings()
         self.cfg = serving_config(cfg, self.settings)
         self.params = params
+        self.mesh = mesh_of(params)  # sharded params: the state is sharded by the same rules
         self.tokenizer = tokenizer
         self.on_decode: Callable[[int], None] | None = None  # called with the busy slots of each decode call
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=self.settings.max_queue)
         self._waiting: collections.deque[_Row] = collections.deque()  # rows of jobs taken from the queue
         self._slots: list[_Row | None] = [None] * self.settings.slots
+        self._positions = np.zeros(self.settings.slots, np.int64)  # each busy slot's newest position, last read
+        self._cache_lens: set[int] = set()  # cache lengths used so far (their shapes are compiled)
         self._to_score: list[tuple[_Row, str]] = []  # finished rows waiting for their scores (this loop)
         self._ready = threading.Event()
         self._stop = threading.Event()
@@ -273,31 +287,55 @@ class Engine:
         self._fail_everything(unavailable("the server is shutting down", "shutting_down"))
 
     def _reset_state(self) -> None:
-        """Every slot empty. A first prefill (of padding only) gives the state the placement it keeps from
-        then on (committed to the device of the params), which compiled code is keyed on."""
+        """Every slot empty, at the shortest cache length. A first prefill (of padding only) gives the
+        state the placement it keeps from then on (committed to the device of the params), which
+        compiled code is keyed on."""
         s = self.settings
-        self._state = init_state_jit(self.cfg, s.slots, self.cfg.context_length, s.max_stop_ids)
-        self._prefill_rows([], 1, bucket(1, self.cfg.context_length))
+        self._cache_len = self._cache_bucket(1)
+        self._cache_lens.add(self._cache_len)
+        self._state = init_state_jit(self.cfg, s.slots, self._cache_len, s.max_stop_ids, self.mesh)
+        self._prefill_rows([], 1)
+
+    def _cache_bucket(self, need: int) -> int:
+        c = self.cfg.context_length
+        return max(bucket(need, c), min(self.settings.min_cache, c))
 
     def _warm_up(self) -> None:
-        """Compile what serving will run: each (prefill batch, prompt bucket), the decode, the stop mask."""
-        start, c, shapes = time.monotonic(), self.cfg.context_length, 0
-        for t in sorted({bucket(n, c) for n in range(1, c + 1)}):
-            b = 1
-            while b <= self.settings.max_prefill_batch:
-                self._prefill_rows([], b, t)  # padding rows only: dropped, the state is unchanged
-                b *= 2
-                shapes += 1
-        self._state = decode_jit(self.cfg, self.params, self._state, np.int32(self.settings.steps_per_call))
+        """Compile what serving runs at the shortest cache length: each prefill batch, the decode, the
+        stop mask. Longer caches compile on first use (logged)."""
+        start, shapes, b = time.monotonic(), 0, 1
+        while b <= self.settings.max_prefill_batch:
+            self._prefill_rows([], b)  # padding rows only: dropped, the state is unchanged
+            b, shapes = b * 2, shapes + 1
+        self._state = decode_jit(self.cfg, self.params, self._state, np.int32(self.settings.steps_per_call), self.mesh)
         self._state = mark_done(self._state, np.zeros(self.settings.slots, bool))
         request_keys(0, 1)
         jax.block_until_ready(self._state)
-        log.info("warm-up: %d prefill shapes (context %d, batches up to %d) and the decode step compiled in %.1f s",
-                 shapes, c, self.settings.max_prefill_batch, time.monotonic() - start)  # fmt: skip
+        log.info("warm-up: %d shapes compiled in %.1f s (%d prefill batches up to %d and the decode, at cache length "
+                 "%d of %d; longer caches compile on first use)", shapes + 1, time.monotonic() - start, shapes,
+                 self.settings.max_prefill_batch, self._cache_len, self.cfg.context_length)  # fmt: skip
+
+    def _fit_cache(self) -> None:
+        """Resize the cache to the smallest bucket holding every busy slot's next decode call (at most
+        its prompt + max_tokens): grown as rows advance, shrunk as they leave."""
+        k, need = self.settings.steps_per_call, 1
+        for slot, row in enumerate(self._slots):
+            if row is not None:
+                end = len(row.prompt) + row.job.req.max_new_tokens
+                need = max(need, len(row.prompt), min(int(self._positions[slot]) + k + 1, end))
+        length = self._cache_bucket(need)
+        if length == self._cache_len:
+            return
+        if length not in self._cache_lens:
+            self._cache_lens.add(length)
+            log.info("cache length %d -> %d (first use: its prefill and decode compile now)", self._cache_len, length)
+        self._state = resize_jit(self._state, length, self.mesh)
+        self._cache_len = length
 
     def _loop_once(self) -> None:
         self._free_abandoned()
         admitted = self._admit()
+        self._fit_cache()
         if admitted:
             self._prefill(admitted)
             self._free_abandoned()  # rows of a request whose other row failed to prefill
@@ -306,7 +344,7 @@ class Engine:
             if not self._waiting:
                 self._take_job(block=True)
             return
-        self._state = decode_jit(self.cfg, self.params, self._state, np.int32(self.settings.steps_per_call))
+        self._state = decode_jit(self.cfg, self.params, self._state, np.int32(self.settings.steps_per_call), self.mesh)
         if self.on_decode is not None:
             self.on_decode(busy)
         self._deliver()
@@ -342,6 +380,7 @@ class Engine:
                 continue
             slot = free.pop(0)
             self._slots[slot] = row
+            self._positions[slot] = len(row.prompt)
             row.collector.callback = lambda _, token, row=row: row.text.push(token)
             admitted.append((slot, row))
         return admitted
@@ -380,8 +419,7 @@ class Engine:
         return any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(self._state))
 
     def _prefill_chunk(self, chunk: list[tuple[int, _Row]]) -> None:
-        t = bucket(max(len(row.prompt) for _, row in chunk), self.cfg.context_length)
-        self._prefill_rows(chunk, batch_bucket(len(chunk)), t)
+        self._prefill_rows(chunk, batch_bucket(len(chunk)))
 
     def _fail_rows(self, rows: list[tuple[int, _Row]], err: Exception) -> None:
         """The rows' requests fail (400 for an `InputError`, else 500); their slots are freed."""
@@ -401,19 +439,21 @@ class Engine:
             freed[slot] = True
         self._state = mark_done(self._state, freed)
 
-    def _prefill_rows(self, chunk: list[tuple[int, _Row]], b: int, t: int) -> None:
-        """One jitted prefill of `chunk` padded to b rows of t tokens (a slot index past the end drops a row)."""
+    def _prefill_rows(self, chunk: list[tuple[int, _Row]], b: int) -> None:
+        """One jitted prefill of `chunk` padded to b rows as wide as the cache (a slot index past the end
+        drops a row)."""
         s = self.settings
         slots_B = np.full((b,), s.slots, np.int32)
         slots_B[: len(chunk)] = [slot for slot, _ in chunk]
         rows = [(row.prompt, row.job.req, row.job.key_data[row.index]) for _, row in chunk]
-        prompts = pack_prompts(rows, b, t, s.max_stop_ids)
-        self._state, _ = prefill_jit(self.cfg, self.params, self._state, prompts, slots_B)
+        prompts = pack_prompts(rows, b, self._cache_len, s.max_stop_ids)
+        self._state, _ = prefill_jit(self.cfg, self.params, self._state, prompts, slots_B, self.mesh)
 
     def _deliver(self) -> None:
         """Read every busy slot's tokens back, post its new text, and free the slots that finished."""
         seq_BS, positions_B, done_B = jax.device_get((self._state.seq_BS, self._state.positions_B, self._state.done_B))
         now = time.monotonic()
+        self._positions[:] = positions_B
         stopped = np.zeros(self.settings.slots, bool)
         for slot, row in enumerate(self._slots):
             if row is None or row.job.closed:

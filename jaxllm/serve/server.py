@@ -92,12 +92,18 @@ class JsonErrorChannel(HTTPChannel):
     error_task_class = JsonErrorTask
 
 
-def load_engine(checkpoint: str | Path, settings: EngineSettings, tokenizer_path: str | Path | None = None) -> Engine:
-    """A started engine (warming up in its thread) over a checkpoint and its tokenizer."""
-    from jaxllm.checkpoint import load_params
+def load_engine(
+    checkpoint: str | Path,
+    settings: EngineSettings,
+    tokenizer_path: str | Path | None = None,
+    mesh_overrides: Sequence[str] = (),
+) -> Engine:
+    """A started engine (warming up in its thread) over a checkpoint and its tokenizer, sharded over the
+    mesh of `mesh_overrides` (`mesh.tensor=2`, as `jaxllm train`'s) when given."""
+    from jaxllm.checkpoint import load_params_on_mesh
     from jaxllm.text import load_codec
 
-    cfg, params = load_params(checkpoint)
+    cfg, params = load_params_on_mesh(checkpoint, mesh_overrides)
     tokenizer = load_codec(checkpoint, cfg.vocab_size, tokenizer_path)
     return Engine(cfg, params, tokenizer, settings).start()
 
@@ -117,13 +123,15 @@ def serve(
     allowed_hosts: Sequence[str] = (),
     public_metrics: bool = False,
     cors_origins: Sequence[str] = (),
+    mesh_overrides: Sequence[str] = (),
     out: TextIO | None = None,
 ) -> None:
     """Serve a checkpoint on http://host:port until SIGTERM/SIGINT (port 0: any free port, printed).
 
     The address is bound first, so that a bad one is an `InputError` before the model loads.
     `allowed_hosts`: Host header names accepted besides loopback ones and `host` ("*": any).
-    `cors_origins`: origins whose web pages may call the API (see `jaxllm.serve.cors`)."""
+    `cors_origins`: origins whose web pages may call the API (see `jaxllm.serve.cors`).
+    `mesh_overrides`: `mesh.*=` overrides sharding the model and the KV cache (docs/launch.md)."""
     from jaxllm.serve.app import create_app
     from jaxllm.serve.cors import normalize_origin
 
@@ -142,7 +150,7 @@ def serve(
         cleanup_interval=max(1, min(30, channel_timeout_s // 2)),
     )  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    engine = load_engine(checkpoint, settings, tokenizer_path)
+    engine = load_engine(checkpoint, settings, tokenizer_path, mesh_overrides)
     api_key = os.environ.get(API_KEY_ENV) or None
     hosts = [*allowed_hosts, *([] if host in ("0.0.0.0", "::") else [host])]
     app = create_app(engine, model_name=model_name, api_key=api_key, allowed_hosts=hosts,
