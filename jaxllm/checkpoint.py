@@ -61,14 +61,19 @@ def save_params(
     return path
 
 
-def load_params(path: str | Path, shardings: Any = None) -> tuple[ModelConfig, Params]:
+def load_params(
+    path: str | Path, shardings: Any = None, scan_layers: bool | None = None
+) -> tuple[ModelConfig, Params]:
     """(cfg, params) from a directory written by `save_params`, in `cfg`'s layer layout.
 
     `shardings`: optional pytree of `jax.sharding.Sharding` matching the params (in that layout), to
     restore each array directly onto its devices; by default arrays land on the default device.
+    `scan_layers`: the layout wanted (it is set in the returned cfg); default: the directory's config.
     """
     path = _params_dir(path)
     cfg = ModelConfig.from_yaml(path / CONFIG_FILE)
+    if scan_layers is not None:
+        cfg = cfg.replace(scan_layers=scan_layers)
     target = abstract_params(cfg.replace(scan_layers=False))  # the files' layout
     stacked_shardings = shardings if cfg.scan_layers else None
     if shardings is None:  # not the saving run's topology (which may have had other devices or hosts)
@@ -97,9 +102,13 @@ def _per_layer_shardings(cfg: ModelConfig, shardings: Params) -> Params:
 
 def load_params_on_mesh(path: str | Path, mesh_overrides: Sequence[str] = ()) -> tuple[ModelConfig, Params]:
     """`load_params`, each parameter restored onto its devices of the mesh that `mesh.*=` overrides
-    (`mesh.tensor=2`, as `jaxllm train` takes them) describe, by the rules table; none: one device."""
+    (`mesh.tensor=2`, as `jaxllm train` takes them) describe, by the rules table; none: one device.
+
+    For inference: the layers come unrolled whatever `model.scan_layers` says (a scanned KV cache
+    decodes several times slower: benchmarks/results/compile_time.md).
+    """
     if not mesh_overrides:
-        return load_params(path)
+        return load_params(path, scan_layers=False)
     from jaxllm.sharding import inference_mesh, param_shardings  # the sharding module imports JAX's mesh code
 
     for item in mesh_overrides:
@@ -107,7 +116,8 @@ def load_params_on_mesh(path: str | Path, mesh_overrides: Sequence[str] = ()) ->
             raise ConfigError(f"override {item}: only mesh.* overrides apply here (the model is the checkpoint's)")
     path = _params_dir(path)
     config = Config.load(path / CONFIG_FILE, mesh_overrides)
-    return load_params(path, param_shardings(config.model, inference_mesh(config.mesh)))
+    model = config.model.replace(scan_layers=False)
+    return load_params(path, param_shardings(model, inference_mesh(config.mesh)), scan_layers=False)
 
 
 def _params_dir(path: str | Path) -> Path:
