@@ -8,6 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxllm import ConfigError, InputError, ModelConfig, forward, generate, init_params, load_params, save_params
+from jaxllm.checkpoint import load_params_on_mesh
 from jaxllm.config import Config
 from jaxllm.convert import from_torch_state_dict, to_numpy_state_dict
 from jaxllm.metrics import read_metrics
@@ -97,6 +98,10 @@ def test_params_directories_and_exports_stay_per_layer(tmp_path):
     _, placed = load_params(tmp_path / "scanned", shardings)
     assert placed["blocks"]["mlp"]["up"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
     assert_trees_equal(placed, stacked)
+    # Inference (generate/serve) loads the layers unrolled whatever the directory says.
+    infer_cfg, unrolled = load_params_on_mesh(tmp_path / "scanned")
+    assert not infer_cfg.scan_layers
+    assert_trees_equal(unrolled, params)
     # torch_ref / HF / GGUF go through the torch_ref state dict: the same tensors from either layout.
     sd = to_numpy_state_dict(scanned(cfg), stacked)
     assert_trees_equal(sd, to_numpy_state_dict(cfg, params))
