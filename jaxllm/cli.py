@@ -86,13 +86,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     from jaxllm import distributed
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    from jaxllm.config import Config
+    from jaxllm.base_checkpoint import is_params_dir
+    from jaxllm.loop import load_config
     from jaxllm.train import train
 
-    overrides = [*args.overrides, *([f"data.path={args.data}"] if args.data else [])]
-    config = Config.load(args.config, overrides)
+    if args.init is not None and not is_params_dir(args.init):
+        raise InputError(f"--init {args.init}: not a jaxllm params directory (needs config.yaml and params/)")
+    config = load_config(args)
     out = args.out or f"runs/{config.model.name}"
-    result = train(config, out, resume=args.resume, progress=not args.no_progress, handle_signals=True)
+    result = train(config, out, resume=args.resume, progress=not args.no_progress, handle_signals=True,
+                   init=args.init)  # fmt: skip
     print(f"trained steps {result.start_step + 1}-{result.end_step}, last loss {result.last_loss:.4f}; "
           f"params in {result.final_dir}")
 
@@ -219,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokenizer",
         default="bpe",
-        metavar="bpe|byte|PATH",
-        help="train a byte-level BPE (default), plain bytes, or an existing tokenizer.json",
+        metavar="bpe|byte|PATH|CK",
+        help="train a byte-level BPE (default), plain bytes, an existing tokenizer.json, or a params "
+        "directory's own (to fine-tune it: `jaxllm train --init CK`)",
     )
     p.add_argument("--vocab-size", type=int, metavar="N", help="BPE vocabulary size (default 1000, as mini)")
     p.add_argument(
@@ -234,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxllm.loop import add_overrides, add_run_flags  # the flags torch_ref's training commands share
 
     add_run_flags(p, sections="model/data/train/mesh", default_out="runs/MODEL_NAME")
+    p.add_argument("--init", metavar="CK", help="start from this params directory (import-hf/import-gguf/train): "
+                   "its model section, weights, tokenizer and chat template")  # fmt: skip
     p.add_argument("--coordinator", help="multi-host: coordinator HOST:PORT (or JAX_COORDINATOR_ADDRESS)")
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes (or JAX_NUM_PROCESSES)")
     p.add_argument("--process-id", type=int, help="multi-host: this process's id (or JAX_PROCESS_ID)")

@@ -25,7 +25,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from jaxllm.checkpoint import save_params
+from jaxllm.base_checkpoint import carried_files, check_same_param_shapes, checkpoint_model
+from jaxllm.checkpoint import load_params, save_params
 from jaxllm.config import Config
 from jaxllm.data.loader import make_loader
 from jaxllm.errors import ConfigError, InputError
@@ -96,6 +97,7 @@ def train(
     progress: bool = True,
     devices: list[jax.Device] | None = None,
     handle_signals: bool = False,
+    init: str | Path | None = None,
 ) -> TrainResult:
     """Train `config` into `run_dir` (every JAX process calls this with the same arguments).
 
@@ -104,9 +106,13 @@ def train(
     `checkpoints/N.corrupt-TIME` with a warning); none at all: start fresh.
     `handle_signals` (the command line): SIGINT/SIGTERM during the loop checkpoint the last completed
     step and raise `Interrupted` (see `jaxllm/interrupt.py`).
+    `init`: a params directory to start from instead of `train.seed`'s init (`jaxllm/base_checkpoint.py`:
+    build `config` with `config_from_checkpoint`); `final/` then carries its tokenizer and chat template.
     """
     mcfg, tcfg = config.model, config.train
-    run_dir = check_run(config, run_dir, resume)
+    if init is not None:
+        check_same_param_shapes(checkpoint_model(init), mcfg, str(init))
+    run_dir = check_run(config, run_dir, resume, init)
     data_dir = Path(config.data.path)
     if jax.process_count() > 1:  # every process has looked at run_dir before process 0 writes to it
         multihost_utils.sync_global_devices("jaxllm: run directory checked")
@@ -150,7 +156,7 @@ def train(
             state = restored.state
             loader.set_state(restored.loader)  # a changed data plan (batch size, seed…) is refused here
         else:
-            start, state = 0, init_fn()
+            start, state = 0, init_fn() if init is None else _state_from(init, config, optimizer, state_sh)
         logger = start_run(run_dir, config, peak, start=start, is_main=is_main)
         loop = _Loop(config, state, step_fn, eval_fn, loader, batch_sh, manager)
         if stop is not None:
@@ -187,7 +193,7 @@ def train(
             mcfg,
             state["params"],
             overwrite=True,
-            extra_files=[p for p in [data_dir / "tokenizer.json"] if p.exists()],
+            extra_files=carried_files(init, data_dir),
         )
     except Exception as err:
         full = disk_full_error(err, run_dir / "final", state["params"])
@@ -228,6 +234,12 @@ class _Loop:
             state=ocp.args.StandardSave(self.state), loader=ocp.args.JsonSave(self.loader.get_state())
         )
         self.manager.save(step, args=args)
+
+
+def _state_from(ck: str | Path, config: Config, optimizer: optax.GradientTransformation, state_sh: dict) -> dict:
+    """A fresh train state around the weights of the params directory `ck` (restored onto their shardings)."""
+    _, params = load_params(ck, state_sh["params"])
+    return jax.jit(lambda p: init_state(p, optimizer), out_shardings=state_sh)(params)
 
 
 def _val_loader(config: Config, batch_sh: jax.sharding.NamedSharding) -> Any:

@@ -2,7 +2,8 @@
 
 Batch `step` here equals batch `step` of `jaxllm.data.make_loader` with the same arguments (rank =
 process index, world_size = process count), because both call `jaxllm.data.index.local_batch`;
-only the container differs (int64 tensors here, int32 numpy there). No grain, no jax needed.
+only the container differs (int64 tensors here, int32 numpy there; dicts of them for a packed dataset).
+No grain, no jax needed.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from typing import Any
 
 import torch
 
-from jaxllm.data.index import BatchPlan, local_batch, process_rows
-from jaxllm.data.meta import SPLITS, open_tokens, read_meta
+from jaxllm.data.index import BatchPlan, local_batch, local_batches, process_rows
+from jaxllm.data.loader import check_packed_context
+from jaxllm.data.meta import SPLITS, open_split, open_tokens, read_meta
 from jaxllm.errors import InputError
 
 
@@ -38,22 +40,26 @@ class TorchBatches(Iterator[torch.Tensor]):
         if split not in SPLITS:
             raise InputError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         meta = read_meta(data_dir)
-        self.plan = BatchPlan(meta.tokens(split), context, global_batch_size, seed, shuffle, num_epochs)
+        check_packed_context(data_dir, meta, context)
+        packed = meta.packing is not None
+        self.plan = BatchPlan(meta.tokens(split), context, global_batch_size, seed, shuffle, num_epochs, packed)
         self.plan.require_one_batch(f"{Path(data_dir) / split}.bin")
         self.rows = process_rows(rank, world_size, global_batch_size)
         self.device = torch.device(device)
         self.step = 0
-        self._tokens = open_tokens(data_dir, split, meta)
+        self._arrays = open_split(data_dir, split, meta) if packed else open_tokens(data_dir, split, meta)
 
     def __iter__(self) -> TorchBatches:
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> torch.Tensor | dict[str, torch.Tensor]:
         if self.plan.num_steps is not None and self.step >= self.plan.num_steps:
             raise StopIteration
-        batch = local_batch(self._tokens, self.plan, self.step, self.rows)
-        self.step += 1
-        return torch.from_numpy(batch).to(self.device, torch.int64)
+        step, self.step = self.step, self.step + 1
+        if isinstance(self._arrays, dict):
+            batch = local_batches(self._arrays, self.plan, step, self.rows)
+            return {k: torch.from_numpy(v).to(self.device, torch.int64) for k, v in batch.items()}
+        return torch.from_numpy(local_batch(self._arrays, self.plan, step, self.rows)).to(self.device, torch.int64)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "seed": self.plan.seed, "n_tokens": self.plan.n_tokens}

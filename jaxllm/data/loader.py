@@ -13,6 +13,9 @@ Typical use in a training loop (every process runs the same code)::
         ...
         state = loader.get_state()                           # JSON-serializable; same on every process
 
+A packed dataset (chat examples) yields dicts instead: {"tokens", "loss_mask", "segment_ids"}, each
+(local_batch, context + 1) int32 (`jaxllm.train_step.Batch`); `to_global` turns each into a global array.
+
 Which windows form which batch is decided by `jaxllm.data.index` alone (shared with torch_ref).
 grain and jax are imported only when a loader is built.
 """
@@ -26,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from jaxllm.config import ModelConfig
-from jaxllm.data.index import BatchPlan, local_batch, process_rows
-from jaxllm.data.meta import SPLITS, DataMeta, open_tokens, read_meta
+from jaxllm.data.index import BatchPlan, local_batch, local_batches, process_rows
+from jaxllm.data.meta import SPLITS, DataMeta, open_split, open_tokens, read_meta
 from jaxllm.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -36,8 +39,9 @@ if TYPE_CHECKING:
 _INFINITE_STEPS = 2**62
 
 
-class Loader(Iterator[np.ndarray]):
-    """Iterator of local batches, shape (local_batch, context + 1), int32; checkpointable."""
+class Loader(Iterator[Any]):
+    """Iterator of local batches, shape (local_batch, context + 1), int32 (dicts of them when packed);
+    checkpointable."""
 
     def __init__(
         self,
@@ -55,9 +59,15 @@ class Loader(Iterator[np.ndarray]):
         self.data_dir, self.split, self.plan, self.meta = Path(data_dir), split, plan, meta
         self.rows = np.asarray(rows, dtype=np.int64)
         self.rows.setflags(write=False)
-        tokens, rows = open_tokens(data_dir, split, meta), self.rows
+        rows = self.rows
         steps = _INFINITE_STEPS if plan.num_steps is None else plan.num_steps
-        dataset = grain.MapDataset.range(0, steps).map(lambda step: local_batch(tokens, plan, int(step), rows))
+        if plan.packed:
+            arrays = open_split(data_dir, split, meta)
+            read = lambda step: local_batches(arrays, plan, int(step), rows)  # noqa: E731
+        else:
+            tokens = open_tokens(data_dir, split, meta)
+            read = lambda step: local_batch(tokens, plan, int(step), rows)  # noqa: E731
+        dataset = grain.MapDataset.range(0, steps).map(read)
         options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
         self._iter = iter(dataset.to_iter_dataset(options))
         self._shard_rows: dict[Any, bool] = {}
@@ -78,7 +88,7 @@ class Loader(Iterator[np.ndarray]):
     def __iter__(self) -> Loader:
         return self
 
-    def __next__(self) -> np.ndarray:
+    def __next__(self) -> Any:
         return next(self._iter)
 
     def get_state(self) -> dict[str, Any]:
@@ -97,8 +107,9 @@ class Loader(Iterator[np.ndarray]):
             raise InputError("loader state is from a different data plan (" + "; ".join(diff) + ")")
         self._iter.set_state(grain_state)
 
-    def to_global(self, local: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
-        """This process's batch as part of the global (global_batch, context + 1) array."""
+    def to_global(self, local: Any, sharding: jax.sharding.Sharding) -> Any:
+        """This process's batch as part of the global (global_batch, context + 1) array (each array of a
+        packed batch's dict)."""
         if sharding not in self._shard_rows:
             shape = (self.global_batch_size, self.plan.context + 1)
             self._shard_rows[sharding] = np.array_equal(rows_for_sharding(sharding, shape), self.rows)
@@ -107,6 +118,8 @@ class Loader(Iterator[np.ndarray]):
                 "this sharding places other rows of the batch on this process than the loader "
                 "reads: build the loader with make_loader(..., sharding=sharding)"
             )
+        if isinstance(local, dict):
+            return {k: to_global_array(v, sharding, self.global_batch_size) for k, v in local.items()}
         return to_global_array(local, sharding, self.global_batch_size)
 
     def _fingerprint(self) -> dict[str, Any]:
@@ -120,6 +133,7 @@ class Loader(Iterator[np.ndarray]):
             "seed": p.seed,
             "shuffle": p.shuffle,
             "num_epochs": p.num_epochs,
+            "packed": p.packed,
         }
 
 
@@ -148,7 +162,9 @@ def make_loader(
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     meta = read_meta(data_dir)
-    plan = BatchPlan(meta.tokens(split), context, global_batch_size, seed, shuffle, num_epochs)
+    check_packed_context(data_dir, meta, context)
+    packed = meta.packing is not None
+    plan = BatchPlan(meta.tokens(split), context, global_batch_size, seed, shuffle, num_epochs, packed)
     plan.require_one_batch(f"{Path(data_dir) / split}.bin")
     if sharding is not None:
         if process_index is not None or process_count is not None:
@@ -182,6 +198,15 @@ def to_global_array(local: np.ndarray, sharding: jax.sharding.Sharding, global_b
     return jax.make_array_from_process_local_data(sharding, local, (global_batch_size, *local.shape[1:]))
 
 
+def check_packed_context(data_dir: str | Path, meta: DataMeta, context: int) -> None:
+    """InputError unless a packed dataset's windows are of `context` (+ 1) tokens."""
+    if meta.packing is not None and meta.packing.context != context:
+        raise InputError(
+            f"{data_dir} is packed in windows of context {meta.packing.context}, the model's context_length is "
+            f"{context}: set model.context_length={meta.packing.context}, or preprocess with --context {context}"
+        )
+
+
 def check_data_matches_model(
     data_dir: str | Path, cfg: ModelConfig, *, allow_larger_model_vocab: bool = False
 ) -> DataMeta:
@@ -193,7 +218,8 @@ def check_data_matches_model(
     """
     meta = read_meta(data_dir)
     for split in SPLITS:
-        open_tokens(data_dir, split, meta)
+        open_tokens(data_dir, split, meta) if meta.packing is None else open_split(data_dir, split, meta)
+    check_packed_context(data_dir, meta, cfg.context_length)
     fits = meta.vocab_size == cfg.vocab_size or (allow_larger_model_vocab and meta.vocab_size < cfg.vocab_size)
     if not fits:
         raise InputError(

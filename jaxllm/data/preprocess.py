@@ -234,7 +234,24 @@ def _get_tokenizer(
         if vocab_size_of(tok) < size:
             warn(f"the corpus supports a vocabulary of only {vocab_size_of(tok)} (asked for {size})")
         return _TokenizerChoice(tok, "bpe", tokenizer_bytes(tok), None)
+    if Path(choice).is_dir():  # a params directory: its own tokenizer
+        file, tok = checkpoint_tokenizer(choice)
+        return _TokenizerChoice(tok, "file", file.read_bytes(), str(Path(choice).absolute()))
     return _TokenizerChoice(load_tokenizer(choice), "file", Path(choice).read_bytes(), str(choice))
+
+
+def checkpoint_tokenizer(ck: str | Path) -> tuple[Path, Any]:
+    """(its tokenizer.json, the tokenizer) of a params directory, checked to fit the model's vocabulary."""
+    from jaxllm.base_checkpoint import checkpoint_model, checkpoint_tokenizer_file
+
+    cfg = checkpoint_model(ck)
+    file = checkpoint_tokenizer_file(ck)
+    if file is None:
+        raise InputError(f"--tokenizer {ck}: this params directory has no {TOKENIZER_FILE}")
+    tok = load_tokenizer(file)
+    if (n := vocab_size_of(tok)) > cfg.vocab_size:
+        raise InputError(f"{file} has {n} tokens, more than the model's vocabulary of {cfg.vocab_size}")
+    return file, tok
 
 
 def _checked_encoder(tok: Any, dtype: np.dtype, corpus: Corpus, warn: Warn) -> Encoder:
