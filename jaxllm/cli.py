@@ -67,6 +67,20 @@ def cmd_import_torch(args: argparse.Namespace) -> None:
 def cmd_preprocess(args: argparse.Namespace) -> None:
     from jaxllm.data.preprocess import preprocess
 
+    chat_only = {"--context": args.context, "--overlong": args.overlong, "--strict": args.strict or None}
+    if args.format == "chat":
+        from jaxllm.data.chat import preprocess_chat
+
+        if args.vocab_size is not None:
+            raise InputError("--vocab-size does not apply to --format chat (the checkpoint's tokenizer is used)")
+        result = preprocess_chat(args.inputs, args.out, tokenizer=args.tokenizer, context=args.context,
+                                 overlong=args.overlong or "drop", strict=args.strict, val_fraction=args.val_fraction,
+                                 seed=args.seed, overwrite=args.overwrite)  # fmt: skip
+        print(result.summary())
+        return
+    for flag, value in chat_only.items():
+        if value is not None:
+            raise InputError(f"{flag} applies to --format chat only")
     result = preprocess(
         args.inputs,
         args.out,
@@ -234,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
     p.add_argument("--glob", default="*", metavar="PATTERN", help="names of files to take in directories (default *)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in DATA_DIR")
+    p.add_argument("--format", choices=["text", "chat"], default="text",
+                   help="text: each INPUT a document (default); chat: JSONL files of {\"messages\": [...]}, "
+                   "rendered with --tokenizer CK's chat template, loss on assistant tokens only, packed")  # fmt: skip
+    p.add_argument("--context", type=int, metavar="N",
+                   help="chat: pack into windows of N + 1 tokens (default: the checkpoint's context_length)")
+    p.add_argument("--overlong", choices=["truncate", "drop"],
+                   help="chat: an example longer than a window is truncated or dropped (default drop); counted")
+    p.add_argument("--strict", action="store_true", help="chat: a malformed line is an error (default: a warning)")
     p = command("train", cmd_train, "train a model on a preprocessed dataset (sharded over all devices)")
     from jaxllm.loop import add_overrides, add_run_flags  # the flags torch_ref's training commands share
 
