@@ -149,6 +149,7 @@ def train(
     elif resume and is_main:
         print(f"no checkpoint in {run_dir}: starting fresh", flush=True)
     stop = StopFlag(multiprocess=jax.process_count() > 1) if handle_signals else None
+    base = load_params(init, state_sh["params"])[1] if init is not None and not steps else None  # onto the mesh
     with jax.default_matmul_precision(tcfg.matmul_precision), tracing_on(mesh):
         if steps:
             target = abstract_state(config, optimizer, state_sh)
@@ -156,7 +157,7 @@ def train(
             state = restored.state
             loader.set_state(restored.loader)  # a changed data plan (batch size, seed…) is refused here
         else:
-            start, state = 0, init_fn() if init is None else _state_from(init, config, optimizer, state_sh)
+            start, state = 0, init_fn() if base is None else _state_around(base, optimizer, state_sh)
         logger = start_run(run_dir, config, peak, start=start, is_main=is_main)
         loop = _Loop(config, state, step_fn, eval_fn, loader, batch_sh, manager)
         if stop is not None:
@@ -236,9 +237,8 @@ class _Loop:
         self.manager.save(step, args=args)
 
 
-def _state_from(ck: str | Path, config: Config, optimizer: optax.GradientTransformation, state_sh: dict) -> dict:
-    """A fresh train state around the weights of the params directory `ck` (restored onto their shardings)."""
-    _, params = load_params(ck, state_sh["params"])
+def _state_around(params: Any, optimizer: optax.GradientTransformation, state_sh: dict) -> dict:
+    """A fresh train state around given (e.g. pretrained) weights."""
     return jax.jit(lambda p: init_state(p, optimizer), out_shardings=state_sh)(params)
 
 
