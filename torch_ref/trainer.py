@@ -237,7 +237,7 @@ def build(cfg: ModelConfig, seed: int, device: torch.device, init: str | Path | 
     model = build_model(cfg, device)
     if init is None or is_params_dir(init):
         weights = jaxllm_weights(cfg, seed, init)
-        model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=True)
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, strict=True)
     elif str(init) != TORCH_INIT:
         load_init(model, init, cfg)
     apply_remat(model, cfg.remat)
