@@ -290,6 +290,16 @@ def test_train_init_from_the_command_line_carries_tokenizer_and_template_into_fi
     code = _cli(["generate", "--checkpoint", str(run / "final"), "--chat", "the cat", "--max-new-tokens", "3",
                  "--temperature", "0"])  # fmt: skip
     assert code == 0, capsys.readouterr().err
+    # torch_ref takes the same command line (no --config) and gives the same losses.
+    try:
+        torch_train.main(torch_train.parser(), torch_train._start, [
+            "--init", str(chat_ckpt), "--data", str(chat_data), "--out", str(tmp_path / "torch"), "--no-progress",
+            "train.steps=2", "train.batch_size=8", *QUIET])  # fmt: skip
+    except SystemExit as e:
+        raise AssertionError(capsys.readouterr().err) from e
+    assert (tmp_path / "torch" / "final" / "tokenizer_config.json").is_file()
+    jax_l, torch_l = step_losses(run), step_losses(tmp_path / "torch")
+    np.testing.assert_allclose(list(torch_l.values()), list(jax_l.values()), rtol=LOSS_RTOL, atol=0)
     # A dataset made with another tokenizer is refused, in one line.
     other = tmp_path / "bytes"
     (tmp_path / "t.txt").write_text("the cat sat on the mat\n" * 50)
