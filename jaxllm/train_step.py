@@ -1,7 +1,8 @@
 """The pure core of training: loss, one optimizer update (with gradient accumulation), evaluation.
 
 `train_step(state, batch)` is jitted by the loop with explicit in/out shardings; everything here is
-a pure function of its arguments.
+a pure function of its arguments. A batch is a (B, T+1) window array, or with document masking a
+dict of arrays with rows along the first axis (`jaxllm.data.segments`).
 """
 
 from __future__ import annotations
@@ -13,16 +14,18 @@ import jax.numpy as jnp
 import optax
 
 from jaxllm.config import ModelConfig, TrainConfig
+from jaxllm.data.segments import model_inputs
 from jaxllm.model import Params, forward
 from jaxllm.optim import learning_rate
 
 TrainState = dict[str, Any]  # {"step": int32 scalar, "params": Params, "opt_state": optax state}
+Batch = jax.Array | dict[str, jax.Array]  # windows (B, T+1), or a `jaxllm.data.segments.Batch`
 
 
-def loss_fn(cfg: ModelConfig, params: Params, batch_BT1: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy over a (B, T+1) window batch."""
-    inputs_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
-    logits_BTV = forward(cfg, params, inputs_BT)
+def loss_fn(cfg: ModelConfig, params: Params, batch_BT1: Batch) -> jax.Array:
+    """Mean next-token cross-entropy over a batch of (B, T+1) windows."""
+    inputs_BT, targets_BT, segments = model_inputs(batch_BT1)
+    logits_BTV = forward(cfg, params, inputs_BT, **segments)
     return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT).mean()
 
 
@@ -35,7 +38,7 @@ def train_step(
     train_cfg: TrainConfig,
     optimizer: optax.GradientTransformation,
     state: TrainState,
-    batch_BT1: jax.Array,
+    batch_BT1: Batch,
     micro_sharding: jax.sharding.Sharding | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update from a global batch, accumulated over `train_cfg.grad_accum` micro-batches.
@@ -49,7 +52,7 @@ def train_step(
     if k == 1:
         loss, grads = grad_fn(state["params"], batch_BT1)
     else:
-        micro_KBT1 = batch_BT1.reshape(-1, k, batch_BT1.shape[-1]).swapaxes(0, 1)
+        micro_KBT1 = jax.tree.map(lambda x: x.reshape(-1, k, *x.shape[1:]).swapaxes(0, 1), batch_BT1)
 
         def accumulate(carry, micro_BT1):
             if micro_sharding is not None:
@@ -75,5 +78,5 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(model_cfg: ModelConfig, params: Params, batch_BT1: jax.Array) -> jax.Array:
+def eval_step(model_cfg: ModelConfig, params: Params, batch_BT1: Batch) -> jax.Array:
     return loss_fn(model_cfg, params, batch_BT1)

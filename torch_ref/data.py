@@ -2,7 +2,9 @@
 
 Batch `step` here equals batch `step` of `jaxllm.data.make_loader` with the same arguments (rank =
 process index, world_size = process count), because both call `jaxllm.data.index.local_batch`;
-only the container differs (int64 tensors here, int32 numpy there). No grain, no jax needed.
+only the container differs (int64 tensors here, int32 numpy there). No grain, no jax needed. With
+`doc_mask`, a batch is a dict of tensors with the segment ids and positions of the same function
+(`jaxllm.data.segments.document_batch`).
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import torch
 
 from jaxllm.data.index import BatchPlan, local_batch, process_rows
 from jaxllm.data.meta import SPLITS, open_tokens, read_meta
+from jaxllm.data.segments import document_batch
 from jaxllm.errors import InputError
 
 
-class TorchBatches(Iterator[torch.Tensor]):
-    """Iterator of (local_batch, context + 1) int64 tensors; `state_dict()` resumes exactly."""
+class TorchBatches(Iterator[torch.Tensor | dict[str, torch.Tensor]]):
+    """Iterator of (local_batch, context + 1) int64 tensors (with `doc_mask`: dicts of tensors, as
+    jaxllm's loader); `state_dict()` resumes exactly."""
 
     def __init__(
         self,
@@ -34,6 +38,7 @@ class TorchBatches(Iterator[torch.Tensor]):
         shuffle: bool = True,
         num_epochs: int | None = None,
         device: str | torch.device = "cpu",
+        doc_mask: bool = False,
     ):
         if split not in SPLITS:
             raise InputError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
@@ -44,16 +49,20 @@ class TorchBatches(Iterator[torch.Tensor]):
         self.device = torch.device(device)
         self.step = 0
         self._tokens = open_tokens(data_dir, split, meta)
+        self._eot_id = meta.eot_id if doc_mask else None
 
     def __iter__(self) -> TorchBatches:
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> torch.Tensor | dict[str, torch.Tensor]:
         if self.plan.num_steps is not None and self.step >= self.plan.num_steps:
             raise StopIteration
         batch = local_batch(self._tokens, self.plan, self.step, self.rows)
         self.step += 1
-        return torch.from_numpy(batch).to(self.device, torch.int64)
+        to_torch = lambda x: torch.from_numpy(x).to(self.device, torch.int64)  # noqa: E731
+        if self._eot_id is None:
+            return to_torch(batch)
+        return {name: to_torch(x) for name, x in document_batch(batch, self._eot_id).items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "seed": self.plan.seed, "n_tokens": self.plan.n_tokens}

@@ -37,7 +37,7 @@ from jaxllm.errors import ConfigError
 from jaxllm.loop import add_overrides
 from torch_ref.optim import learning_rate, make_optimizer, set_learning_rate
 from torch_ref.train import TrainResult, build_parser, main, prepare_run, run
-from torch_ref.trainer import Dist, StepOutput, build, loss_fn, micro_batches, pick_device, set_numerics
+from torch_ref.trainer import Batch, Dist, StepOutput, build, loss_fn, micro_batches, pick_device, set_numerics
 
 ZERO_STAGES = (1, 2, 3)
 AUTO = "auto"  # Hugging Face style: "fill this in from the train config"; the same as leaving the key out
@@ -162,7 +162,7 @@ class DeepSpeedTrainer:
         self.optimizer = make_optimizer(model, self.tcfg)  # the client optimizer ZeRO steps on its partitions
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
 
-    def train_step(self, batch_BT1: torch.Tensor) -> StepOutput:
+    def train_step(self, batch_BT1: Batch) -> StepOutput:
         # DeepSpeed's update count (restored with its checkpoints) drives the schedule.
         set_learning_rate(self.optimizer, learning_rate(self.tcfg, self.engine.global_steps))
         total = 0.0
@@ -178,7 +178,7 @@ class DeepSpeedTrainer:
         return StepOutput(loss, grad_norm, finite, applied=True)
 
     @torch.no_grad()
-    def eval_loss(self, batch_BT1: torch.Tensor) -> float:
+    def eval_loss(self, batch_BT1: Batch) -> float:
         return float(loss_fn(self.engine, batch_BT1))
 
     def save(self, ckpt_dir: Path, step: int, extra: dict[str, Any]) -> None:

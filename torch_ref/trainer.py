@@ -25,13 +25,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from jaxllm.config import Config, ModelConfig, TrainConfig
+from jaxllm.data.segments import model_inputs
 from jaxllm.errors import ConfigError, InputError
 from jaxllm.loop import StepOutput
 from torch_ref.optim import learning_rate, make_optimizer, set_learning_rate
 
-__all__ = ["Dist", "PlainTrainer", "StepOutput", "Trainer", "build", "loss_fn", "micro_batches", "pick_device"]
+__all__ = ["Batch", "Dist", "PlainTrainer", "StepOutput", "Trainer", "build", "loss_fn", "micro_batches", "pick_device"]
 
 STATE_FILE = "state.pt"
+Batch = torch.Tensor | dict[str, torch.Tensor]  # windows (B, T+1), or a `jaxllm.data.segments.Batch`
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,9 @@ class Trainer(Protocol):
 
     device: torch.device
 
-    def train_step(self, batch_BT1: torch.Tensor) -> StepOutput: ...  # one optimizer update, this rank's rows
+    def train_step(self, batch_BT1: Batch) -> StepOutput: ...  # one optimizer update, this rank's rows
 
-    def eval_loss(self, batch_BT1: torch.Tensor) -> float: ...  # mean loss over this rank's rows
+    def eval_loss(self, batch_BT1: Batch) -> float: ...  # mean loss over this rank's rows
 
     def save(self, ckpt_dir: Path, step: int, extra: dict[str, Any]) -> None: ...  # collective
 
@@ -81,15 +83,17 @@ class Trainer(Protocol):
 
 
 # The pure pieces -------------------------------------------------------------------------------
-def loss_fn(model: nn.Module, batch_BT1: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over a (B, T+1) window batch, as `jaxllm.train_step.loss_fn`."""
-    inputs_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
-    logits_BTV = model(inputs_BT)
+def loss_fn(model: nn.Module, batch_BT1: Batch) -> torch.Tensor:
+    """Mean next-token cross-entropy over a batch of (B, T+1) windows, as `jaxllm.train_step.loss_fn`."""
+    inputs_BT, targets_BT, segments = model_inputs(batch_BT1)
+    logits_BTV = model(inputs_BT, **segments)
     return F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]).float(), targets_BT.reshape(-1))
 
 
-def micro_batches(batch_BT1: torch.Tensor, k: int) -> list[torch.Tensor]:
-    """Micro-batch j of k is rows j, j+k, j+2k, … (jaxllm's split)."""
+def micro_batches(batch_BT1: Batch, k: int) -> list[Batch]:
+    """Micro-batch j of k is rows j, j+k, j+2k, … (jaxllm's split), of every array of a dict batch."""
+    if isinstance(batch_BT1, dict):
+        return [{name: x[j::k] for name, x in batch_BT1.items()} for j in range(k)]
     return [batch_BT1[j::k] for j in range(k)]
 
 
@@ -205,7 +209,7 @@ class PlainTrainer:
         state = self.optimizer.state.get(self.optimizer.param_groups[0]["params"][0])
         return int(state["step"]) if state else 0
 
-    def train_step(self, batch_BT1: torch.Tensor) -> StepOutput:
+    def train_step(self, batch_BT1: Batch) -> StepOutput:
         k = self.tcfg.grad_accum
         total = torch.zeros((), device=self.device)
         for j, micro in enumerate(micro_batches(batch_BT1, k)):
@@ -225,7 +229,7 @@ class PlainTrainer:
         return StepOutput(loss, grad_norm, finite, applied=finite)
 
     @torch.no_grad()
-    def eval_loss(self, batch_BT1: torch.Tensor) -> float:
+    def eval_loss(self, batch_BT1: Batch) -> float:
         return float(loss_fn(self.model, batch_BT1))
 
     def save(self, ckpt_dir: Path, step: int, extra: dict[str, Any]) -> None:

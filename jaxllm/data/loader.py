@@ -13,6 +13,10 @@ Typical use in a training loop (every process runs the same code)::
         ...
         state = loader.get_state()                           # JSON-serializable; same on every process
 
+With `doc_mask=True` each batch is instead a dict (`jaxllm.data.segments.Batch`): "tokens" as above
+plus "segment_ids" and "positions" (local_batch, context) of the inputs, derived here in numpy from
+the dataset's end-of-text id; `to_global` places every array the same way, rows over the batch axes.
+
 Which windows form which batch is decided by `jaxllm.data.index` alone (shared with torch_ref).
 grain and jax are imported only when a loader is built.
 """
@@ -28,6 +32,7 @@ import numpy as np
 from jaxllm.config import ModelConfig
 from jaxllm.data.index import BatchPlan, local_batch, process_rows
 from jaxllm.data.meta import SPLITS, DataMeta, open_tokens, read_meta
+from jaxllm.data.segments import document_batch
 from jaxllm.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -36,8 +41,12 @@ if TYPE_CHECKING:
 _INFINITE_STEPS = 2**62
 
 
-class Loader(Iterator[np.ndarray]):
-    """Iterator of local batches, shape (local_batch, context + 1), int32; checkpointable."""
+LocalBatch = np.ndarray | dict[str, np.ndarray]
+
+
+class Loader(Iterator[LocalBatch]):
+    """Iterator of local batches, shape (local_batch, context + 1), int32 (with `doc_mask`: a dict of
+    those tokens, segment ids and positions); checkpointable."""
 
     def __init__(
         self,
@@ -49,15 +58,19 @@ class Loader(Iterator[np.ndarray]):
         *,
         read_threads: int = 2,
         prefetch: int = 4,
+        doc_mask: bool = False,
     ):
         import grain
 
         self.data_dir, self.split, self.plan, self.meta = Path(data_dir), split, plan, meta
+        self.doc_mask = doc_mask
         self.rows = np.asarray(rows, dtype=np.int64)
         self.rows.setflags(write=False)
         tokens, rows = open_tokens(data_dir, split, meta), self.rows
         steps = _INFINITE_STEPS if plan.num_steps is None else plan.num_steps
         dataset = grain.MapDataset.range(0, steps).map(lambda step: local_batch(tokens, plan, int(step), rows))
+        if doc_mask:
+            dataset = dataset.map(lambda windows: document_batch(windows, meta.eot_id))
         options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
         self._iter = iter(dataset.to_iter_dataset(options))
         self._shard_rows: dict[Any, bool] = {}
@@ -78,7 +91,7 @@ class Loader(Iterator[np.ndarray]):
     def __iter__(self) -> Loader:
         return self
 
-    def __next__(self) -> np.ndarray:
+    def __next__(self) -> LocalBatch:
         return next(self._iter)
 
     def get_state(self) -> dict[str, Any]:
@@ -97,8 +110,8 @@ class Loader(Iterator[np.ndarray]):
             raise InputError("loader state is from a different data plan (" + "; ".join(diff) + ")")
         self._iter.set_state(grain_state)
 
-    def to_global(self, local: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
-        """This process's batch as part of the global (global_batch, context + 1) array."""
+    def to_global(self, local: LocalBatch, sharding: jax.sharding.Sharding) -> jax.Array | dict[str, jax.Array]:
+        """This process's batch as part of the global (global_batch, context + 1) array (or dict of arrays)."""
         if sharding not in self._shard_rows:
             shape = (self.global_batch_size, self.plan.context + 1)
             self._shard_rows[sharding] = np.array_equal(rows_for_sharding(sharding, shape), self.rows)
@@ -107,6 +120,8 @@ class Loader(Iterator[np.ndarray]):
                 "this sharding places other rows of the batch on this process than the loader "
                 "reads: build the loader with make_loader(..., sharding=sharding)"
             )
+        if isinstance(local, dict):
+            return {k: to_global_array(v, sharding, self.global_batch_size) for k, v in local.items()}
         return to_global_array(local, sharding, self.global_batch_size)
 
     def _fingerprint(self) -> dict[str, Any]:
@@ -137,13 +152,15 @@ def make_loader(
     num_epochs: int | None = None,
     read_threads: int = 2,
     prefetch: int = 4,
+    doc_mask: bool = False,
 ) -> Loader:
     """A `Loader` over `DATA_DIR/{split}.bin` (windows of `context + 1` tokens).
 
     Rows read by this process: those `sharding` places on its devices when given; else rows
     [p*G/P, (p+1)*G/P) for process p of P (default: `jax.process_index()` of
     `jax.process_count()`). `num_epochs=None` repeats forever; use `shuffle=False, num_epochs=1`
-    for one pass over the validation split in file order.
+    for one pass over the validation split in file order. `doc_mask`: batches carry the segment ids
+    and restarted positions of the documents packed into each window (see the module docstring).
     """
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
@@ -161,7 +178,7 @@ def make_loader(
             process_index = jax.process_index() if process_index is None else process_index
             process_count = jax.process_count() if process_count is None else process_count
         rows = process_rows(process_index, process_count, global_batch_size)
-    return Loader(data_dir, split, plan, rows, meta, read_threads=read_threads, prefetch=prefetch)
+    return Loader(data_dir, split, plan, rows, meta, read_threads=read_threads, prefetch=prefetch, doc_mask=doc_mask)
 
 
 def rows_for_sharding(sharding: jax.sharding.Sharding, global_shape: tuple[int, ...]) -> np.ndarray:
