@@ -320,8 +320,12 @@ class Transformer(nn.Module):
             )
             # A slice where positions are 0..T-1: its gradient is a sum over the batch, where a
             # lookup's is a scatter that XLA cannot partition without replicating (b, t, d) updates.
+            # Other positions (decoding, document masking): a lookup in the table gathered over its embed
+            # dim first, as the token embedding's.
             x_BTD = x_BTD + (
-                pos_embed_TD[None, : tokens_BT.shape[1]] if contiguous else jnp.take(pos_embed_TD, positions_BT, axis=0)
+                pos_embed_TD[None, : tokens_BT.shape[1]]
+                if contiguous
+                else jnp.take(_constrain(pos_embed_TD, ("positions", None)), positions_BT, axis=0)
             )
         x_BTD = _constrain(x_BTD.astype(cfg.dtype), ACT_BTD)
         block = Block if cfg.remat == "none" else nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat])
