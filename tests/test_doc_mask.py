@@ -1,8 +1,8 @@
 """Document-masked packing (`data.doc_mask`): segment ids and restarted positions from the data edge,
-attention that does not cross documents, the same in torch_ref, on the sharded mesh and on cuDNN."""
+attention that does not cross documents, the same in torch_ref and on the sharded mesh. (cuDNN's:
+tests/test_parity_torch.py, with the other CUDA tests.)"""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -19,7 +19,7 @@ from jaxllm.parity import eval_losses, step_losses
 from jaxllm.train_step import loss_fn
 from torch_ref.data import TorchBatches
 
-from conftest import random_tokens, requires_cuda
+from conftest import random_tokens
 from data_corpus import write_corpus
 from parity_helpers import LOSS_RTOL, export_init
 
@@ -218,34 +218,3 @@ def test_sharded_doc_mask_training_matches_torch_ref(short_docs, tmp_path):
     jax_eval, torch_eval = eval_losses(tmp_path / "jax"), eval_losses(tmp_path / "torch")
     assert sorted(jax_eval) == sorted(torch_eval) == [3, 6]
     np.testing.assert_allclose([torch_eval[s] for s in jax_eval], list(jax_eval.values()), rtol=LOSS_RTOL)
-
-
-# cuDNN --------------------------------------------------------------------------------------------
-@requires_cuda
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", ["gpt", "llama"])
-def test_cudnn_attention_masks_documents(name):
-    """cuDNN takes the documents as a dense mask: bfloat16 logits and gradients near float32 XLA's."""
-    cfg = FAMILIES[name].replace(context_length=64, vocab_size=256)
-    params = init_params(cfg, 0)
-    windows = random_tokens(cfg.vocab_size, 4, 65, seed=5)
-    windows[:, [7, 20, 21, 40]] = 0  # separators: documents of 8, 13, 1, 19 and 24 tokens
-    batch = document_batch(windows, sep_id=0)
-    gpu, cpu = jax.devices("gpu")[0], jax.devices("cpu")[0]
-    grad = jax.value_and_grad(loss_fn, argnums=1)
-
-    def run(c, device):
-        b = {k: jax.device_put(jnp.asarray(v), device) for k, v in batch.items()}
-        inputs, _, kw = model_inputs(b)
-        logits = forward(c, jax.device_put(params, device), inputs, **kw)
-        loss, grads = jax.jit(grad, static_argnums=0)(c, jax.device_put(params, device), b)
-        return np.asarray(logits), float(loss), jax.tree.map(np.asarray, grads)
-
-    logits, loss, grads = run(cfg.replace(dtype="bfloat16", attention="cudnn"), gpu)
-    ref_logits, ref_loss, ref_grads = run(cfg, cpu)
-    assert np.linalg.norm(logits - ref_logits) / np.linalg.norm(ref_logits) <= 3e-2
-    assert abs(loss - ref_loss) <= 3e-2 * ref_loss
-    g, ref_g = (np.concatenate([x.ravel() for x in jax.tree.leaves(t)]) for t in (grads, ref_grads))
-    assert np.linalg.norm(g - ref_g) / np.linalg.norm(ref_g) <= 5e-2
-    unmasked = np.asarray(forward(cfg, params, batch["tokens"][:, :-1]))
-    assert np.linalg.norm(unmasked - ref_logits) / np.linalg.norm(ref_logits) > 0.1  # the mask mattered
