@@ -245,6 +245,9 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     path: str | None = None  # a directory written by `jaxllm preprocess`
+    # Document masking: tokens attend only within their own document of a packed window, and positions
+    # restart at each document (a document ends with the dataset's end-of-text id; docs/data.md).
+    doc_mask: bool = False
 
 
 class Config(BaseModel):

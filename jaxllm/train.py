@@ -130,7 +130,10 @@ def train(
     init_fn = jax.jit(lambda: init_state(init_params(mcfg, tcfg.seed), optimizer), out_shardings=state_sh)
     eval_fn = jax.jit(partial(eval_step, mcfg), in_shardings=(state_sh["params"], batch_sh), out_shardings=rep)
 
-    loader = make_loader(data_dir, "train", mcfg.context_length, tcfg.batch_size, tcfg.seed, sharding=batch_sh)
+    loader = make_loader(
+        data_dir, "train", mcfg.context_length, tcfg.batch_size, tcfg.seed, sharding=batch_sh,
+        doc_mask=config.data.doc_mask,
+    )  # fmt: skip
     config = eval_checked(config, lambda: _val_loader(config, batch_sh), is_main)
     tcfg = config.train
     manager = ocp.CheckpointManager(
@@ -253,6 +256,7 @@ def _val_loader(config: Config, batch_sh: jax.sharding.NamedSharding) -> Any:
         sharding=batch_sh,
         shuffle=False,
         num_epochs=None,
+        doc_mask=config.data.doc_mask,
     )
 
 

@@ -3,10 +3,11 @@
 `train_step(state, batch)` is jitted by the loop with explicit in/out shardings; everything here is
 a pure function of its arguments.
 
-A batch is a (B, T+1) array of token windows, or a dict of such arrays from a packed dataset
-(`jaxllm/data/meta.py`): "tokens", "loss_mask" (1 where a token is a target that counts) and
-"segment_ids". The loss is the mean over the counted targets of the whole global batch: token-weighted
-across micro-batches and processes (each micro-batch's sum is divided by the global count).
+A batch is a (B, T+1) array of token windows, or a dict (`jaxllm.data.segments.training_batch`):
+"tokens" (B, T+1), "loss_mask" (B, T+1; 1 where a token is a target that counts) from a packed
+dataset, and with document masking "segment_ids" and "positions" (B, T) of the inputs. The loss is the
+mean over the counted targets of the whole global batch: token-weighted across micro-batches and
+processes (each micro-batch's sum is divided by the global count).
 """
 
 from __future__ import annotations
@@ -18,27 +19,27 @@ import jax.numpy as jnp
 import optax
 
 from jaxllm.config import ModelConfig, TrainConfig
+from jaxllm.data.segments import LOSS_MASK, TOKENS, model_inputs
 from jaxllm.model import Params, forward
 from jaxllm.optim import learning_rate
 
 TrainState = dict[str, Any]  # {"step": int32 scalar, "params": Params, "opt_state": optax state}
-Batch = jax.Array | dict[str, jax.Array]  # (B, T+1) tokens, or {"tokens", "loss_mask", "segment_ids"}
+Batch = jax.Array | dict[str, jax.Array]  # windows (B, T+1), or a `jaxllm.data.segments.Batch`
 
 
 def target_weights(batch: Batch) -> jax.Array:
     """(B, T) float32: 1 for each target that counts in the loss (all of them without a loss mask)."""
     if isinstance(batch, dict):
-        if "loss_mask" in batch:
-            return batch["loss_mask"][:, 1:].astype(jnp.float32)
-        batch = batch["tokens"]
+        if LOSS_MASK in batch:
+            return batch[LOSS_MASK][:, 1:].astype(jnp.float32)
+        batch = batch[TOKENS]
     return jnp.ones((batch.shape[0], batch.shape[1] - 1), jnp.float32)
 
 
 def loss_sum(cfg: ModelConfig, params: Params, batch: Batch) -> jax.Array:
     """Sum of the next-token cross-entropies of the targets that count."""
-    tokens_BT1 = batch["tokens"] if isinstance(batch, dict) else batch
-    inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
-    logits_BTV = forward(cfg, params, inputs_BT)
+    inputs_BT, targets_BT, segments = model_inputs(batch)
+    logits_BTV = forward(cfg, params, inputs_BT, **segments)
     ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
     return (ce_BT * target_weights(batch)).sum()
 

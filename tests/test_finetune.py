@@ -160,9 +160,21 @@ def test_chat_dataset_records_its_packing_and_the_loader_yields_masked_windows(c
     assert (chat_data / "tokenizer.json").read_bytes() == (chat_ckpt / "tokenizer.json").read_bytes()
     loader = make_loader(chat_data, "train", 96, 4, seed=0, process_index=0, process_count=1)
     batch = next(loader)
-    assert sorted(batch) == ["loss_mask", "segment_ids", "tokens"]
+    assert sorted(batch) == ["loss_mask", "tokens"]  # plain packing: examples see each other
     assert all(v.shape == (4, 97) and v.dtype == np.int32 for v in batch.values())
-    assert ((batch["segment_ids"] == 0) <= (batch["loss_mask"] == 0)).all()  # padding is never in the loss
+    stored = arrays["segment_ids"].reshape(-1, 97)
+    assert ((stored == 0) <= (arrays["loss_mask"].reshape(-1, 97) == 0)).all()  # padding is never in the loss
+    masked = next(make_loader(chat_data, "train", 96, 4, seed=0, process_index=0, process_count=1, doc_mask=True))
+    assert sorted(masked) == ["loss_mask", "positions", "segment_ids", "tokens"]
+    np.testing.assert_array_equal(masked["tokens"], batch["tokens"])
+    assert masked["segment_ids"].shape == masked["positions"].shape == (4, 96)
+    # The same rows in the file: a new segment exactly where the stored example id changes (padding too).
+    windows = arrays["tokens"].reshape(-1, 97)
+    rows = [np.flatnonzero((windows == row).all(1))[0] for row in batch["tokens"]]
+    ids = stored[rows][:, :-1]
+    changes = np.diff(ids, axis=1) != 0
+    np.testing.assert_array_equal(np.diff(masked["segment_ids"], axis=1), changes)
+    assert (masked["positions"][:, 1:][changes] == 0).all() and (masked["positions"][:, 0] == 0).all()
     with pytest.raises(InputError, match=r"model\.context_length=96"):
         make_loader(chat_data, "train", 32, 4, process_index=0, process_count=1)
 
@@ -262,6 +274,27 @@ def test_torch_ref_loss_is_the_same_token_weighted_mean(chat_ckpt):
     np.testing.assert_allclose(theirs, ours, rtol=1e-5)
 
 
+def test_a_packed_chat_example_with_doc_mask_has_the_logits_of_the_example_alone(chat_ckpt, chat_data):
+    from jaxllm.data.loader import make_loader
+    from jaxllm.data.segments import model_inputs
+
+    cfg = ModelConfig.from_yaml(chat_ckpt / "config.yaml")
+    params = init_params(cfg, 5)
+    loader = make_loader(chat_data, "train", 96, 4, seed=1, process_index=0, process_count=1, doc_mask=True)
+    batch = next(loader)
+    row = int(np.argmax(batch["segment_ids"].max(1)))  # the row with the most segments
+    assert batch["segment_ids"][row].max() >= 2  # two examples at least (and maybe padding)
+    inputs, _, segments = model_inputs({k: v[row : row + 1] for k, v in batch.items()})
+    packed = np.asarray(forward(cfg, params, inputs, **segments))[0]
+    plain = np.asarray(forward(cfg, params, inputs))[0]
+    ids = batch["segment_ids"][row]
+    for s in range(1, int(ids.max()) + 1):  # every segment after the first: examples, then any padding run
+        at = np.flatnonzero(ids == s)
+        alone = np.asarray(forward(cfg, params, inputs[:, at]))[0]
+        np.testing.assert_allclose(packed[at], alone, rtol=1e-4, atol=1e-4)
+        assert np.abs(plain[at] - alone).max() > 1e-3  # without the mask the example sees the ones before it
+
+
 # Starting from a checkpoint --------------------------------------------------------------------------
 def test_the_model_comes_from_the_checkpoint_and_shape_changes_are_refused(chat_ckpt):
     cfg = config_from_checkpoint(chat_ckpt, None, ["model.dtype=bfloat16", "model.context_length=64"])
@@ -339,9 +372,11 @@ def _jax_train(cfg, run_dir, init=None):
     return train(cfg, run_dir, devices=jax.devices()[:1], progress=False, init=init)
 
 
-def test_jaxllm_and_torch_ref_match_on_masked_chat_data_from_a_checkpoint(chat_ckpt, chat_data, tmp_path):
+@pytest.mark.parametrize("doc_mask", [False, True])
+def test_jaxllm_and_torch_ref_match_on_masked_chat_data_from_a_checkpoint(chat_ckpt, chat_data, tmp_path, doc_mask):
     cfg = config_from_checkpoint(chat_ckpt, None, [f"data.path={chat_data}", "train.steps=6", "train.batch_size=8",
-                                                   "train.grad_accum=2", *QUIET, *ONE_DEVICE])  # fmt: skip
+                                                   "train.grad_accum=2", f"data.doc_mask={doc_mask}", *QUIET,
+                                                   *ONE_DEVICE])  # fmt: skip
     _jax_train(cfg, tmp_path / "jax", init=chat_ckpt)
     torch_train.train(cfg, tmp_path / "torch", init=chat_ckpt, progress=False)
     jax_losses, torch_losses = step_losses(tmp_path / "jax"), step_losses(tmp_path / "torch")
@@ -349,6 +384,8 @@ def test_jaxllm_and_torch_ref_match_on_masked_chat_data_from_a_checkpoint(chat_c
     np.testing.assert_allclose(list(torch_losses.values()), list(jax_losses.values()), rtol=LOSS_RTOL, atol=0)
     assert jax_losses[6] < jax_losses[1] - 0.5  # it learned: the comparison is not vacuous
     assert (tmp_path / "torch" / "final" / "tokenizer_config.json").is_file()
+    if doc_mask:
+        return
     # From the checkpoint's weights, not train.seed's init.
     _jax_train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 1})}), tmp_path / "seed")
     assert abs(step_losses(tmp_path / "seed")[1] - jax_losses[1]) > 1e-3

@@ -138,7 +138,7 @@ def run(
     start, extra = restored or (0, {})
     loader = TorchBatches(
         data_dir, "train", mcfg.context_length, tcfg.batch_size, tcfg.seed, dist.rank, dist.world_size,
-        device=trainer.device,
+        device=trainer.device, doc_mask=config.data.doc_mask,
     )  # fmt: skip
     if "loader" in extra:
         loader.load_state_dict(extra["loader"])
@@ -175,7 +175,7 @@ def _val_batches(config: Config, dist: Dist, device: torch.device) -> TorchBatch
     """The validation split in file order, batches of train.batch_size (as jaxllm's `evaluate`)."""
     return TorchBatches(
         config.data.path, "val", config.model.context_length, config.train.batch_size, 0, dist.rank,
-        dist.world_size, shuffle=False, device=device,
+        dist.world_size, shuffle=False, device=device, doc_mask=config.data.doc_mask,
     )  # fmt: skip
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jaxllm.config import Config, ModelConfig, TrainConfig
+from jaxllm.data.segments import LOSS_MASK, TOKENS, model_inputs
 from jaxllm.errors import ConfigError, InputError
 from jaxllm.loop import StepOutput
 from torch_ref.optim import learning_rate, make_optimizer, set_learning_rate
@@ -33,6 +34,7 @@ __all__ = ["Batch", "Dist", "PlainTrainer", "StepOutput", "Trainer", "build", "g
            "micro_batches", "pick_device"]
 
 STATE_FILE = "state.pt"
+Batch = torch.Tensor | dict[str, torch.Tensor]  # windows (B, T+1), or a `jaxllm.data.segments.Batch`
 
 
 @dataclass(frozen=True)
@@ -86,23 +88,19 @@ class Trainer(Protocol):
 
 
 # The pure pieces -------------------------------------------------------------------------------
-Batch = torch.Tensor | dict[str, torch.Tensor]  # (B, T+1) tokens, or a packed batch (`jaxllm.train_step`)
-
-
 def target_weights(batch: Batch) -> torch.Tensor:
     """(B, T) float32: 1 for each target that counts in the loss, as `jaxllm.train_step.target_weights`."""
     if isinstance(batch, dict):
-        if "loss_mask" in batch:
-            return batch["loss_mask"][:, 1:].float()
-        batch = batch["tokens"]
+        if LOSS_MASK in batch:
+            return batch[LOSS_MASK][:, 1:].float()
+        batch = batch[TOKENS]
     return torch.ones(batch.shape[0], batch.shape[1] - 1, device=batch.device)
 
 
 def loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Sum of the next-token cross-entropies of the targets that count (`jaxllm.train_step.loss_sum`)."""
-    tokens_BT1 = batch["tokens"] if isinstance(batch, dict) else batch
-    inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
-    logits_BTV = model(inputs_BT)
+    inputs_BT, targets_BT, segments = model_inputs(batch)
+    logits_BTV = model(inputs_BT, **segments)
     ce = F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]).float(), targets_BT.reshape(-1), reduction="none")
     return (ce * target_weights(batch).reshape(-1)).sum()
 
@@ -113,7 +111,7 @@ def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def micro_batches(batch: Batch, k: int) -> list[Batch]:
-    """Micro-batch j of k is rows j, j+k, j+2k, … (jaxllm's split)."""
+    """Micro-batch j of k is rows j, j+k, j+2k, … (jaxllm's split), of every array of a dict batch."""
     if isinstance(batch, dict):
         return [{name: x[j::k] for name, x in batch.items()} for j in range(k)]
     return [batch[j::k] for j in range(k)]

@@ -13,8 +13,11 @@ Typical use in a training loop (every process runs the same code)::
         ...
         state = loader.get_state()                           # JSON-serializable; same on every process
 
-A packed dataset (chat examples) yields dicts instead: {"tokens", "loss_mask", "segment_ids"}, each
-(local_batch, context + 1) int32 (`jaxllm.train_step.Batch`); `to_global` turns each into a global array.
+Each batch is the (local_batch, context + 1) int32 token array of a raw-text dataset, or a dict
+(`jaxllm.data.segments.training_batch`): "tokens" as above plus "loss_mask" for a packed (chat)
+dataset, and with `doc_mask=True` "segment_ids" and "positions" (local_batch, context) of the inputs,
+derived here in numpy (from the end-of-text id, or the packed examples' boundaries); `to_global`
+places every array the same way, rows over the batch axes.
 
 Which windows form which batch is decided by `jaxllm.data.index` alone (shared with torch_ref).
 grain and jax are imported only when a loader is built.
@@ -31,6 +34,7 @@ import numpy as np
 from jaxllm.config import ModelConfig
 from jaxllm.data.index import BatchPlan, local_batch, local_batches, process_rows
 from jaxllm.data.meta import SPLITS, DataMeta, open_split, open_tokens, read_meta
+from jaxllm.data.segments import training_batch
 from jaxllm.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -39,9 +43,12 @@ if TYPE_CHECKING:
 _INFINITE_STEPS = 2**62
 
 
-class Loader(Iterator[Any]):
-    """Iterator of local batches, shape (local_batch, context + 1), int32 (dicts of them when packed);
-    checkpointable."""
+LocalBatch = np.ndarray | dict[str, np.ndarray]
+
+
+class Loader(Iterator[LocalBatch]):
+    """Iterator of local batches, shape (local_batch, context + 1), int32 (a packed dataset or `doc_mask`:
+    a dict with those tokens, see the module docstring); checkpointable."""
 
     def __init__(
         self,
@@ -53,10 +60,12 @@ class Loader(Iterator[Any]):
         *,
         read_threads: int = 2,
         prefetch: int = 4,
+        doc_mask: bool = False,
     ):
         import grain
 
         self.data_dir, self.split, self.plan, self.meta = Path(data_dir), split, plan, meta
+        self.doc_mask = doc_mask
         self.rows = np.asarray(rows, dtype=np.int64)
         self.rows.setflags(write=False)
         rows = self.rows
@@ -67,7 +76,8 @@ class Loader(Iterator[Any]):
         else:
             tokens = open_tokens(data_dir, split, meta)
             read = lambda step: local_batch(tokens, plan, int(step), rows)  # noqa: E731
-        dataset = grain.MapDataset.range(0, steps).map(read)
+        batch = lambda step: training_batch(read(step), doc_mask=doc_mask, sep_id=meta.eot_id)  # noqa: E731
+        dataset = grain.MapDataset.range(0, steps).map(batch)
         options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
         self._iter = iter(dataset.to_iter_dataset(options))
         self._shard_rows: dict[Any, bool] = {}
@@ -88,7 +98,7 @@ class Loader(Iterator[Any]):
     def __iter__(self) -> Loader:
         return self
 
-    def __next__(self) -> Any:
+    def __next__(self) -> LocalBatch:
         return next(self._iter)
 
     def get_state(self) -> dict[str, Any]:
@@ -107,9 +117,8 @@ class Loader(Iterator[Any]):
             raise InputError("loader state is from a different data plan (" + "; ".join(diff) + ")")
         self._iter.set_state(grain_state)
 
-    def to_global(self, local: Any, sharding: jax.sharding.Sharding) -> Any:
-        """This process's batch as part of the global (global_batch, context + 1) array (each array of a
-        packed batch's dict)."""
+    def to_global(self, local: LocalBatch, sharding: jax.sharding.Sharding) -> jax.Array | dict[str, jax.Array]:
+        """This process's batch as part of the global (global_batch, context + 1) array (or dict of arrays)."""
         if sharding not in self._shard_rows:
             shape = (self.global_batch_size, self.plan.context + 1)
             self._shard_rows[sharding] = np.array_equal(rows_for_sharding(sharding, shape), self.rows)
@@ -151,13 +160,15 @@ def make_loader(
     num_epochs: int | None = None,
     read_threads: int = 2,
     prefetch: int = 4,
+    doc_mask: bool = False,
 ) -> Loader:
     """A `Loader` over `DATA_DIR/{split}.bin` (windows of `context + 1` tokens).
 
     Rows read by this process: those `sharding` places on its devices when given; else rows
     [p*G/P, (p+1)*G/P) for process p of P (default: `jax.process_index()` of
     `jax.process_count()`). `num_epochs=None` repeats forever; use `shuffle=False, num_epochs=1`
-    for one pass over the validation split in file order.
+    for one pass over the validation split in file order. `doc_mask`: batches carry the segment ids
+    and restarted positions of the documents packed into each window (see the module docstring).
     """
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
@@ -177,7 +188,7 @@ def make_loader(
             process_index = jax.process_index() if process_index is None else process_index
             process_count = jax.process_count() if process_count is None else process_count
         rows = process_rows(process_index, process_count, global_batch_size)
-    return Loader(data_dir, split, plan, rows, meta, read_threads=read_threads, prefetch=prefetch)
+    return Loader(data_dir, split, plan, rows, meta, read_threads=read_threads, prefetch=prefetch, doc_mask=doc_mask)
 
 
 def rows_for_sharding(sharding: jax.sharding.Sharding, global_shape: tuple[int, ...]) -> np.ndarray:
