@@ -22,7 +22,7 @@ from jaxllm.errors import InputError
 
 
 class TorchBatches(Iterator[torch.Tensor | dict[str, torch.Tensor]]):
-    """Iterator of (local_batch, context + 1) int64 tensors (with `doc_mask`: dicts of tensors, as
+    """Iterator of (local_batch, context + 1) int64 tensors (packed or with `doc_mask`: dicts of tensors, as
     jaxllm's loader); `state_dict()` resumes exactly."""
 
     def __init__(
