@@ -3,7 +3,8 @@
     python -m benchmarks.train_parity                  # both comparisons (DeepSpeed's needs deepspeed)
     python -m benchmarks.train_parity --no-deepspeed   # jaxllm vs plain torch_ref only
 
-From the same initial weights (jaxllm's init, exported with `jaxllm.torch_io`) and the same batches
+From the same initial weights (jaxllm's init: torch_ref starts from it by default; DeepSpeed gets it
+exported with `jaxllm.torch_io`) and the same batches
 (a byte-level dataset made here from a few standard-library packages), float32 on CPU:
 
 1. jaxllm on one device vs torch_ref (plain PyTorch), `--steps` steps (default 20), batch 8;
@@ -66,9 +67,8 @@ def timed(fn, *args, **kwargs) -> float:
 
 def plain_pair(data: Path, tmp: Path, steps: int) -> tuple[RunComparison, dict]:
     cfg = Config.load("mini", [*BASE, *PLAIN, f"train.steps={steps}", f"data.path={data}"])
-    init = save_torch(tmp / "init_plain.safetensors", cfg.model, init_params(cfg.model, cfg.train.seed))
     t_jax = timed(jax_train, cfg, tmp / "jax", devices=jax.devices()[:1], progress=False)
-    t_torch = timed(torch_train, cfg, tmp / "torch", init=init, progress=False)
+    t_torch = timed(torch_train, cfg, tmp / "torch", progress=False)  # jaxllm's init for train.seed, by default
     comparison = compare_runs(tmp / "jax", tmp / "torch", init=init_params(cfg.model, cfg.train.seed))
     return comparison, {"jaxllm_s": t_jax, "torch_ref_s": t_torch}
 

@@ -67,6 +67,20 @@ def cmd_import_torch(args: argparse.Namespace) -> None:
 def cmd_preprocess(args: argparse.Namespace) -> None:
     from jaxllm.data.preprocess import preprocess
 
+    chat_only = {"--context": args.context, "--overlong": args.overlong, "--strict": args.strict or None}
+    if args.format == "chat":
+        from jaxllm.data.chat import preprocess_chat
+
+        if args.vocab_size is not None:
+            raise InputError("--vocab-size does not apply to --format chat (the checkpoint's tokenizer is used)")
+        result = preprocess_chat(args.inputs, args.out, tokenizer=args.tokenizer, context=args.context,
+                                 overlong=args.overlong or "drop", strict=args.strict, val_fraction=args.val_fraction,
+                                 seed=args.seed, overwrite=args.overwrite)  # fmt: skip
+        print(result.summary())
+        return
+    for flag, value in chat_only.items():
+        if value is not None:
+            raise InputError(f"{flag} applies to --format chat only")
     result = preprocess(
         args.inputs,
         args.out,
@@ -86,13 +100,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     from jaxllm import distributed
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    from jaxllm.config import Config
+    from jaxllm.base_checkpoint import is_params_dir
+    from jaxllm.loop import load_config
     from jaxllm.train import train
 
-    overrides = [*args.overrides, *([f"data.path={args.data}"] if args.data else [])]
-    config = Config.load(args.config, overrides)
+    if args.init is not None and not is_params_dir(args.init):
+        raise InputError(f"--init {args.init}: not a jaxllm params directory (needs config.yaml and params/)")
+    config = load_config(args)
     out = args.out or f"runs/{config.model.name}"
-    result = train(config, out, resume=args.resume, progress=not args.no_progress, handle_signals=True)
+    result = train(config, out, resume=args.resume, progress=not args.no_progress, handle_signals=True,
+                   init=args.init)  # fmt: skip
     print(f"trained steps {result.start_step + 1}-{result.end_step}, last loss {result.last_loss:.4f}; "
           f"params in {result.final_dir}")
 
@@ -221,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokenizer",
         default="bpe",
-        metavar="bpe|byte|PATH",
-        help="train a byte-level BPE (default), plain bytes, or an existing tokenizer.json",
+        metavar="bpe|byte|PATH|CK",
+        help="train a byte-level BPE (default), plain bytes, an existing tokenizer.json, or a params "
+        "directory's own (to fine-tune it: `jaxllm train --init CK`)",
     )
     p.add_argument("--vocab-size", type=int, metavar="N", help="BPE vocabulary size (default 1000, as mini)")
     p.add_argument(
@@ -232,10 +250,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
     p.add_argument("--glob", default="*", metavar="PATTERN", help="names of files to take in directories (default *)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in DATA_DIR")
+    p.add_argument("--format", choices=["text", "chat"], default="text",
+                   help="text: each INPUT a document (default); chat: JSONL files of {\"messages\": [...]}, "
+                   "rendered with --tokenizer CK's chat template, loss on assistant tokens only, packed")  # fmt: skip
+    p.add_argument("--context", type=int, metavar="N",
+                   help="chat: pack into windows of N + 1 tokens (default: the checkpoint's context_length)")
+    p.add_argument("--overlong", choices=["truncate", "drop"],
+                   help="chat: an example longer than a window is truncated or dropped (default drop); counted")
+    p.add_argument("--strict", action="store_true", help="chat: a malformed line is an error (default: a warning)")
     p = command("train", cmd_train, "train a model on a preprocessed dataset (sharded over all devices)")
     from jaxllm.loop import add_overrides, add_run_flags  # the flags torch_ref's training commands share
 
     add_run_flags(p, sections="model/data/train/mesh", default_out="runs/MODEL_NAME")
+    p.add_argument("--init", metavar="CK", help="start from this params directory (import-hf/import-gguf/train): "
+                   "its model section, weights, tokenizer and chat template")  # fmt: skip
     p.add_argument("--coordinator", help="multi-host: coordinator HOST:PORT (or JAX_COORDINATOR_ADDRESS)")
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes (or JAX_NUM_PROCESSES)")
     p.add_argument("--process-id", type=int, help="multi-host: this process's id (or JAX_PROCESS_ID)")

@@ -249,6 +249,9 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     path: str | None = None  # a directory written by `jaxllm preprocess`
+    # Document masking: tokens attend only within their own document of a packed window, and positions
+    # restart at each document (a document ends with the dataset's end-of-text id; docs/data.md).
+    doc_mask: bool = False
 
 
 class Config(BaseModel):
@@ -265,7 +268,12 @@ class Config(BaseModel):
     def load(cls, preset_or_path: str | Path, overrides: Sequence[str] = ()) -> Config:
         """A preset or YAML file, with dotted `key=value` overrides (`train.steps=200 mesh.fsdp=2`)."""
         path = config_path(preset_or_path)
-        data = apply_overrides(read_yaml(path), overrides)
+        return cls.from_data(read_yaml(path), overrides, str(path))
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any], overrides: Sequence[str] = (), source: str = "config") -> Config:
+        """`data` (the sections, as a YAML file holds them) with `overrides`; errors name `source`."""
+        data = apply_overrides(data, overrides)
         try:
             return cls.model_validate(data)
         except ValidationError as err:
@@ -276,7 +284,7 @@ class Config(BaseModel):
                     loc = ".".join(str(p) for p in e["loc"])
                     if loc == key or loc.startswith(key + ".") or key.startswith(loc + "."):
                         raise ConfigError(f"override {item}: {_describe_error(e, cls, override=True)}") from None
-            raise ConfigError(format_validation_error(err, cls, str(path))) from None
+            raise ConfigError(format_validation_error(err, cls, source)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()

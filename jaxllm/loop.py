@@ -95,16 +95,22 @@ class Cadence:
 
 
 # The run directory --------------------------------------------------------------------------------
-def check_run(config: Config, run_dir: str | Path, resume: bool) -> Path:
+def check_run(config: Config, run_dir: str | Path, resume: bool, init: str | Path | None = None) -> Path:
     """Check the data and the run directory before any work; the run directory, absolute.
 
+    `init`: the params directory the run starts from; the data must be tokenized with its tokenizer
+    (a model vocabulary larger than the tokenizer's, padded, is then fine).
     Every process calls this, and waits for the others before process 0 writes to the directory.
     """
+    from jaxllm.base_checkpoint import check_data_tokenizer, is_params_dir
     from jaxllm.data.loader import check_data_matches_model
 
     if not config.data.path:
         raise ConfigError("no training data: pass --data DATA_DIR (from `jaxllm preprocess`) or set data.path")
-    check_data_matches_model(Path(config.data.path), config.model)
+    from_ck = init is not None and is_params_dir(init)
+    check_data_matches_model(Path(config.data.path), config.model, allow_larger_model_vocab=from_ck)
+    if from_ck:
+        check_data_tokenizer(config.data.path, init)
     run_dir = Path(run_dir).absolute()
     if not resume and ((run_dir / "checkpoints").exists() or (run_dir / "final").exists()):
         raise InputError(f"{run_dir} already holds a run: pass --resume to continue it, or --out for a new run")
@@ -261,7 +267,7 @@ def _non_finite(step: int, out: StepOutput, tcfg: TrainConfig, logger: MetricsLo
 # Command line -------------------------------------------------------------------------------------
 def add_run_flags(p: argparse.ArgumentParser, *, sections: str, default_out: str) -> None:
     """The flags of every training command: --config, --data, --out, --resume, --no-progress."""
-    p.add_argument("--config", required=True, help=f"a preset name or YAML config ({sections} sections)")
+    p.add_argument("--config", help=f"a preset name or YAML config ({sections} sections; optional with --init CK)")
     p.add_argument("--data", help="DATA_DIR from `jaxllm preprocess` (sets data.path)")
     p.add_argument("--out", help=f"run directory (default: {default_out})")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
@@ -274,5 +280,14 @@ def add_overrides(p: argparse.ArgumentParser) -> None:
 
 
 def load_config(args: argparse.Namespace) -> Config:
-    """The config of `--config`, the overrides and `--data`."""
-    return Config.load(args.config, [*args.overrides, *([f"data.path={args.data}"] if args.data else [])])
+    """The config of `--config`, the overrides and `--data`; with `--init CK` (a params directory) the
+    model section is CK's (`jaxllm.base_checkpoint.config_from_checkpoint`) and `--config` optional."""
+    from jaxllm.base_checkpoint import config_from_checkpoint, is_params_dir
+
+    overrides = [*args.overrides, *([f"data.path={args.data}"] if args.data else [])]
+    init = getattr(args, "init", None)
+    if init is not None and is_params_dir(init):
+        return config_from_checkpoint(init, args.config, overrides)
+    if args.config is None:
+        raise ConfigError("pass --config CONFIG (a preset name or YAML file), or --init CK to start from a checkpoint")
+    return Config.load(args.config, overrides)

@@ -197,7 +197,8 @@ def cached_attention(
 class Attention(nn.Module):
     """Causal self-attention; grouped-query when n_kv_heads < n_heads.
 
-    Without a cache: attention within `x_BTD`. With one: the new keys/values are written at
+    Without a cache: attention within `x_BTD`; with `segment_ids_BT` (document masking), only
+    within each query's own segment. With a cache: the new keys/values are written at
     `positions_BT`, and each query attends to the cache entries at positions <= its own.
     Returns (output, updated cache or None).
     """
@@ -206,7 +207,11 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x_BTD: jax.Array, positions_BT: jax.Array, cache: KVCache | None = None
+        self,
+        x_BTD: jax.Array,
+        positions_BT: jax.Array,
+        cache: KVCache | None = None,
+        segment_ids_BT: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.cfg
         n, k, h = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
@@ -229,9 +234,17 @@ class Attention(nn.Module):
         if cache is None:
             # A window of W: each query sees itself and the W - 1 keys before it.
             window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
+            # Document masking: a dense (B, 1, T, T) mask, as both implementations take one (cuDNN
+            # adds it as a bias); causality and the window are still applied by the kernel.
+            same_segment_B1TT = None
+            if segment_ids_BT is not None:
+                same_segment_B1TT = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
             o_BTNH = jax.nn.dot_product_attention(
-                q_BTNH, k_BTKH, v_BTKH, is_causal=True, local_window_size=window, implementation=cfg.attention
-            )
+                q_BTNH, k_BTKH, v_BTKH, mask=same_segment_B1TT, is_causal=True, local_window_size=window,
+                implementation=cfg.attention,
+            )  # fmt: skip
+        elif segment_ids_BT is not None:
+            raise InputError("segment ids apply to training windows, not to the cached path")
         else:
             rows_B1 = jnp.arange(x_BTD.shape[0])[:, None]
             cache = KVCache(  # index arrays around a slice: the update is laid out (B, T, K, H)
@@ -277,9 +290,14 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x_BTD: jax.Array, positions_BT: jax.Array, cache: KVCache | None = None
+        self,
+        x_BTD: jax.Array,
+        positions_BT: jax.Array,
+        cache: KVCache | None = None,
+        segment_ids_BT: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        attn_BTD, cache = Attention(self.cfg, name="attn")(Norm(self.cfg, name="attn_norm")(x_BTD), positions_BT, cache)
+        attn = Attention(self.cfg, name="attn")
+        attn_BTD, cache = attn(Norm(self.cfg, name="attn_norm")(x_BTD), positions_BT, cache, segment_ids_BT)
         x_BTD = x_BTD + attn_BTD
         x_BTD = x_BTD + MLP(self.cfg, name="mlp")(Norm(self.cfg, name="mlp_norm")(x_BTD))
         return _constrain(x_BTD, ACT_BTD), cache
@@ -293,7 +311,9 @@ class Transformer(nn.Module):
 
     With a `cache` (layout: `Cache`) it returns (logits, updated cache). `logits_at_B`
     (an index along T per row) keeps only those tokens' logits, (B, 1, V): a prefill needs just
-    each prompt's last token, and skips the (B, T, V) output head.
+    each prompt's last token, and skips the (B, T, V) output head. `segment_ids_BT` (document
+    masking, no cache): tokens attend only within their segment; pass positions that restart at
+    each segment with them.
     """
 
     cfg: ModelConfig
@@ -305,6 +325,7 @@ class Transformer(nn.Module):
         positions_BT: jax.Array | None = None,
         cache: Cache | None = None,
         logits_at_B: jax.Array | None = None,
+        segment_ids_BT: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, Cache]:
         cfg = self.cfg
         contiguous = positions_BT is None  # positions 0..T-1 in every row (training, scoring)
@@ -322,8 +343,12 @@ class Transformer(nn.Module):
             )
             # A slice where positions are 0..T-1: its gradient is a sum over the batch, where a
             # lookup's is a scatter that XLA cannot partition without replicating (b, t, d) updates.
+            # Other positions (decoding, document masking): a lookup in the table gathered over its embed
+            # dim first, as the token embedding's.
             x_BTD = x_BTD + (
-                pos_embed_TD[None, : tokens_BT.shape[1]] if contiguous else jnp.take(pos_embed_TD, positions_BT, axis=0)
+                pos_embed_TD[None, : tokens_BT.shape[1]]
+                if contiguous
+                else jnp.take(_constrain(pos_embed_TD, ("positions", None)), positions_BT, axis=0)
             )
         x_BTD = _constrain(x_BTD.astype(cfg.dtype), ACT_BTD)
         block = Block
@@ -334,16 +359,16 @@ class Transformer(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, 0),
+                in_axes=(nn.broadcast, 0, nn.broadcast),  # positions, cache, segment ids
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BTD, new_cache = layers(cfg, name="blocks")(x_BTD, positions_BT, cache)
+            x_BTD, new_cache = layers(cfg, name="blocks")(x_BTD, positions_BT, cache, segment_ids_BT)
         else:
             new_cache = []
             for i in range(cfg.n_layers):
                 layer_cache = None if cache is None else cache[i]
-                x_BTD, layer_cache = block(cfg, name=f"blocks_{i}")(x_BTD, positions_BT, layer_cache)
+                x_BTD, layer_cache = block(cfg, name=f"blocks_{i}")(x_BTD, positions_BT, layer_cache, segment_ids_BT)
                 new_cache.append(layer_cache)
             new_cache = tuple(new_cache)
         if logits_at_B is not None:
@@ -390,14 +415,29 @@ def count_params(cfg: ModelConfig) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(cfg)))
 
 
-def forward(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
+def forward(
+    cfg: ModelConfig,
+    params: Params,
+    tokens_BT: jax.Array,
+    positions_BT: jax.Array | None = None,
+    segment_ids_BT: jax.Array | None = None,
+) -> jax.Array:
     """Float32 logits (B, T, V) for token ids (B, T). Pure; jit it with `cfg` static.
 
+    Document masking: with `segment_ids_BT` (B, T) a token attends only to the earlier tokens of its
+    own segment; `positions_BT` must then restart at each segment (both from
+    `jaxllm.data.segments.segments_from_starts`), so each segment's logits are those of it run alone.
     Shapes are checked always; token values when they are concrete (outside `jit`).
     """
     check_tokens(cfg, tokens_BT)
+    if segment_ids_BT is not None:
+        if positions_BT is None:
+            raise InputError("segment_ids_BT needs positions_BT restarting at each segment (segments_from_starts)")
+        for name, x in (("segment_ids_BT", segment_ids_BT), ("positions_BT", positions_BT)):
+            if np.shape(x) != np.shape(tokens_BT):
+                raise InputError(f"{name} has shape {np.shape(x)}, the tokens {np.shape(tokens_BT)}")
     check_layout(cfg, params)
-    return Transformer(cfg).apply({"params": params}, tokens_BT, positions_BT)
+    return Transformer(cfg).apply({"params": params}, tokens_BT, positions_BT, None, None, segment_ids_BT)
 
 
 def forward_cached(

@@ -185,13 +185,13 @@ def _check_same_tokenizer(tok: Any, file: Path, own: Path) -> None:
     still map ids to the wrong text."""
     from tokenizers import Tokenizer
 
-    from jaxllm.data.tokenizer import sha256_hex, tokenizer_bytes
+    from jaxllm.data.tokenizer import canonical_sha256
 
     try:
         theirs = Tokenizer.from_file(str(own))
     except Exception:  # a broken own file: the given one replaces it
         return
-    given, expected = sha256_hex(tokenizer_bytes(tok)), sha256_hex(tokenizer_bytes(theirs))
+    given, expected = canonical_sha256(tok), canonical_sha256(theirs)
     if given != expected:
         raise InputError(
             f"the tokenizer {file} (sha256 {given[:12]}) is not the checkpoint's own {own} (sha256 {expected[:12]}): "

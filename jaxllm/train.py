@@ -25,7 +25,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from jaxllm.checkpoint import save_params
+from jaxllm.base_checkpoint import carried_files, check_same_param_shapes, checkpoint_model
+from jaxllm.checkpoint import load_params, save_params
 from jaxllm.config import Config
 from jaxllm.data.loader import make_loader
 from jaxllm.errors import ConfigError, InputError
@@ -96,6 +97,7 @@ def train(
     progress: bool = True,
     devices: list[jax.Device] | None = None,
     handle_signals: bool = False,
+    init: str | Path | None = None,
 ) -> TrainResult:
     """Train `config` into `run_dir` (every JAX process calls this with the same arguments).
 
@@ -104,9 +106,13 @@ def train(
     `checkpoints/N.corrupt-TIME` with a warning); none at all: start fresh.
     `handle_signals` (the command line): SIGINT/SIGTERM during the loop checkpoint the last completed
     step and raise `Interrupted` (see `jaxllm/interrupt.py`).
+    `init`: a params directory to start from instead of `train.seed`'s init (`jaxllm/base_checkpoint.py`:
+    build `config` with `config_from_checkpoint`); `final/` then carries its tokenizer and chat template.
     """
     mcfg, tcfg = config.model, config.train
-    run_dir = check_run(config, run_dir, resume)
+    if init is not None:
+        check_same_param_shapes(checkpoint_model(init), mcfg, str(init))
+    run_dir = check_run(config, run_dir, resume, init)
     data_dir = Path(config.data.path)
     if jax.process_count() > 1:  # every process has looked at run_dir before process 0 writes to it
         multihost_utils.sync_global_devices("jaxllm: run directory checked")
@@ -124,7 +130,10 @@ def train(
     init_fn = jax.jit(lambda: init_state(init_params(mcfg, tcfg.seed), optimizer), out_shardings=state_sh)
     eval_fn = jax.jit(partial(eval_step, mcfg), in_shardings=(state_sh["params"], batch_sh), out_shardings=rep)
 
-    loader = make_loader(data_dir, "train", mcfg.context_length, tcfg.batch_size, tcfg.seed, sharding=batch_sh)
+    loader = make_loader(
+        data_dir, "train", mcfg.context_length, tcfg.batch_size, tcfg.seed, sharding=batch_sh,
+        doc_mask=config.data.doc_mask,
+    )  # fmt: skip
     config = eval_checked(config, lambda: _val_loader(config, batch_sh), is_main)
     tcfg = config.train
     manager = ocp.CheckpointManager(
@@ -143,6 +152,7 @@ def train(
     elif resume and is_main:
         print(f"no checkpoint in {run_dir}: starting fresh", flush=True)
     stop = StopFlag(multiprocess=jax.process_count() > 1) if handle_signals else None
+    base = load_params(init, state_sh["params"])[1] if init is not None and not steps else None  # onto the mesh
     with jax.default_matmul_precision(tcfg.matmul_precision), tracing_on(mesh):
         if steps:
             target = abstract_state(config, optimizer, state_sh)
@@ -150,7 +160,7 @@ def train(
             state = restored.state
             loader.set_state(restored.loader)  # a changed data plan (batch size, seed…) is refused here
         else:
-            start, state = 0, init_fn()
+            start, state = 0, init_fn() if base is None else _state_around(base, optimizer, state_sh)
         logger = start_run(run_dir, config, peak, start=start, is_main=is_main)
         loop = _Loop(config, state, step_fn, eval_fn, loader, batch_sh, manager)
         if stop is not None:
@@ -187,7 +197,7 @@ def train(
             mcfg,
             state["params"],
             overwrite=True,
-            extra_files=[p for p in [data_dir / "tokenizer.json"] if p.exists()],
+            extra_files=carried_files(init, data_dir),
         )
     except Exception as err:
         full = disk_full_error(err, run_dir / "final", state["params"])
@@ -230,6 +240,11 @@ class _Loop:
         self.manager.save(step, args=args)
 
 
+def _state_around(params: Any, optimizer: optax.GradientTransformation, state_sh: dict) -> dict:
+    """A fresh train state around given (e.g. pretrained) weights."""
+    return jax.jit(lambda p: init_state(p, optimizer), out_shardings=state_sh)(params)
+
+
 def _val_loader(config: Config, batch_sh: jax.sharding.NamedSharding) -> Any:
     """The validation split in file order, batches of train.batch_size."""
     return make_loader(
@@ -241,6 +256,7 @@ def _val_loader(config: Config, batch_sh: jax.sharding.NamedSharding) -> Any:
         sharding=batch_sh,
         shuffle=False,
         num_epochs=None,
+        doc_mask=config.data.doc_mask,
     )
 
 

@@ -38,7 +38,8 @@ def test_framework_free_modules_and_torch_ref_import_without_jax():
     result = run_without_jax(
         """
         import jaxllm, jaxllm.config, jaxllm.data, jaxllm.data.meta, jaxllm.request, jaxllm.completion
-        import torch_ref, torch_ref.model, torch_ref.generate
+        import torch_ref, torch_ref.model, torch_ref.generate, torch_ref.data
+        import jaxllm.base_checkpoint, jaxllm.data.chat, jaxllm.loop  # fine-tuning's framework-free parts
         cfg = jaxllm.ModelConfig.preset("mini")
         req = jaxllm.request.check_request(cfg, [[1, 2]], jaxllm.Sampling(max_new_tokens=3))
         assert req.prompts == [[1, 2]]

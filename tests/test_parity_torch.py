@@ -182,3 +182,36 @@ def test_cuda_bfloat16_cudnn_attention_parity(name):
     jax_logits = np.asarray(forward(cfg, jax.device_put(params, gpu), jax.device_put(jnp.asarray(tokens), gpu)))
     ref = torch_logits(cfg.replace(dtype="float32", attention="xla"), to_torch_state_dict(cfg, params), tokens, "cuda")
     assert np.linalg.norm(jax_logits - ref) / np.linalg.norm(ref) <= 3e-2
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["mini", "sliding-window"])
+def test_cuda_cudnn_attention_masks_documents(name):
+    """Document masking on cuDNN (a dense mask, added as a bias): bfloat16 logits, loss and gradients
+    near float32 XLA's on the CPU, for both families (grouped-query attention and a window in llama's)."""
+    from jaxllm.data.segments import document_batch, model_inputs
+    from jaxllm.train_step import loss_fn
+
+    cfg = CONFIGS[name]
+    params = init_params(cfg, 0)
+    windows = random_tokens(cfg.vocab_size, 4, cfg.context_length + 1, seed=5)
+    windows[:, [7, 20, 21, 40]] = 0  # separators: documents of 8, 13, 1, 19 tokens, then the rest
+    batch = document_batch(windows, sep_id=0)
+    value_and_grad = jax.jit(jax.value_and_grad(loss_fn, argnums=1), static_argnums=0)
+
+    def run(c, device):
+        b = {k: jax.device_put(jnp.asarray(v), device) for k, v in batch.items()}
+        p = jax.device_put(params, device)
+        inputs, _, segments = model_inputs(b)
+        loss, grads = value_and_grad(c, p, b)
+        grads_flat = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(grads)])
+        return np.asarray(forward(c, p, inputs, **segments)), float(loss), grads_flat
+
+    logits, loss, grads = run(cfg.replace(dtype="bfloat16", attention="cudnn"), jax.devices("gpu")[0])
+    ref_logits, ref_loss, ref_grads = run(cfg, jax.devices("cpu")[0])
+    assert np.linalg.norm(logits - ref_logits) / np.linalg.norm(ref_logits) <= 3e-2
+    assert abs(loss - ref_loss) <= 3e-2 * ref_loss
+    assert np.linalg.norm(grads - ref_grads) / np.linalg.norm(ref_grads) <= 5e-2
+    unmasked = np.asarray(forward(cfg, params, batch["tokens"][:, :-1]))
+    assert np.linalg.norm(unmasked - ref_logits) / np.linalg.norm(ref_logits) > 0.1  # the mask mattered

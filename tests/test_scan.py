@@ -11,6 +11,7 @@ from jaxllm import ConfigError, InputError, ModelConfig, forward, generate, init
 from jaxllm.checkpoint import load_params_on_mesh
 from jaxllm.config import Config
 from jaxllm.convert import from_torch_state_dict, to_numpy_state_dict
+from jaxllm.data.segments import segments_from_starts
 from jaxllm.metrics import read_metrics
 from jaxllm.model import abstract_params, forward_cached, init_cache, logical_axes, to_layout, to_per_layer
 from jaxllm.sharding import make_mesh, param_shardings
@@ -61,6 +62,14 @@ def test_scanned_logits_equal_unrolled_with_the_same_layer_params(family):
     assert s_cache.k_BKSH.shape == (cfg.n_layers, 2, cfg.kv_heads, 24, cfg.dim_per_head)
     np.testing.assert_allclose(np.asarray(s_logits), np.asarray(logits), rtol=0, atol=1e-5)
     np.testing.assert_allclose(s_cache.v_BKSH, np.stack([c.v_BKSH for c in caches]), rtol=0, atol=1e-5)
+    # Document masking: the segment ids reach every scanned layer as they reach every unrolled one.
+    starts = np.zeros((2, 20), bool)
+    starts[:, [0, 7, 13]] = True
+    segment_ids, seg_positions = segments_from_starts(starts)
+    want = np.asarray(forward(cfg, params, tokens, seg_positions, segment_ids))
+    got = forward(scanned(cfg), stacked, tokens, seg_positions, segment_ids)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5)
+    assert not np.allclose(want, np.asarray(forward(cfg, params, tokens, seg_positions)), atol=1e-3)
 
 
 def test_params_in_the_wrong_layout_are_refused_in_one_line():

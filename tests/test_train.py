@@ -207,7 +207,9 @@ cfg = Config.load("mini", sys.argv[1:])
 mesh = make_mesh(cfg.mesh)
 optimizer = make_optimizer(cfg.train)
 step_fn, state_sh, batch_sh = sharded_train_step(cfg, mesh, optimizer)
-batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.model.context_length + 1), jnp.int32, sharding=batch_sh)
+rows = lambda n: jax.ShapeDtypeStruct((cfg.train.batch_size, n), jnp.int32, sharding=batch_sh)
+t = cfg.model.context_length
+batch = {"tokens": rows(t + 1), "segment_ids": rows(t), "positions": rows(t)} if cfg.data.doc_mask else rows(t + 1)
 with tracing_on(mesh):
     step_fn.lower(abstract_state(cfg, optimizer, state_sh), batch).compile()
 """
@@ -241,13 +243,14 @@ def test_full_rematerialization_warnings_are_seen_when_xla_emits_them():
     assert FULL_REMAT in compile_with_xla_warnings(FORCED_FULL_REMAT)
 
 
-@pytest.mark.parametrize("mesh", [(2, 2, 2), (1, 4, 2)])
-def test_sharded_step_compiles_without_full_rematerialization(mesh):
+@pytest.mark.parametrize("mesh, doc_mask", [((2, 2, 2), False), ((1, 4, 2), False), ((2, 2, 2), True)])
+def test_sharded_step_compiles_without_full_rematerialization(mesh, doc_mask):
     """XLA warns when it can reshard a tensor only by replicating it whole. The activation constraints
     (in force under `tracing_on`, i.e. jax.set_mesh) and the embedding lookups are written so that it
-    never has to: mini's real shapes, compiled (not run) on 8 simulated devices."""
+    never has to: mini's real shapes, compiled (not run) on 8 simulated devices; with document masking,
+    the learned positions are looked up per token."""
     axes = [f"mesh.{name}={n}" for name, n in zip(("data", "fsdp", "tensor"), mesh, strict=True)]
-    stderr = compile_with_xla_warnings(COMPILE_ON_MESH, *axes)
+    stderr = compile_with_xla_warnings(COMPILE_ON_MESH, *axes, f"data.doc_mask={doc_mask}")
     assert FULL_REMAT not in stderr, stderr[stderr.index(FULL_REMAT) - 200 :][:1500]
 
 

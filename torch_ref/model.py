@@ -9,6 +9,7 @@ KV cache (as jaxllm's `forward_cached`): one `KVCache` per layer, kv heads only,
 holding that row's token at position s; tokens are written at their own positions (updated in
 place) and attend to the entries at positions <= their own, so rows advance independently. With a
 `sliding_window` W, a query at position p attends to the keys at p - W + 1 .. p only (in both paths).
+Document masking (no cache): with `segment_ids_BT`, a query attends only to keys of its own segment.
 """
 
 from __future__ import annotations
@@ -91,7 +92,13 @@ class Attention(nn.Module):
         self.out = nn.Linear(n * h, d, bias=cfg.use_bias)
         self.inv_freq = None if cfg.rope_scaling is None else torch.from_numpy(scaled_inv_freq(cfg))
 
-    def forward(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        positions_BT: torch.Tensor,
+        cache: KVCache | None = None,
+        segment_ids_BT: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         cfg = self.cfg
         b, t, _ = x_BTD.shape
         q_BNTH = self.query(x_BTD).view(b, t, cfg.n_heads, -1).transpose(1, 2)
@@ -101,17 +108,23 @@ class Attention(nn.Module):
             inv_freq = None if self.inv_freq is None else self.inv_freq.to(x_BTD.device)
             q_BNTH = rope(q_BNTH, positions_BT, cfg.rope_theta, inv_freq)
             k_BKTH = rope(k_BKTH, positions_BT, cfg.rope_theta, inv_freq)
-        if cache is None and cfg.sliding_window is None:
+        if cache is None and cfg.sliding_window is None and segment_ids_BT is None:
             o_BNTH = F.scaled_dot_product_attention(
                 q_BNTH, k_BKTH, v_BKTH, is_causal=True, enable_gqa=cfg.kv_heads != cfg.n_heads
             )
-        elif cache is None:  # causal, and each query sees only the sliding_window - 1 keys before it
+        elif cache is None:  # causal, within the sliding window and the query's own segment
             i_T = torch.arange(t, device=x_BTD.device)
             distance_TT = i_T[:, None] - i_T[None, :]
-            mask_TT = (distance_TT >= 0) & (distance_TT < cfg.sliding_window)
+            mask_TT = distance_TT >= 0
+            if cfg.sliding_window is not None:
+                mask_TT = mask_TT & (distance_TT < cfg.sliding_window)
+            if segment_ids_BT is not None:
+                mask_TT = mask_TT & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]  # (B, 1, T, T)
             o_BNTH = F.scaled_dot_product_attention(
                 q_BNTH, k_BKTH, v_BKTH, attn_mask=mask_TT, enable_gqa=cfg.kv_heads != cfg.n_heads
             )
+        elif segment_ids_BT is not None:
+            raise ValueError("segment ids apply to training windows, not to the cached path")
         else:
             rows_B1 = torch.arange(b, device=x_BTD.device)[:, None]
             cache.k_BKSH[rows_B1, :, positions_BT] = k_BKTH.transpose(1, 2).to(cache.k_BKSH.dtype)
@@ -155,8 +168,14 @@ class Block(nn.Module):
         self.attn_norm, self.attn = Norm(cfg), Attention(cfg)
         self.mlp_norm, self.mlp = Norm(cfg), MLP(cfg)
 
-    def forward(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, cache)
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        positions_BT: torch.Tensor,
+        cache: KVCache | None = None,
+        segment_ids_BT: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, cache, segment_ids_BT)
         return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
 
@@ -165,6 +184,8 @@ class Transformer(nn.Module):
 
     With a `cache` (one `KVCache` per layer, updated in place) tokens sit at `positions_BT`;
     `logits_at_B` (an index along T per row) keeps only those tokens' logits, (B, 1, V).
+    `segment_ids_BT` (document masking, no cache): attention within each segment; pass positions
+    that restart at each segment with them (as jaxllm's `forward`).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -200,11 +221,14 @@ class Transformer(nn.Module):
         positions_BT: torch.Tensor | None = None,
         cache: list[KVCache] | None = None,
         logits_at_B: torch.Tensor | None = None,
+        segment_ids_BT: torch.Tensor | None = None,
     ) -> torch.Tensor:
         cfg = self.cfg
         b, t = tokens_BT.shape
         if t > cfg.context_length:
             raise ValueError(f"sequence length {t} exceeds the context length {cfg.context_length}")
+        if segment_ids_BT is not None and positions_BT is None:
+            raise ValueError("segment_ids_BT needs positions_BT restarting at each segment (segments_from_starts)")
         if positions_BT is None:
             positions_BT = torch.arange(t, device=tokens_BT.device).expand(b, t)
         x_BTD = self.token_embed(tokens_BT)
@@ -213,7 +237,7 @@ class Transformer(nn.Module):
         x_BTD = x_BTD.to(_DTYPES[cfg.dtype])
         with torch.autocast(x_BTD.device.type, _DTYPES[cfg.dtype], enabled=cfg.dtype != "float32"):
             for i, block in enumerate(self.blocks):
-                x_BTD = block(x_BTD, positions_BT, None if cache is None else cache[i])
+                x_BTD = block(x_BTD, positions_BT, None if cache is None else cache[i], segment_ids_BT)
             if logits_at_B is not None:
                 x_BTD = x_BTD[torch.arange(b, device=x_BTD.device), logits_at_B][:, None]
             x_BTD = self.final_norm(x_BTD)

@@ -66,22 +66,28 @@ def train(
 ) -> TrainResult:
     """Train `config` with plain PyTorch (DDP under a launcher) into `run_dir`; every rank calls this.
 
-    `init`: a torch_ref safetensors state dict to start from (default: torch's seeded init).
+    `init`: where the weights start (`torch_ref.trainer.build`): None, jaxllm's init for `train.seed`;
+    "torch", torch's seeded init; a params directory (`--init CK`: build `config` with
+    `jaxllm.base_checkpoint.config_from_checkpoint`); or a torch_ref safetensors file.
     """
     dist = Dist.from_env()
     torch_device = pick_device(device, dist)
     if dist.world_size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch_device.type == "cuda" else "gloo")
-    run_dir = prepare_run(config, run_dir, resume, dist)
+    run_dir = prepare_run(config, run_dir, resume, dist, init)
     set_numerics(config.train, torch_device)
     model = build(config.model, config.train.seed, torch_device, init)
     trainer = PlainTrainer(model, config, dist, torch_device, compile)
-    return run(config, run_dir, trainer, dist, resume=resume, progress=progress)
+    return run(config, run_dir, trainer, dist, resume=resume, progress=progress, init=init)
 
 
-def prepare_run(config: Config, run_dir: str | Path, resume: bool, dist: Dist) -> Path:
+def prepare_run(config: Config, run_dir: str | Path, resume: bool, dist: Dist, init: str | Path | None = None) -> Path:
     """Check the data and the run directory (`jaxllm.loop.check_run`) before any work."""
-    run_dir = check_run(config, run_dir, resume)
+    from jaxllm.base_checkpoint import check_same_param_shapes, checkpoint_model, is_params_dir
+
+    if init is not None and is_params_dir(init):
+        check_same_param_shapes(checkpoint_model(init), config.model, str(init))
+    run_dir = check_run(config, run_dir, resume, init)
     dist.barrier()  # every rank has looked at run_dir before rank 0 writes to it
     return run_dir
 
@@ -99,9 +105,13 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
         shutil.rmtree(ckpt_dir / str(step), ignore_errors=True)
 
 
-def save_final(run_dir: Path, cfg: ModelConfig, state_dict: dict[str, np.ndarray], data_dir: Path) -> Path:
-    """RUN/final: a jaxllm params directory with the torch_ref weights file and the tokenizer beside it
-    (written under a temporary name and renamed, by `jaxllm.save_params`)."""
+def save_final(
+    run_dir: Path, cfg: ModelConfig, state_dict: dict[str, np.ndarray], data_dir: Path, init: str | Path | None = None
+) -> Path:
+    """RUN/final: a jaxllm params directory with the torch_ref weights file and the tokenizer (and, from
+    `--init CK`, CK's chat template and generation files) beside it (written under a temporary name and
+    renamed, by `jaxllm.save_params`)."""
+    from jaxllm.base_checkpoint import carried_files
     from jaxllm.checkpoint import save_params
     from jaxllm.convert import from_torch_state_dict, to_numpy_state_dict
     from jaxllm.torch_io import write_state_dict
@@ -109,12 +119,15 @@ def save_final(run_dir: Path, cfg: ModelConfig, state_dict: dict[str, np.ndarray
     params = from_torch_state_dict(cfg, state_dict)
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".final-") as tmp:
         weights = write_state_dict(Path(tmp) / WEIGHTS_FILE, cfg, to_numpy_state_dict(cfg, params))
-        extra = [weights, *[p for p in [data_dir / "tokenizer.json"] if p.exists()]]
+        extra = [weights, *carried_files(init, data_dir)]
         return save_params(run_dir / "final", cfg, params, overwrite=True, extra_files=extra)
 
 
 # The loop ----------------------------------------------------------------------------------------
-def run(config: Config, run_dir: Path, trainer: Trainer, dist: Dist, *, resume: bool, progress: bool) -> TrainResult:
+def run(
+    config: Config, run_dir: Path, trainer: Trainer, dist: Dist, *, resume: bool, progress: bool,
+    init: str | Path | None = None,
+) -> TrainResult:
     """Train `config` with `trainer` into `run_dir` (from `prepare_run`); every rank calls this."""
     mcfg, tcfg = config.model, config.train
     data_dir = Path(config.data.path)
@@ -125,7 +138,7 @@ def run(config: Config, run_dir: Path, trainer: Trainer, dist: Dist, *, resume: 
     start, extra = restored or (0, {})
     loader = TorchBatches(
         data_dir, "train", mcfg.context_length, tcfg.batch_size, tcfg.seed, dist.rank, dist.world_size,
-        device=trainer.device,
+        device=trainer.device, doc_mask=config.data.doc_mask,
     )  # fmt: skip
     if "loader" in extra:
         loader.load_state_dict(extra["loader"])
@@ -151,7 +164,7 @@ def run(config: Config, run_dir: Path, trainer: Trainer, dist: Dist, *, resume: 
         logger.close()
     state_dict = trainer.full_state_dict()
     if dist.is_main:
-        save_final(run_dir, mcfg, state_dict, data_dir)
+        save_final(run_dir, mcfg, state_dict, data_dir, init)
         if logger.path.exists():
             plot_loss_curve(logger.path, run_dir / "loss_curve.png")
     dist.barrier()
@@ -162,7 +175,7 @@ def _val_batches(config: Config, dist: Dist, device: torch.device) -> TorchBatch
     """The validation split in file order, batches of train.batch_size (as jaxllm's `evaluate`)."""
     return TorchBatches(
         config.data.path, "val", config.model.context_length, config.train.batch_size, 0, dist.rank,
-        dist.world_size, shuffle=False, device=device,
+        dist.world_size, shuffle=False, device=device, doc_mask=config.data.doc_mask,
     )  # fmt: skip
 
 
@@ -179,7 +192,10 @@ def build_parser(prog: str, description: str, default_out: str) -> argparse.Argu
     an entry point adds its flags, then `jaxllm.loop.add_overrides`."""
     p = argparse.ArgumentParser(prog=prog, description=description)
     add_run_flags(p, sections="model/data/train", default_out=default_out)
-    p.add_argument("--init", metavar="FILE.safetensors", help="initial weights (jaxllm export-torch, or RUN/final)")
+    p.add_argument("--init", metavar="CK|FILE.safetensors|torch",
+                   help="initial weights: a params directory (import-hf/import-gguf/train; its model section, "
+                   "tokenizer and chat template too), a torch_ref state dict, or torch (torch's own seeded "
+                   "init); default: jaxllm's init for train.seed, converted")  # fmt: skip
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: this rank's GPU if any, else cpu)")
     return p
 

@@ -37,7 +37,18 @@ from jaxllm.errors import ConfigError
 from jaxllm.loop import add_overrides
 from torch_ref.optim import learning_rate, make_optimizer, set_learning_rate
 from torch_ref.train import TrainResult, build_parser, main, prepare_run, run
-from torch_ref.trainer import Dist, StepOutput, build, loss_fn, micro_batches, pick_device, set_numerics
+from torch_ref.trainer import (
+    Batch,
+    Dist,
+    StepOutput,
+    build,
+    global_count,
+    loss_fn,
+    loss_sum,
+    micro_batches,
+    pick_device,
+    set_numerics,
+)
 
 ZERO_STAGES = (1, 2, 3)
 AUTO = "auto"  # Hugging Face style: "fill this in from the train config"; the same as leaving the key out
@@ -162,24 +173,26 @@ class DeepSpeedTrainer:
         self.optimizer = make_optimizer(model, self.tcfg)  # the client optimizer ZeRO steps on its partitions
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
 
-    def train_step(self, batch_BT1: torch.Tensor) -> StepOutput:
+    def train_step(self, batch: Batch) -> StepOutput:
         # DeepSpeed's update count (restored with its checkpoints) drives the schedule.
         set_learning_rate(self.optimizer, learning_rate(self.tcfg, self.engine.global_steps))
+        k, count = self.tcfg.grad_accum, global_count(batch, self.dist, self.device)
         total = 0.0
-        for micro in micro_batches(batch_BT1, self.tcfg.grad_accum):
-            loss = loss_fn(self.engine, micro)
-            self.engine.backward(loss)  # scales by 1 / gradient_accumulation_steps itself
+        for micro in micro_batches(batch, k):
+            loss = loss_sum(self.engine, micro) / count  # token-weighted over the global batch, as jaxllm
+            # DeepSpeed scales by 1 / gradient_accumulation_steps and averages over the ranks itself.
+            self.engine.backward(loss * k * self.dist.world_size)
             self.engine.step()  # the optimizer update happens at the last micro-batch
             total += float(loss.detach())
-        loss = self.dist.mean(total / self.tcfg.grad_accum, self.device)
+        loss = self.dist.sum(total, self.device)
         norm = self.engine.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else float("nan")  # None: DeepSpeed did not compute it
         finite = bool(np.isfinite(loss) and (norm is None or np.isfinite(grad_norm)))
         return StepOutput(loss, grad_norm, finite, applied=True)
 
     @torch.no_grad()
-    def eval_loss(self, batch_BT1: torch.Tensor) -> float:
-        return float(loss_fn(self.engine, batch_BT1))
+    def eval_loss(self, batch: Batch) -> float:
+        return float(loss_fn(self.engine, batch))
 
     def save(self, ckpt_dir: Path, step: int, extra: dict[str, Any]) -> None:
         """DeepSpeed's checkpoint of every rank's partitions in RUN/checkpoints/STEP (`latest` names it)."""
@@ -245,11 +258,11 @@ def train(
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if torch_device.type == "cuda" else "gloo")
-    run_dir = prepare_run(config, run_dir, resume, dist)
+    run_dir = prepare_run(config, run_dir, resume, dist, init)
     set_numerics(config.train, torch_device)
     model = build(config.model, config.train.seed, torch_device, init)
     trainer = DeepSpeedTrainer(model, config, ds_config, dist, torch_device)
-    return run(config, run_dir, trainer, dist, resume=resume, progress=progress)
+    return run(config, run_dir, trainer, dist, resume=resume, progress=progress, init=init)
 
 
 def _start(args: argparse.Namespace, config: Config) -> TrainResult:

@@ -25,13 +25,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from jaxllm.config import Config, ModelConfig, TrainConfig
+from jaxllm.data.segments import LOSS_MASK, TOKENS, model_inputs
 from jaxllm.errors import ConfigError, InputError
 from jaxllm.loop import StepOutput
 from torch_ref.optim import learning_rate, make_optimizer, set_learning_rate
 
-__all__ = ["Dist", "PlainTrainer", "StepOutput", "Trainer", "build", "loss_fn", "micro_batches", "pick_device"]
+__all__ = ["Batch", "Dist", "PlainTrainer", "StepOutput", "Trainer", "build", "global_count", "loss_fn", "loss_sum",
+           "micro_batches", "pick_device"]
 
 STATE_FILE = "state.pt"
+Batch = torch.Tensor | dict[str, torch.Tensor]  # windows (B, T+1), or a `jaxllm.data.segments.Batch`
 
 
 @dataclass(frozen=True)
@@ -57,11 +60,15 @@ class Dist:
 
     def mean(self, value: float, device: torch.device) -> float:
         """The mean of `value` over all ranks."""
+        return self.sum(value, device) / self.world_size
+
+    def sum(self, value: float, device: torch.device) -> float:
+        """The sum of `value` over all ranks."""
         if self.world_size == 1:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(t)
-        return float(t.item()) / self.world_size
+        return float(t.item())
 
 
 class Trainer(Protocol):
@@ -69,9 +76,9 @@ class Trainer(Protocol):
 
     device: torch.device
 
-    def train_step(self, batch_BT1: torch.Tensor) -> StepOutput: ...  # one optimizer update, this rank's rows
+    def train_step(self, batch: Batch) -> StepOutput: ...  # one optimizer update, this rank's rows
 
-    def eval_loss(self, batch_BT1: torch.Tensor) -> float: ...  # mean loss over this rank's rows
+    def eval_loss(self, batch: Batch) -> float: ...  # mean loss over this rank's rows
 
     def save(self, ckpt_dir: Path, step: int, extra: dict[str, Any]) -> None: ...  # collective
 
@@ -81,16 +88,38 @@ class Trainer(Protocol):
 
 
 # The pure pieces -------------------------------------------------------------------------------
-def loss_fn(model: nn.Module, batch_BT1: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over a (B, T+1) window batch, as `jaxllm.train_step.loss_fn`."""
-    inputs_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
-    logits_BTV = model(inputs_BT)
-    return F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]).float(), targets_BT.reshape(-1))
+def target_weights(batch: Batch) -> torch.Tensor:
+    """(B, T) float32: 1 for each target that counts in the loss, as `jaxllm.train_step.target_weights`."""
+    if isinstance(batch, dict):
+        if LOSS_MASK in batch:
+            return batch[LOSS_MASK][:, 1:].float()
+        batch = batch[TOKENS]
+    return torch.ones(batch.shape[0], batch.shape[1] - 1, device=batch.device)
 
 
-def micro_batches(batch_BT1: torch.Tensor, k: int) -> list[torch.Tensor]:
-    """Micro-batch j of k is rows j, j+k, j+2k, … (jaxllm's split)."""
-    return [batch_BT1[j::k] for j in range(k)]
+def loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Sum of the next-token cross-entropies of the targets that count (`jaxllm.train_step.loss_sum`)."""
+    inputs_BT, targets_BT, segments = model_inputs(batch)
+    logits_BTV = model(inputs_BT, **segments)
+    ce = F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]).float(), targets_BT.reshape(-1), reduction="none")
+    return (ce * target_weights(batch).reshape(-1)).sum()
+
+
+def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean next-token cross-entropy over the targets that count, as `jaxllm.train_step.loss_fn`."""
+    return loss_sum(model, batch) / target_weights(batch).sum().clamp(min=1.0)
+
+
+def micro_batches(batch: Batch, k: int) -> list[Batch]:
+    """Micro-batch j of k is rows j, j+k, j+2k, … (jaxllm's split), of every array of a dict batch."""
+    if isinstance(batch, dict):
+        return [{name: x[j::k] for name, x in batch.items()} for j in range(k)]
+    return [batch[j::k] for j in range(k)]
+
+
+def global_count(batch: Batch, dist: Dist, device: torch.device) -> float:
+    """The targets that count in the whole global batch (every rank's rows), at least 1."""
+    return max(dist.sum(float(target_weights(batch).sum()), device), 1.0)
 
 
 # Set-up -----------------------------------------------------------------------------------------
@@ -167,13 +196,47 @@ def load_init(model: nn.Module, path: str | Path, cfg: ModelConfig) -> None:
         raise InputError(f"{path} does not fit the model: {' '.join(str(err).split())[:500]}") from None
 
 
+TORCH_INIT = "torch"  # `--init torch`: torch's own seeded init instead of jaxllm's
+
+
+def jaxllm_weights(cfg: ModelConfig, seed: int, ck: str | Path | None = None) -> dict[str, np.ndarray]:
+    """jaxllm's initial weights for `seed` (or the weights of the params directory `ck`) as a torch_ref
+    state dict. JAX is imported here, pinned to the CPU so that it takes no GPU memory from torch."""
+    import jax
+    from jax._src import xla_bridge
+
+    if not xla_bridge.backends_are_initialized():  # a torch process: JAX sees only the CPU
+        jax.config.update("jax_platforms", "cpu")
+    from jaxllm.convert import to_numpy_state_dict
+
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        if ck is None:
+            from jaxllm.model import init_params
+
+            params = init_params(cfg, seed)
+        else:
+            from jaxllm.checkpoint import load_params
+            from jaxllm.model import abstract_params
+
+            on_cpu = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(cpu), abstract_params(cfg))
+            params = load_params(ck, on_cpu)[1]
+        return to_numpy_state_dict(cfg, params)
+
+
 def build(cfg: ModelConfig, seed: int, device: torch.device, init: str | Path | None) -> nn.Module:
-    """torch_ref's model for `cfg`: seeded torch init, or the weights in `init`; `model.remat` applied."""
+    """torch_ref's model for `cfg`, `model.remat` applied, starting from `init`: None, jaxllm's init for
+    `seed` (converted, so both frameworks start alike); "torch", torch's own seeded init; a params
+    directory (`--init CK`); or a torch_ref safetensors file."""
+    from jaxllm.base_checkpoint import is_params_dir
     from torch_ref.model import build_model
 
     torch.manual_seed(seed)
     model = build_model(cfg, device)
-    if init is not None:
+    if init is None or is_params_dir(init):
+        weights = jaxllm_weights(cfg, seed, init)
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, strict=True)
+    elif str(init) != TORCH_INIT:
         load_init(model, init, cfg)
     apply_remat(model, cfg.remat)
     return model
@@ -205,16 +268,19 @@ class PlainTrainer:
         state = self.optimizer.state.get(self.optimizer.param_groups[0]["params"][0])
         return int(state["step"]) if state else 0
 
-    def train_step(self, batch_BT1: torch.Tensor) -> StepOutput:
+    def train_step(self, batch: Batch) -> StepOutput:
+        """Token-weighted: each micro-batch's loss sum over the global count (times the ranks, whose
+        gradients DDP averages), as jaxllm's `train_step`."""
         k = self.tcfg.grad_accum
+        count = global_count(batch, self.dist, self.device)
         total = torch.zeros((), device=self.device)
-        for j, micro in enumerate(micro_batches(batch_BT1, k)):
+        for j, micro in enumerate(micro_batches(batch, k)):
             sync = self.ddp is None or j == k - 1  # DDP all-reduces only on the last micro-batch
             with nullcontext() if sync else self.ddp.no_sync():
-                loss = loss_fn(self.net, micro)
-                (loss / k).backward()
+                loss = loss_sum(self.net, micro) / count
+                (loss * self.dist.world_size).backward()
             total += loss.detach()
-        loss = self.dist.mean(float(total) / k, self.device)
+        loss = self.dist.sum(float(total), self.device)
         max_norm = self.tcfg.grad_clip if self.tcfg.grad_clip > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
@@ -225,8 +291,8 @@ class PlainTrainer:
         return StepOutput(loss, grad_norm, finite, applied=finite)
 
     @torch.no_grad()
-    def eval_loss(self, batch_BT1: torch.Tensor) -> float:
-        return float(loss_fn(self.model, batch_BT1))
+    def eval_loss(self, batch: Batch) -> float:
+        return float(loss_fn(self.model, batch))
 
     def save(self, ckpt_dir: Path, step: int, extra: dict[str, Any]) -> None:
         """RUN/checkpoints/STEP/state.pt, written by rank 0 under a temporary name and renamed."""

@@ -13,6 +13,9 @@ Pure numpy, no framework. With C = context and N tokens in a split:
   `s // steps_per_epoch`;
 - a process reads only its rows of each global batch: by default process p of P holds rows
   `[p*G/P, (p+1)*G/P)`.
+
+A packed dataset (chat examples, `jaxllm/data/chat.py`) is already cut into windows of C + 1 tokens:
+window w is `tokens[w*(C+1) : (w+1)*(C+1)]` (`BatchPlan.packed`), the same for its per-token arrays.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class BatchPlan:
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = None  # None: repeat forever
+    packed: bool = False  # windows are consecutive rows of context + 1 tokens (no overlap)
 
     def __post_init__(self) -> None:
         for name in ("context", "global_batch"):
@@ -73,7 +77,14 @@ class BatchPlan:
             raise ConfigError(f"num_epochs must be positive or None, got {self.num_epochs}")
 
     @property
+    def stride(self) -> int:
+        """Tokens from one window's start to the next's."""
+        return self.context + 1 if self.packed else self.context
+
+    @property
     def n_windows(self) -> int:
+        if self.packed:
+            return self.n_tokens // self.stride
         return max(self.n_tokens - 1, 0) // self.context
 
     @property
@@ -113,12 +124,19 @@ def process_rows(process_index: int, process_count: int, global_batch: int) -> n
     return np.arange(process_index * local, (process_index + 1) * local)
 
 
-def read_windows(tokens: np.ndarray, window_ids: np.ndarray, context: int) -> np.ndarray:
-    """tokens[w*C : w*C + C + 1] for each window id, shape (len(window_ids), C + 1), int32."""
-    starts = np.asarray(window_ids, dtype=np.int64) * context
+def read_windows(tokens: np.ndarray, window_ids: np.ndarray, context: int, stride: int | None = None) -> np.ndarray:
+    """tokens[w*S : w*S + C + 1] for each window id (S = `stride`, default C), shape
+    (len(window_ids), C + 1), int32."""
+    starts = np.asarray(window_ids, dtype=np.int64) * (stride or context)
     return tokens[starts[:, None] + np.arange(context + 1)].astype(np.int32)
 
 
 def local_batch(tokens: np.ndarray, plan: BatchPlan, step: int, rows: np.ndarray) -> np.ndarray:
     """This process's part of global batch `step`: shape (len(rows), context + 1), int32."""
-    return read_windows(tokens, global_batch_windows(plan, step)[rows], plan.context)
+    return read_windows(tokens, global_batch_windows(plan, step)[rows], plan.context, plan.stride)
+
+
+def local_batches(arrays: dict[str, np.ndarray], plan: BatchPlan, step: int, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """`local_batch` of each per-token array of a packed split (tokens, loss mask, segment ids)."""
+    windows = global_batch_windows(plan, step)[rows]
+    return {name: read_windows(a, windows, plan.context, plan.stride) for name, a in arrays.items()}

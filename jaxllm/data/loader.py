@@ -13,6 +13,12 @@ Typical use in a training loop (every process runs the same code)::
         ...
         state = loader.get_state()                           # JSON-serializable; same on every process
 
+Each batch is the (local_batch, context + 1) int32 token array of a raw-text dataset, or a dict
+(`jaxllm.data.segments.training_batch`): "tokens" as above plus "loss_mask" for a packed (chat)
+dataset, and with `doc_mask=True` "segment_ids" and "positions" (local_batch, context) of the inputs,
+derived here in numpy (from the end-of-text id, or the packed examples' boundaries); `to_global`
+places every array the same way, rows over the batch axes.
+
 Which windows form which batch is decided by `jaxllm.data.index` alone (shared with torch_ref).
 grain and jax are imported only when a loader is built.
 """
@@ -26,8 +32,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from jaxllm.config import ModelConfig
-from jaxllm.data.index import BatchPlan, local_batch, process_rows
-from jaxllm.data.meta import SPLITS, DataMeta, open_tokens, read_meta
+from jaxllm.data.index import BatchPlan, local_batch, local_batches, process_rows
+from jaxllm.data.meta import SPLITS, DataMeta, open_split, open_tokens, read_meta
+from jaxllm.data.segments import training_batch
 from jaxllm.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -36,8 +43,12 @@ if TYPE_CHECKING:
 _INFINITE_STEPS = 2**62
 
 
-class Loader(Iterator[np.ndarray]):
-    """Iterator of local batches, shape (local_batch, context + 1), int32; checkpointable."""
+LocalBatch = np.ndarray | dict[str, np.ndarray]
+
+
+class Loader(Iterator[LocalBatch]):
+    """Iterator of local batches, shape (local_batch, context + 1), int32 (a packed dataset or `doc_mask`:
+    a dict with those tokens, see the module docstring); checkpointable."""
 
     def __init__(
         self,
@@ -49,15 +60,24 @@ class Loader(Iterator[np.ndarray]):
         *,
         read_threads: int = 2,
         prefetch: int = 4,
+        doc_mask: bool = False,
     ):
         import grain
 
         self.data_dir, self.split, self.plan, self.meta = Path(data_dir), split, plan, meta
+        self.doc_mask = doc_mask
         self.rows = np.asarray(rows, dtype=np.int64)
         self.rows.setflags(write=False)
-        tokens, rows = open_tokens(data_dir, split, meta), self.rows
+        rows = self.rows
         steps = _INFINITE_STEPS if plan.num_steps is None else plan.num_steps
-        dataset = grain.MapDataset.range(0, steps).map(lambda step: local_batch(tokens, plan, int(step), rows))
+        if plan.packed:
+            arrays = open_split(data_dir, split, meta)
+            read = lambda step: local_batches(arrays, plan, int(step), rows)  # noqa: E731
+        else:
+            tokens = open_tokens(data_dir, split, meta)
+            read = lambda step: local_batch(tokens, plan, int(step), rows)  # noqa: E731
+        batch = lambda step: training_batch(read(step), doc_mask=doc_mask, sep_id=meta.eot_id)  # noqa: E731
+        dataset = grain.MapDataset.range(0, steps).map(batch)
         options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
         self._iter = iter(dataset.to_iter_dataset(options))
         self._shard_rows: dict[Any, bool] = {}
@@ -78,7 +98,7 @@ class Loader(Iterator[np.ndarray]):
     def __iter__(self) -> Loader:
         return self
 
-    def __next__(self) -> np.ndarray:
+    def __next__(self) -> LocalBatch:
         return next(self._iter)
 
     def get_state(self) -> dict[str, Any]:
@@ -97,8 +117,8 @@ class Loader(Iterator[np.ndarray]):
             raise InputError("loader state is from a different data plan (" + "; ".join(diff) + ")")
         self._iter.set_state(grain_state)
 
-    def to_global(self, local: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
-        """This process's batch as part of the global (global_batch, context + 1) array."""
+    def to_global(self, local: LocalBatch, sharding: jax.sharding.Sharding) -> jax.Array | dict[str, jax.Array]:
+        """This process's batch as part of the global (global_batch, context + 1) array (or dict of arrays)."""
         if sharding not in self._shard_rows:
             shape = (self.global_batch_size, self.plan.context + 1)
             self._shard_rows[sharding] = np.array_equal(rows_for_sharding(sharding, shape), self.rows)
@@ -107,6 +127,8 @@ class Loader(Iterator[np.ndarray]):
                 "this sharding places other rows of the batch on this process than the loader "
                 "reads: build the loader with make_loader(..., sharding=sharding)"
             )
+        if isinstance(local, dict):
+            return {k: to_global_array(v, sharding, self.global_batch_size) for k, v in local.items()}
         return to_global_array(local, sharding, self.global_batch_size)
 
     def _fingerprint(self) -> dict[str, Any]:
@@ -120,6 +142,7 @@ class Loader(Iterator[np.ndarray]):
             "seed": p.seed,
             "shuffle": p.shuffle,
             "num_epochs": p.num_epochs,
+            "packed": p.packed,
         }
 
 
@@ -137,18 +160,22 @@ def make_loader(
     num_epochs: int | None = None,
     read_threads: int = 2,
     prefetch: int = 4,
+    doc_mask: bool = False,
 ) -> Loader:
     """A `Loader` over `DATA_DIR/{split}.bin` (windows of `context + 1` tokens).
 
     Rows read by this process: those `sharding` places on its devices when given; else rows
     [p*G/P, (p+1)*G/P) for process p of P (default: `jax.process_index()` of
     `jax.process_count()`). `num_epochs=None` repeats forever; use `shuffle=False, num_epochs=1`
-    for one pass over the validation split in file order.
+    for one pass over the validation split in file order. `doc_mask`: batches carry the segment ids
+    and restarted positions of the documents packed into each window (see the module docstring).
     """
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     meta = read_meta(data_dir)
-    plan = BatchPlan(meta.tokens(split), context, global_batch_size, seed, shuffle, num_epochs)
+    check_packed_context(data_dir, meta, context)
+    packed = meta.packing is not None
+    plan = BatchPlan(meta.tokens(split), context, global_batch_size, seed, shuffle, num_epochs, packed)
     plan.require_one_batch(f"{Path(data_dir) / split}.bin")
     if sharding is not None:
         if process_index is not None or process_count is not None:
@@ -161,7 +188,7 @@ def make_loader(
             process_index = jax.process_index() if process_index is None else process_index
             process_count = jax.process_count() if process_count is None else process_count
         rows = process_rows(process_index, process_count, global_batch_size)
-    return Loader(data_dir, split, plan, rows, meta, read_threads=read_threads, prefetch=prefetch)
+    return Loader(data_dir, split, plan, rows, meta, read_threads=read_threads, prefetch=prefetch, doc_mask=doc_mask)
 
 
 def rows_for_sharding(sharding: jax.sharding.Sharding, global_shape: tuple[int, ...]) -> np.ndarray:
@@ -182,6 +209,15 @@ def to_global_array(local: np.ndarray, sharding: jax.sharding.Sharding, global_b
     return jax.make_array_from_process_local_data(sharding, local, (global_batch_size, *local.shape[1:]))
 
 
+def check_packed_context(data_dir: str | Path, meta: DataMeta, context: int) -> None:
+    """InputError unless a packed dataset's windows are of `context` (+ 1) tokens."""
+    if meta.packing is not None and meta.packing.context != context:
+        raise InputError(
+            f"{data_dir} is packed in windows of context {meta.packing.context}, the model's context_length is "
+            f"{context}: set model.context_length={meta.packing.context}, or preprocess with --context {context}"
+        )
+
+
 def check_data_matches_model(
     data_dir: str | Path, cfg: ModelConfig, *, allow_larger_model_vocab: bool = False
 ) -> DataMeta:
@@ -193,7 +229,8 @@ def check_data_matches_model(
     """
     meta = read_meta(data_dir)
     for split in SPLITS:
-        open_tokens(data_dir, split, meta)
+        open_tokens(data_dir, split, meta) if meta.packing is None else open_split(data_dir, split, meta)
+    check_packed_context(data_dir, meta, cfg.context_length)
     fits = meta.vocab_size == cfg.vocab_size or (allow_larger_model_vocab and meta.vocab_size < cfg.vocab_size)
     if not fits:
         raise InputError(

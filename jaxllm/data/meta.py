@@ -3,6 +3,11 @@
 A DATA_DIR holds `train.bin` and `val.bin` (flat token ids, native-endian uint16 or uint32, each
 document followed by the end-of-text id), `tokenizer.json` (Hugging Face `tokenizers` format) and
 `meta.json`, written last: a directory without a valid `meta.json` is not a dataset.
+
+A packed dataset (chat examples, `meta.json` has `packing`; see docs/data.md) holds windows of
+`packing.context + 1` tokens back to back in `{split}.bin`, and beside them, one entry per token:
+`{split}.loss_mask.bin` (uint8: 1 where the token is a target that counts in the loss) and
+`{split}.segment_ids.bin` (`packing.segment_dtype`: 1, 2, … for the examples of a window, 0 padding).
 """
 
 from __future__ import annotations
@@ -60,6 +65,32 @@ class TokenizerMeta(BaseModel):
     source: str | None = None  # the tokenizer.json given by the user (kind "file")
 
 
+class PackingMeta(BaseModel):
+    """How a packed dataset was made: whole examples in windows of `context + 1` tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["chat"]
+    context: PositiveInt
+    pad_id: NonNegativeInt  # the token of padding (loss mask 0, segment id 0)
+    segment_dtype: Literal["uint16", "uint32"]
+    overlong: Literal["truncate", "drop"]  # what happened to examples longer than context + 1 tokens
+    examples: NonNegativeInt  # packed (truncated ones included)
+    truncated: NonNegativeInt
+    dropped: NonNegativeInt  # too long, with overlong "drop"
+    malformed: NonNegativeInt  # input lines skipped with a warning
+    windows: dict[str, NonNegativeInt]  # per split
+    loss_tokens: dict[str, NonNegativeInt]  # per split: tokens with loss mask 1
+    chat_template_sha256: str
+
+
+PACKED_ARRAYS = {"loss_mask": "uint8", "segment_ids": None}  # name -> dtype (None: packing.segment_dtype)
+
+
+def packed_file(split: str, name: str) -> str:
+    return f"{split_file(split).removesuffix('.bin')}.{name}.bin"
+
+
 class DataMeta(BaseModel):
     """Fields of `meta.json` (see docs/data.md)."""
 
@@ -79,7 +110,8 @@ class DataMeta(BaseModel):
     input_bytes: NonNegativeInt
     bad_utf8_bytes: NonNegativeInt
     corpus: str
-    inputs: list[dict[str, Any]]  # the manifest: one entry per document, in file order
+    inputs: list[dict[str, Any]]  # the manifest: one entry per document (per input file, when packed)
+    packing: PackingMeta | None = None  # None: flat documents
 
     def tokens(self, split: str) -> int:
         return getattr(self.splits, split).tokens
@@ -109,6 +141,8 @@ def read_meta(data_dir: str | Path) -> DataMeta:
         raise InputError(f"{path}: dtype {meta.dtype} does not fit vocab_size {meta.vocab_size}")
     if meta.eot_id >= meta.vocab_size:
         raise InputError(f"{path}: eot_id {meta.eot_id} is not below vocab_size {meta.vocab_size}")
+    if meta.packing is not None and any(meta.tokens(s) % (meta.packing.context + 1) for s in SPLITS):
+        raise InputError(f"{path}: a split's tokens are not whole windows of packing.context + 1")
     return meta
 
 
@@ -128,3 +162,20 @@ def open_tokens(data_dir: str | Path, split: str, meta: DataMeta | None = None) 
     if expected == 0:  # np.memmap cannot map an empty file
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r")
+
+
+def open_split(data_dir: str | Path, split: str, meta: DataMeta | None = None) -> dict[str, np.ndarray]:
+    """Read-only memmaps of a packed split: {"tokens", "loss_mask", "segment_ids"}, each checked to hold
+    one entry per token."""
+    meta = meta or read_meta(data_dir)
+    if meta.packing is None:
+        raise InputError(f"{data_dir} is not a packed dataset (its meta.json has no packing)")
+    arrays = {"tokens": open_tokens(data_dir, split, meta)}
+    n = meta.tokens(split)
+    for name, dtype in PACKED_ARRAYS.items():
+        dtype = np.dtype(dtype or meta.packing.segment_dtype)
+        path = Path(data_dir) / packed_file(split, name)
+        if not path.is_file() or path.stat().st_size != n * dtype.itemsize:
+            raise InputError(f"{path} is missing or not {n} {dtype.name} entries (one per token, as meta.json says)")
+        arrays[name] = np.memmap(path, dtype=dtype, mode="r") if n else np.zeros(0, dtype)
+    return arrays

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -76,6 +77,16 @@ class PreprocessResult:
             f"from {m.documents:,} documents ({m.input_bytes / 1e6:.1f} MB), vocab {m.vocab_size}, "
             f"{m.dtype}\n{m.input_bytes / 1e6:.1f} MB in {self.seconds:.2f} s: "
             f"{self.mb_per_s:.1f} MB/s ({self.encoder} encoder)"
+        ) + (self._packing_summary() if m.packing else "")
+
+    def _packing_summary(self) -> str:
+        p = self.meta.packing
+        assert p is not None
+        return (
+            f"\n{p.examples:,} examples in {p.windows['train']:,} train + {p.windows['val']:,} val windows of "
+            f"{p.context + 1} tokens ({p.loss_tokens['train']:,} + {p.loss_tokens['val']:,} tokens in the loss); "
+            f"{p.truncated} truncated, {p.dropped} dropped as too long ({p.overlong}), "
+            f"{p.malformed} malformed lines skipped"
         )
 
 
@@ -112,11 +123,7 @@ def preprocess(
     choice = _get_tokenizer(tokenizer, vocab_size, corpus, is_val, warn)
     encoder = _checked_encoder(choice.tok, choice.dtype, corpus, warn)
 
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = {name: out / f".{name}.tmp" for name in (*map(split_file, SPLITS), TOKENIZER_FILE, META_FILE)}
-    committed = False
-    try:
+    with staged(out, [*map(split_file, SPLITS), TOKENIZER_FILE]) as tmp:
         with open(tmp[split_file("train")], "wb") as ftrain, open(tmp[split_file("val")], "wb") as fval:
             manifest = _write_tokens(corpus, is_val, encoder, workers, (ftrain, fval), progress, warn)
             for f in (ftrain, fval):
@@ -124,9 +131,23 @@ def preprocess(
                 os.fsync(f.fileno())
         meta = _make_meta(manifest, corpus, choice, val_fraction, seed)
         tmp[TOKENIZER_FILE].write_bytes(choice.json)
-        tmp[META_FILE].write_text(json.dumps(meta.model_dump(), indent=1) + "\n", encoding="utf-8")
-        # Commit: the old meta.json goes first and the new one comes last, so at every instant the
-        # directory is either the old complete dataset, incomplete, or the new complete dataset.
+        write_meta(tmp[META_FILE], meta)
+    return PreprocessResult(out, meta, time.perf_counter() - start, encoder.name)
+
+
+@contextmanager
+def staged(out: Path, names: Sequence[str]) -> Iterator[dict[str, Path]]:
+    """Temporary paths in `out` for `names` and meta.json, renamed into place when the block succeeds.
+
+    The old meta.json goes first and the new one comes last, so at every instant the directory is
+    either the old complete dataset, incomplete, or the new complete dataset. On failure the
+    temporary files (and `out`, if created here and left empty) are removed."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = {name: out / f".{name}.tmp" for name in (*names, META_FILE)}
+    committed = False
+    try:
+        yield tmp
         (out / META_FILE).unlink(missing_ok=True)
         for name, path in tmp.items():
             os.replace(path, out / name)
@@ -137,7 +158,12 @@ def preprocess(
                 path.unlink(missing_ok=True)
             if created and not any(out.iterdir()):
                 out.rmdir()
-    return PreprocessResult(out, meta, time.perf_counter() - start, encoder.name)
+
+
+def write_meta(path: Path, meta: DataMeta) -> None:
+    """meta.json (a flat dataset's without the `packing` key, as before packed datasets existed)."""
+    data = meta.model_dump(exclude={"packing"} if meta.packing is None else None)
+    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
 def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
@@ -234,7 +260,24 @@ def _get_tokenizer(
         if vocab_size_of(tok) < size:
             warn(f"the corpus supports a vocabulary of only {vocab_size_of(tok)} (asked for {size})")
         return _TokenizerChoice(tok, "bpe", tokenizer_bytes(tok), None)
+    if Path(choice).is_dir():  # a params directory: its own tokenizer
+        file, tok = checkpoint_tokenizer(choice)
+        return _TokenizerChoice(tok, "file", file.read_bytes(), str(Path(choice).absolute()))
     return _TokenizerChoice(load_tokenizer(choice), "file", Path(choice).read_bytes(), str(choice))
+
+
+def checkpoint_tokenizer(ck: str | Path) -> tuple[Path, Any]:
+    """(its tokenizer.json, the tokenizer) of a params directory, checked to fit the model's vocabulary."""
+    from jaxllm.base_checkpoint import checkpoint_model, checkpoint_tokenizer_file
+
+    cfg = checkpoint_model(ck)
+    file = checkpoint_tokenizer_file(ck)
+    if file is None:
+        raise InputError(f"--tokenizer {ck}: this params directory has no {TOKENIZER_FILE}")
+    tok = load_tokenizer(file)
+    if (n := vocab_size_of(tok)) > cfg.vocab_size:
+        raise InputError(f"{file} has {n} tokens, more than the model's vocabulary of {cfg.vocab_size}")
+    return file, tok
 
 
 def _checked_encoder(tok: Any, dtype: np.dtype, corpus: Corpus, warn: Warn) -> Encoder:

@@ -132,6 +132,20 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def canonical_sha256(tok: Tokenizer) -> str:
+    """SHA-256 of the canonical JSON: equal for two files of the same tokenizer however they are formatted."""
+    return sha256_hex(tokenizer_bytes(tok))
+
+
+def same_tokenizer_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two tokenizer.json files are the same tokenizer (same bytes, or same canonical JSON)."""
+    if Path(a).read_bytes() == Path(b).read_bytes():
+        return True
+    from tokenizers import Tokenizer
+
+    return canonical_sha256(Tokenizer.from_file(str(a))) == canonical_sha256(Tokenizer.from_file(str(b)))
+
+
 @dataclass(frozen=True)
 class Encoder:
     """text -> token ids (numpy, `dtype`), equal to `tok.encode(text).ids`; safe to share across threads."""
