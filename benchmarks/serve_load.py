@@ -13,7 +13,8 @@ Two modes per level: plain JSON responses, and streams (SSE, with time to first 
 run in this process, on the same cores as the server.
 
 Chat and scoring need a checkpoint with a chat template: `--chat-checkpoint` (default runs/smollm2,
-which `make demo` imports from the SmolLM2 GGUF), served with `--max-context 512` and 16 slots.
+which `make demo` imports from the SmolLM2 GGUF), served with `--max-context 512` and 16 slots,
+`--chat-seconds` (default 30) per level after a 5 s warm-up, scoring shapes compiled beforehand.
 Chat: `POST /v1/chat/completions`, one user question, `max_tokens` 48, temperature 0.8 (answers may
 end earlier, at the end of turn), JSON and streamed. Scoring: what lm-eval-harness's
 `local-completions` sends, `POST /v1/completions` with `echo: true, logprobs: 1, max_tokens: 1,
@@ -118,7 +119,7 @@ def start_server(checkpoint: Path, flags: list[str], log: Path) -> tuple[subproc
 
 
 def request(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     try:
         conn.request(method, path, None if body is None else json.dumps(body), {"Content-Type": "application/json"})
         r = conn.getresponse()
@@ -162,7 +163,7 @@ class Client(threading.Thread):
         self.errors = 0
 
     def run(self) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
         i = 0
         counted = "prompt_tokens" if self.kind == "score" else "completion_tokens"
         while time.monotonic() < self.stop_at:
@@ -182,7 +183,7 @@ class Client(threading.Thread):
             except (OSError, http.client.HTTPException, ValueError, KeyError):
                 self.errors += 1
                 conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
                 continue
             if r.status != 200:
                 self.errors += 1
@@ -237,6 +238,7 @@ def run_level(port: int, clients: int, stream: bool, seconds: float, max_tokens:
         "ttft_p50_s": percentile(ttfts, 50) if ttfts else None,
         "ttft_p99_s": percentile(ttfts, 99) if ttfts else None,
         "mean_batch": (busy1 - busy0) / (calls1 - calls0) if calls1 > calls0 else 0.0,
+        "load_average_1min": os.getloadavg()[0],  # the machine is shared: what else ran during the level
     }
 
 
@@ -272,8 +274,8 @@ def machine() -> dict:
 
 HEADER = [
     "| clients | mode | requests | tokens/s | vs 1 client | latency p50 | latency p99 | TTFT p50 | TTFT p99 "
-    "| mean batch | errors |",
-    "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "| mean batch | errors | load |",
+    "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
 ]
 
 
@@ -287,7 +289,8 @@ def table(levels: list[dict]) -> list[str]:
         lines.append(
             f"| {r['clients']} | {r['mode']} | {r['requests']} | {r['tokens_per_s']:.0f} | "
             f"{r['tokens_per_s'] / base[r['mode']]:.2f}x | {r['latency_p50_s'] * 1e3:.0f} ms | "
-            f"{r['latency_p99_s'] * 1e3:.0f} ms | {ttft[0]} | {ttft[1]} | {batch} | {r['errors']} |"
+            f"{r['latency_p99_s'] * 1e3:.0f} ms | {ttft[0]} | {ttft[1]} | {batch} | {r['errors']} | "
+            f"{r.get('load_average_1min', float('nan')):.1f} |"
         )
     return lines
 
@@ -316,8 +319,9 @@ def markdown(results: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores (shared by server and clients); Python {m['python']}, "
         f"jax {m['jax']} ({m['jax_backend']}), numpy {m['numpy']}, flask {m['flask']}, waitress {m['waitress']}. "
         f"Load average (1 min) before the run: {m['load_average_1min_before']:.2f}; after it, "
-        f"{m['load_average_1min_after']:.2f} (the benchmark's own threads). The machine is shared with other "
-        "engineers' jobs: figures measured under load, compare ratios within one run.",
+        f"{m['load_average_1min_after']:.2f}. The machine is shared with other engineers' jobs (tests, "
+        "training runs): figures measured under load; `load` is the 1-minute load average at the end of each "
+        "level (2 cores: above 2, other processes took part of the CPU). Compare ratios within one run.",
         "",
         *table(results["levels"]),
         "",
@@ -335,7 +339,8 @@ def markdown(results: dict) -> str:
         f"`{chat['checkpoint']}`: SmolLM2-135M-Instruct (134.5M parameters, float32, 30 layers; imported from "
         f"its GGUF by `make demo`), served with `--max-context {c['max_context']}`, {c['slots']} slots, "
         f"{c['steps_per_call']} decode steps per call; {c['seconds']:g} s per level after a {c['warmup']:g} s "
-        "warm-up. `chat`: `POST /v1/chat/completions`, one user question rendered with the model's chat "
+        "warm-up (scoring's shapes compiled before the first level). `chat`: `POST /v1/chat/completions`, one "
+        "user question rendered with the model's chat "
         f"template, `max_tokens` {c['max_tokens']}, temperature 0.8 (an answer may end earlier, at "
         "`<|im_end|>`); tokens/s counts completion tokens. `score`: what lm-eval-harness's `local-completions` "
         "sends to score a choice, `POST /v1/completions` with `echo: true, logprobs: 1, max_tokens: 1, "
@@ -350,13 +355,27 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def prewarm_scoring(port: int) -> None:
+    """Scoring shapes compile on first use, not at the server's warm-up: compile them before any level
+    (every passage alone, then all of them at once, for each length bucket and batch size)."""
+    bodies = [request_body("score", i, 0, 1)[1] for i in range(len(PASSAGES))]
+    for body in bodies:
+        request(port, "POST", "/v1/completions", body)
+    threads = [threading.Thread(target=request, args=(port, "POST", "/v1/completions", b)) for b in bodies * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def run_chat(checkpoint: Path, args: argparse.Namespace, seconds: float, log: Path) -> dict:
     """Chat (JSON, streamed) and scoring levels on a chat checkpoint."""
     settings = {"slots": 16, "steps_per_call": args.steps_per_call, "max_context": 512,
                 "max_tokens": args.max_tokens, "seconds": seconds, "warmup": 5.0}  # fmt: skip
-    flags = ["--slots", "16", "--steps-per-call", str(args.steps_per_call), "--max-context", "512"]
+    flags = ["--slots", "16", "--steps-per-call", str(args.steps_per_call), "--max-context", "512", "--timeout", "600"]
     proc, port = start_server(checkpoint, flags, log)
     try:
+        prewarm_scoring(port)
         levels = [
             run_level(port, n, stream, seconds, args.max_tokens, kind, settings["warmup"])
             for n in args.chat_levels
@@ -383,6 +402,7 @@ def main() -> None:
         help="a checkpoint with a chat template for the chat and scoring rows (default runs/smollm2)",
     )
     parser.add_argument("--chat-levels", type=int, nargs="+", default=list(CHAT_LEVELS))
+    parser.add_argument("--chat-seconds", type=float, default=30.0, help="per chat/scoring level (default 30)")
     args = parser.parse_args()
     seconds = 2.0 if args.quick else args.seconds
     load_before = os.getloadavg()[0]
@@ -399,7 +419,8 @@ def main() -> None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
         if (args.chat_checkpoint / "config.yaml").is_file():
-            chat = run_chat(args.chat_checkpoint, args, seconds, Path(tmp) / "chat_server.log")
+            chat_seconds = 2.0 if args.quick else args.chat_seconds
+            chat = run_chat(args.chat_checkpoint, args, chat_seconds, Path(tmp) / "chat_server.log")
         else:
             skipped = f"{args.chat_checkpoint} is not a checkpoint: `make demo` imports SmolLM2 there"
             print(f"note: chat and scoring rows skipped: {skipped}", file=sys.stderr)

@@ -154,7 +154,8 @@ def test_local_chat_completions_generation_against_the_server_equals_hf(chat_mod
     chat = ("--apply_chat_template",)
     hf_results, hf_samples = run_lm_eval("hf", f"pretrained={export},dtype=float32", gen_task_dir, tmp_path / "hf",
                                          task=GEN_TASK, flags=chat)  # fmt: skip
-    with running_server(ck, tmp_path, "--slots", "4", "--model-name", "tiny") as (_, port):
+    flags = ("--slots", "4", "--max-prefill-batch", "1", "--max-context", "64")  # a short warm-up: few shapes
+    with running_server(ck, tmp_path, *flags, "--model-name", "tiny") as (_, port):
         args = f"model=tiny,base_url=http://127.0.0.1:{port}/v1/chat/completions,num_concurrent=1,max_retries=1"
         api_results, api_samples = run_lm_eval("local-chat-completions", args, gen_task_dir, tmp_path / "api",
                                                {"OPENAI_API_KEY": API_KEY}, task=GEN_TASK, flags=chat)  # fmt: skip
