@@ -13,7 +13,7 @@ Two modes per level: plain JSON responses, and streams (SSE, with time to first 
 run in this process, on the same cores as the server.
 
 Chat and scoring need a checkpoint with a chat template: `--chat-checkpoint` (default runs/smollm2,
-which `make demo` imports from the SmolLM2 GGUF), served with `--max-context 512` and 16 slots,
+which `make demo` imports from the SmolLM2 GGUF), served with `--max-context 256`, 16 slots, prefills of one prompt,
 `--chat-seconds` (default 30) per level after a 5 s warm-up, scoring shapes compiled beforehand.
 Chat: `POST /v1/chat/completions`, one user question, `max_tokens` 48, temperature 0.8 (answers may
 end earlier, at the end of turn), JSON and streamed. Scoring: what lm-eval-harness's
@@ -113,6 +113,7 @@ def start_server(checkpoint: Path, flags: list[str], log: Path) -> tuple[subproc
     deadline = time.monotonic() + 900  # SmolLM2's warm-up compiles ~20 shapes of a 30-layer model
     while request(port, "GET", "/ready")[0] != 200:
         if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
             raise SystemExit(f"the server did not get ready\n{log.read_text()[-2000:]}")
         time.sleep(0.5)
     return proc, port
@@ -337,7 +338,8 @@ def markdown(results: dict) -> str:
         "## Chat and scoring (a real chat model)",
         "",
         f"`{chat['checkpoint']}`: SmolLM2-135M-Instruct (134.5M parameters, float32, 30 layers; imported from "
-        f"its GGUF by `make demo`), served with `--max-context {c['max_context']}`, {c['slots']} slots, "
+        f"its GGUF by `make demo`), served with `--max-context {c['max_context']}`, {c['slots']} slots, prefills "
+        f"of {c['max_prefill_batch']} prompt (a short warm-up), "
         f"{c['steps_per_call']} decode steps per call; {c['seconds']:g} s per level after a {c['warmup']:g} s "
         "warm-up (scoring's shapes compiled before the first level). `chat`: `POST /v1/chat/completions`, one "
         "user question rendered with the model's chat "
@@ -370,9 +372,12 @@ def prewarm_scoring(port: int) -> None:
 
 def run_chat(checkpoint: Path, args: argparse.Namespace, seconds: float, log: Path) -> dict:
     """Chat (JSON, streamed) and scoring levels on a chat checkpoint."""
-    settings = {"slots": 16, "steps_per_call": args.steps_per_call, "max_context": 512,
+    # 256 positions hold the longest request (150 + 1 scored, or ~40 + 48 chat); prefills one at a time:
+    # SmolLM2's warm-up then compiles 5 prefill shapes, not 18 (minutes each way on this loaded CPU)
+    settings = {"slots": 16, "steps_per_call": args.steps_per_call, "max_context": 256, "max_prefill_batch": 1,
                 "max_tokens": args.max_tokens, "seconds": seconds, "warmup": 5.0}  # fmt: skip
-    flags = ["--slots", "16", "--steps-per-call", str(args.steps_per_call), "--max-context", "512", "--timeout", "600"]
+    flags = ["--slots", "16", "--steps-per-call", str(args.steps_per_call), "--max-context", "256",
+             "--max-prefill-batch", "1", "--timeout", "600"]  # fmt: skip
     proc, port = start_server(checkpoint, flags, log)
     try:
         prewarm_scoring(port)

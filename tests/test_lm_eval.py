@@ -40,6 +40,8 @@ GEN_ITEMS = [
     {"question": "the cat sat on the", "answer": "mat"},
 ]
 GEN_TASK = "jaxllm_tiny_gen"
+# The server: short prompts, one at a time (num_concurrent=1), so a short warm-up (few compiled shapes)
+SERVE_FLAGS = ("--slots", "4", "--max-prefill-batch", "1", "--max-context", "64", "--model-name", "tiny")
 # ChatML, as SmolLM2's template renders it (no default system prompt)
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
@@ -137,7 +139,7 @@ def loglikelihoods(sample: dict) -> list[float]:
 def test_local_completions_against_the_server_equals_hf(model_dirs, task_dir, tmp_path):
     ck, export = model_dirs
     hf_results, hf_samples = run_lm_eval("hf", f"pretrained={export},dtype=float32", task_dir, tmp_path / "hf")
-    with running_server(ck, tmp_path, "--slots", "4", "--model-name", "tiny") as (_, port):
+    with running_server(ck, tmp_path, *SERVE_FLAGS) as (_, port):
         args = (f"model=tiny,base_url=http://127.0.0.1:{port}/v1/completions,tokenizer_backend=huggingface,"
                 f"tokenizer={export},num_concurrent=1,max_retries=1")  # fmt: skip
         api_results, api_samples = run_lm_eval("local-completions", args, task_dir, tmp_path / "api",
@@ -154,8 +156,7 @@ def test_local_chat_completions_generation_against_the_server_equals_hf(chat_mod
     chat = ("--apply_chat_template",)
     hf_results, hf_samples = run_lm_eval("hf", f"pretrained={export},dtype=float32", gen_task_dir, tmp_path / "hf",
                                          task=GEN_TASK, flags=chat)  # fmt: skip
-    flags = ("--slots", "4", "--max-prefill-batch", "1", "--max-context", "64")  # a short warm-up: few shapes
-    with running_server(ck, tmp_path, *flags, "--model-name", "tiny") as (_, port):
+    with running_server(ck, tmp_path, *SERVE_FLAGS) as (_, port):
         args = f"model=tiny,base_url=http://127.0.0.1:{port}/v1/chat/completions,num_concurrent=1,max_retries=1"
         api_results, api_samples = run_lm_eval("local-chat-completions", args, gen_task_dir, tmp_path / "api",
                                                {"OPENAI_API_KEY": API_KEY}, task=GEN_TASK, flags=chat)  # fmt: skip
