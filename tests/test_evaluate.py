@@ -1,4 +1,5 @@
-"""`jaxllm eval`: perplexity and bits per byte equal a direct computation from the model's logits."""
+"""`jaxllm eval`: perplexity and bits per byte equal a direct computation from the model's logits, and
+the same numbers summed from the server's `echo` log-probabilities."""
 
 import json
 import math
@@ -10,6 +11,7 @@ import pytest
 from jaxllm import forward
 from jaxllm.cli import main
 from jaxllm.evaluate import evaluate_checkpoint, windows
+from jaxllm.serve import create_app
 from jaxllm.text import load_codec
 
 TEXT = "the cat sat on the mat. the dog sat on the log. " * 6
@@ -80,3 +82,38 @@ def test_bad_input_is_one_error_line(checkpoint, capsys, args, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+
+
+def served_nll(engine, prompts: list) -> tuple[float, int]:
+    """(total NLL, tokens scored) from `/v1/completions` with `echo, logprobs: 0, max_tokens: 0`: minus the
+    sum of each prompt's token log-probabilities (its first token has none)."""
+    body = {"prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 0}
+    r = create_app(engine).test_client().post("/v1/completions", json=body)
+    assert r.status_code == 200, r.get_json()
+    logps = [lp for c in r.get_json()["choices"] for lp in c["logprobs"]["token_logprobs"]]
+    assert logps.count(None) == len(prompts)
+    scored = [lp for lp in logps if lp is not None]
+    return -math.fsum(scored), len(scored)
+
+
+@pytest.mark.parametrize("window", [None, 16])
+def test_eval_equals_scoring_through_the_server(checkpoint, serve_engine, tmp_path, window):
+    """The server's engine (serve_engine) has the checkpoint's params and tokenizer. One window: the text
+    itself is the prompt; several: each window's token ids are one prompt of the same request."""
+    ck, _, cfg, _ = checkpoint
+    text = TEXT if window else "the cat sat on the mat. the dog sat on the log."
+    path = tmp_path / "text.txt"
+    path.write_text(text)
+    result = evaluate_checkpoint(ck, files=[path], window=window, batch_size=4)
+    if window is None:
+        assert len(load_codec(ck, cfg.vocab_size).encode(text)) <= result.window == cfg.context_length  # one window
+        prompts = [text]
+    else:
+        ids = np.array(load_codec(ck, cfg.vocab_size).encode(text))
+        prompts = [w.tolist() for w in windows(ids, window)]
+        assert len(prompts) > 2
+    nll, tokens = served_nll(serve_engine, prompts)
+    assert tokens == result.tokens
+    assert nll == pytest.approx(result.nll, rel=1e-5)
+    assert math.exp(nll / tokens) == pytest.approx(result.perplexity, rel=1e-5)
+    assert nll / math.log(2) / len(text.encode()) == pytest.approx(result.bits_per_byte, rel=1e-5)

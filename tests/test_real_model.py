@@ -191,3 +191,33 @@ def test_openai_chat_client_gets_transformers_answer_streamed_and_not(imported, 
     finally:
         server.close()
         engine.stop()
+
+
+def test_openai_echo_logprobs_equal_transformers_log_softmax(imported, reference, tmp_path, monkeypatch):
+    """`completions.create(prompt=ids, max_tokens=0, echo=True, logprobs=1)` against a real `jaxllm serve`
+    (`--max-context 64`, XLA's default CPU flags, as a user runs it) returns each prompt token's
+    log-probability within 1e-4 of transformers' float32 log_softmax. No STRICT_DOTS needed here: with
+    YNNPACK's dots the logits sit 1e-4 to 2e-4 from transformers' (test_logits_equal_transformers), but
+    the log-probabilities measured 1.8e-5 to 3.7e-5 from them through the server (docs/serve.md)."""
+    import torch
+
+    from test_serve_server import API_KEY, running_server
+
+    openai = pytest.importorskip("openai")
+    out, cfg, _ = imported
+    model, tok = reference
+    ids = tok("The capital of France is Paris. The capital of Germany is Berlin. The capital of")["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0], dim=-1).numpy()
+    want = np.array([logp[i - 1, t] for i, t in enumerate(ids) if i > 0])
+    monkeypatch.delenv("XLA_FLAGS", raising=False)  # the server: one CPU device, default flags (not conftest's)
+    flags = ("--slots", "1", "--max-prefill-batch", "1", "--max-context", "64", "--timeout", "600")  # a short warm-up
+    with running_server(out, tmp_path, *flags) as (_, port):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY)
+        reply = client.completions.create(model=cfg.name, prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    lp = reply.choices[0].logprobs
+    assert reply.choices[0].text == tok.decode(ids) and len(lp.token_logprobs) == len(ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert np.max(np.abs(np.array(lp.token_logprobs[1:]) - want)) <= 1e-4
+    for i, top in enumerate(lp.top_logprobs[1:]):  # the one alternative: the model's most likely token
+        assert next(iter(top.values())) == pytest.approx(float(logp[i].max()), abs=1e-4)
