@@ -74,9 +74,9 @@ class PreprocessResult:
         m = self.meta
         return (
             f"wrote {self.out_dir}: {m.tokens('train'):,} train + {m.tokens('val'):,} val tokens "
-            f"from {m.documents:,} documents ({m.input_bytes / 1e6:.1f} MB), vocab {m.vocab_size}, "
-            f"{m.dtype}\n{m.input_bytes / 1e6:.1f} MB in {self.seconds:.2f} s: "
-            f"{self.mb_per_s:.1f} MB/s ({self.encoder} encoder)"
+            f"from {m.documents:,} documents ({_size(m.input_bytes)}), vocab {m.vocab_size}, "
+            f"{m.dtype}\n{_size(m.input_bytes)} in {self.seconds:.2f} s: "
+            f"{_size(m.input_bytes / self.seconds)}/s ({self.encoder} encoder)"
         ) + (self._packing_summary() if m.packing else "")
 
     def _packing_summary(self) -> str:
@@ -88,6 +88,11 @@ class PreprocessResult:
             f"{p.truncated} truncated, {p.dropped} dropped as too long ({p.overlong}), "
             f"{p.malformed} malformed lines skipped"
         )
+
+
+def _size(n_bytes: float) -> str:
+    """Bytes as MB, or kB below 1 MB (a chat file is often a few kB)."""
+    return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 1e6 else f"{n_bytes / 1e3:.1f} kB"
 
 
 def preprocess(
