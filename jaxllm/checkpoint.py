@@ -6,8 +6,10 @@ that looks complete. `load_params` restores onto given shardings, or onto the de
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import orbax.checkpoint as ocp
 import yaml
 
 from jaxllm.config import ModelConfig
-from jaxllm.errors import InputError
+from jaxllm.errors import ConfigError, InputError
 from jaxllm.model import Params, abstract_params
 
 CONFIG_FILE = "config.yaml"
@@ -72,3 +74,50 @@ def load_params(path: str | Path, shardings: Any = None) -> tuple[ModelConfig, P
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
     params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
     return cfg, params
+
+
+def params_sha256(path: str | Path) -> str:
+    """sha256 over a params directory's `params/` files (relative names and bytes, in name order)."""
+    root = Path(path) / PARAMS_DIR
+    h = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(file.relative_to(root)).encode() + b"\0")
+        with file.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Base:
+    """Weights a run starts from (`jaxllm train --init CK`); with LoRA, the frozen base."""
+
+    path: Path
+    sha256: str
+    params: Params
+    shardings: Any
+
+    def record(self) -> dict[str, str]:
+        return {"path": str(self.path), "sha256": self.sha256}
+
+
+def load_base(path: str | Path, cfg: ModelConfig, shardings: Any) -> Base:
+    """The params directory `path` restored onto `shardings`, refused unless its shapes are `cfg`'s."""
+    path = Path(path).absolute()
+    if not (path / CONFIG_FILE).is_file():
+        raise InputError(f"{path} is not a jaxllm params directory (needs {CONFIG_FILE} and {PARAMS_DIR}/)")
+    theirs = ModelConfig.from_yaml(path / CONFIG_FILE)
+    shape = lambda c: jax.tree.map(lambda x: (x.shape, x.dtype), abstract_params(c))  # noqa: E731
+    if shape(theirs) != shape(cfg):
+        raise ConfigError(f"{path}: its parameter shapes are not those of the config's model section")
+    _, params = load_params(path, shardings)
+    return Base(path, params_sha256(path), params, shardings)
+
+
+def check_base(recorded: dict[str, str], base: Base, checkpoint: Path) -> None:
+    """Refuse to resume adapters on other base weights than they were trained on (compared by hash)."""
+    if recorded.get("sha256") != base.sha256:
+        raise InputError(
+            f"cannot resume {checkpoint}: it was trained on base {recorded.get('path')} "
+            f"(sha256 {str(recorded.get('sha256'))[:12]}), but --init gives {base.path} (sha256 {base.sha256[:12]})"
+        )

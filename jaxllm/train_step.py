@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxllm import lora
 from jaxllm.config import ModelConfig, TrainConfig
 from jaxllm.model import Params, forward
 from jaxllm.optim import learning_rate
@@ -37,15 +38,19 @@ def train_step(
     state: TrainState,
     batch_BT1: jax.Array,
     micro_sharding: jax.sharding.Sharding | None = None,
+    base: Params | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update from a global batch, accumulated over `train_cfg.grad_accum` micro-batches.
 
     Micro-batch j is rows j, j+k, j+2k, … so every device keeps an equal share of every micro-batch.
     A non-finite loss or gradient leaves params and optimizer state unchanged and sets
     `metrics["finite"]` to False; the loop then stops or carries on (`train.nonfinite`).
+
+    `base` (LoRA): the frozen params; `state["params"]` are then the adapters, the only thing trained.
     """
     k = train_cfg.grad_accum
-    grad_fn = jax.value_and_grad(lambda p, b: loss_fn(model_cfg, p, b))
+    model_params = (lambda p: p) if base is None else (lambda adapters: lora.merge(train_cfg, base, adapters))
+    grad_fn = jax.value_and_grad(lambda p, b: loss_fn(model_cfg, model_params(p), b))
     if k == 1:
         loss, grads = grad_fn(state["params"], batch_BT1)
     else:

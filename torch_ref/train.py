@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from jaxllm.config import Config, ModelConfig
-from jaxllm.errors import JaxllmError
+from jaxllm.errors import ConfigError, JaxllmError
 from jaxllm.loop import (
     RunResult,
     StepOutput,
@@ -81,6 +81,11 @@ def train(
 
 def prepare_run(config: Config, run_dir: str | Path, resume: bool, dist: Dist) -> Path:
     """Check the data and the run directory (`jaxllm.loop.check_run`) before any work."""
+    if config.train.lora_rank:
+        raise ConfigError(
+            f"train.lora_rank={config.train.lora_rank}: torch_ref does not train LoRA; Hugging Face peft is its "
+            "PyTorch reference (docs/finetune.md)"
+        )
     run_dir = check_run(config, run_dir, resume)
     dist.barrier()  # every rank has looked at run_dir before rank 0 writes to it
     return run_dir
