@@ -138,10 +138,9 @@ def init_adapters(mcfg: ModelConfig, tcfg: TrainConfig, seed: int | jax.Array | 
         if str(path[-1].key) == "lora_b":
             out.append(jnp.zeros(sds.shape, sds.dtype))
             continue
-        name = str(path[-2].key)
-        lead, n_in, _ = _split(name, sds.ndim)  # lora_a: (lead…, in…, R): same leading/in dims as the kernel
-        bound = 1.0 / math.sqrt(math.prod(sds.shape[lead : lead + n_in]))
-        out.append(jax.random.uniform(k, sds.shape, sds.dtype, -bound, bound))
+        fan_in = math.prod(sds.shape[-1 - _IN_DIMS[str(path[-2].key)] : -1])  # lora_a: (lead…, in…, R)
+        bound = 1.0 / math.sqrt(fan_in)
+        out.append(jax.random.uniform(k, sds.shape, sds.dtype, minval=-bound, maxval=bound))
     return jax.tree.unflatten(treedef, out)
 
 
