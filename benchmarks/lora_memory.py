@@ -1,10 +1,11 @@
 """Peak host memory of full fine-tuning vs LoRA on the SmolLM2-135M shape (random weights, CPU, float32).
 
     python -m benchmarks.lora_memory                       # batch 2 x context 128, 3 steps each
-    python -m benchmarks.lora_memory --batch 2 --context 128 --steps 2
+    python -m benchmarks.lora_memory --batch 4 --context 256 --steps 2
 
-Each variant runs in a fresh subprocess (`--child`), so its peak RSS is its own: set-up, the jitted train step of `jaxllm.train.sharded_train_step` on one device (state donated,
-as in `jaxllm train`), compiled ahead of time, then `--steps` updates. Reports the peak RSS of the
+Each variant runs in a fresh subprocess (`--child`), so its peak RSS is its own: set-up, the jitted
+train step of `jaxllm.train.sharded_train_step` on one device (state donated, as in `jaxllm train`),
+compiled ahead of time, then `--steps` updates. Reports the peak RSS of the
 steps alone (VmHWM reset after compiling), the peak of the whole process (with compilation), the RSS
 before compiling, and the bytes of the base params, the trained params and the optimizer state. Writes
 benchmarks/results/lora_memory.{json,md}.
@@ -94,8 +95,9 @@ def child(overrides: list[str], batch: int, context: int, steps: int, model: dic
             state, metrics = compiled(state, jax.device_put(tokens, batch_sh), *frozen)
             loss.append(float(metrics["loss"]))
             times.append(time.perf_counter() - t0)
-    return {**sizes, "rss_before_compile_bytes": rss_before, "peak_rss_steps_bytes": rss_bytes("hwm"),
-            "peak_rss_bytes": max(peak_compile, rss_bytes("peak")), "compile_s": compile_s, "step_s": times, "loss": loss}  # fmt: skip
+    peaks = {"peak_rss_steps_bytes": rss_bytes("hwm"), "peak_rss_bytes": max(peak_compile, rss_bytes("peak"))}
+    return {**sizes, **peaks, "rss_before_compile_bytes": rss_before, "compile_s": compile_s, "step_s": times,
+            "loss": loss}  # fmt: skip
 
 
 def _parse(overrides: list[str]) -> dict:

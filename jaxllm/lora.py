@@ -47,6 +47,8 @@ def targets(mcfg: ModelConfig, tcfg: TrainConfig) -> tuple[str, ...]:
     have = FAMILY_TARGETS[mcfg.family]
     if tcfg.lora_targets == "all":
         return have
+    if not tcfg.lora_targets:
+        raise ConfigError(f"train.lora_targets is empty: name the layers to adapt ({', '.join(have)}) or all")
     for name in tcfg.lora_targets:
         if name not in have:
             raise ConfigError(

@@ -159,6 +159,7 @@ def test_peft_adapter_dir_loads_onto_the_exported_base_and_matches_the_merged_mo
     [
         (["train.lora_targets=[query,gate]"], "the gpt family has no 'gate' layer"),
         (["train.lora_dropout=0.1"], "train.lora_dropout=0.1: not supported"),
+        (["train.lora_targets=[]"], "train.lora_targets is empty"),
     ],
 )
 def test_bad_lora_settings_are_one_line_config_errors(byte_dataset, tmp_path, overrides, message):
