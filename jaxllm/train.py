@@ -152,8 +152,9 @@ def train(
         merged = jax.jit(partial(lora.merge, tcfg), out_shardings=base.shardings)
         init_fn = jax.jit(lambda: init_state(lora.init_adapters(mcfg, tcfg), optimizer), out_shardings=state_sh)
         eval_fn = partial(_merged_eval, eval_fn, merged, base.params)
-    elif base is not None:
+    elif base is not None:  # full fine-tuning from CK: its params start the state, no copy is kept apart
         init_fn = partial(jax.jit(lambda p: init_state(p, optimizer), out_shardings=state_sh), base.params)
+        base = None
     else:
         init_fn = jax.jit(lambda: init_state(init_params(mcfg, tcfg.seed), optimizer), out_shardings=state_sh)
 
@@ -186,6 +187,7 @@ def train(
             loader.set_state(restored.loader)  # a changed data plan (batch size, seed…) is refused here
         else:
             start, state = 0, init_fn()
+        del init_fn
         logger = start_run(run_dir, config, peak, start=start, is_main=is_main)
         loop = _Loop(config, state, step_fn, eval_fn, loader, batch_sh, manager, base)
         if stop is not None:

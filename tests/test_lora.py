@@ -190,3 +190,16 @@ def test_torch_ref_refuses_lora_in_one_line(byte_dataset, tmp_path):
 
     with pytest.raises(ConfigError, match="torch_ref does not train LoRA; Hugging Face peft is its PyTorch reference"):
         torch_train(config(byte_dataset, GPT), tmp_path / "run")
+
+
+def test_full_fine_tuning_from_init_starts_from_its_weights(byte_dataset, tmp_path):
+    """Rank 0 with `init`: the params directory's weights start the state (here jaxllm's own init for the
+    run's seed, so the losses equal a fresh run's)."""
+    cfg = config(byte_dataset, GPT, "train.steps=3", "train.lora_rank=0")
+    base = make_base(cfg, tmp_path / "base", seed=cfg.train.seed)
+    train(cfg, tmp_path / "fresh", progress=False, devices=one_device())
+    train(cfg, tmp_path / "init", init=base, progress=False, devices=one_device())
+    np.testing.assert_allclose(losses(tmp_path / "init"), losses(tmp_path / "fresh"), rtol=1e-6)
+    other = train(cfg, tmp_path / "other", init=make_base(cfg, tmp_path / "b2", seed=5), progress=False,
+                  devices=one_device())  # fmt: skip
+    assert abs(losses(other.run_dir)[0] - losses(tmp_path / "fresh")[0]) > 1e-4
