@@ -9,8 +9,10 @@ to save and stacked again on load (`jaxllm.model.to_per_layer` / `to_layout`).
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 import yaml
 
+from jaxllm.base_checkpoint import check_same_param_shapes
 from jaxllm.config import Config, ModelConfig
 from jaxllm.errors import ConfigError, InputError
 from jaxllm.model import Params, abstract_params, to_layout, to_per_layer
@@ -125,3 +128,47 @@ def _params_dir(path: str | Path) -> Path:
     if not (path / CONFIG_FILE).is_file() or not (path / PARAMS_DIR).is_dir():
         raise InputError(f"{path} is not a jaxllm params directory (needs {CONFIG_FILE} and {PARAMS_DIR}/)")
     return path
+
+
+def params_sha256(path: str | Path) -> str:
+    """sha256 over a params directory's `params/` files (relative names and bytes, in name order)."""
+    root = Path(path) / PARAMS_DIR
+    h = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(file.relative_to(root)).encode() + b"\0")
+        with file.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Base:
+    """Weights a run starts from (`jaxllm train --init CK`); with LoRA, the frozen base."""
+
+    path: Path
+    sha256: str
+    params: Params
+    shardings: Any
+
+    def record(self) -> dict[str, str]:
+        return {"path": str(self.path), "sha256": self.sha256}
+
+
+def load_base(path: str | Path, cfg: ModelConfig, shardings: Any) -> Base:
+    """The params directory `path` restored onto `shardings`, refused unless its shapes are `cfg`'s."""
+    path = Path(path).absolute()
+    if not (path / CONFIG_FILE).is_file():
+        raise InputError(f"{path} is not a jaxllm params directory (needs {CONFIG_FILE} and {PARAMS_DIR}/)")
+    check_same_param_shapes(ModelConfig.from_yaml(path / CONFIG_FILE), cfg, str(path))
+    _, params = load_params(path, shardings, scan_layers=cfg.scan_layers)
+    return Base(path, params_sha256(path), params, shardings)
+
+
+def check_base(recorded: dict[str, str], base: Base, checkpoint: Path) -> None:
+    """Refuse to resume adapters on other base weights than they were trained on (compared by hash)."""
+    if recorded.get("sha256") != base.sha256:
+        raise InputError(
+            f"cannot resume {checkpoint}: it was trained on base {recorded.get('path')} "
+            f"(sha256 {str(recorded.get('sha256'))[:12]}), but --init gives {base.path} (sha256 {base.sha256[:12]})"
+        )

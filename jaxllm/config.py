@@ -25,6 +25,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -186,6 +187,10 @@ def _presets_dir() -> Path:
     return Path(str(resources.files("jaxllm") / "configs"))
 
 
+# The Dense layers LoRA can adapt, as jaxllm/model.py names them (attention; llama MLP; gpt MLP).
+LORA_TARGETS = ("query", "key", "value", "out", "gate", "up", "down", "fc", "proj")
+
+
 class TrainConfig(BaseModel):
     """The training loop: batch, optimizer, schedule, logging, checkpoints."""
 
@@ -214,12 +219,33 @@ class TrainConfig(BaseModel):
     checkpoint_every: NonNegativeInt = 500  # 0: only the final params
     keep_checkpoints: PositiveInt = 3
     peak_flops: PositiveFloat | None = None  # per-device peak for MFU; None: known table / measured on CPU
+    # LoRA (jaxllm/lora.py, docs/finetune.md): rank 0 trains every parameter; rank R > 0 freezes the base
+    # weights and trains W + (lora_alpha / R) * A @ B on the `lora_targets` Dense layers ("all": every one).
+    lora_rank: NonNegativeInt = 0
+    lora_alpha: PositiveFloat = 8.0
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_targets: list[str] | Literal["all"] = ["query", "value"]
+    lora_merge: bool = True  # final/: merged params (true) or a peft adapter directory (false)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
         return self
+
+    @field_validator("lora_targets", mode="before")
+    @classmethod
+    def _split_targets(cls, targets: Any) -> Any:  # "query" or "query,value" on the command line
+        return [t.strip() for t in targets.split(",")] if isinstance(targets, str) and targets != "all" else targets
+
+    @field_validator("lora_targets")
+    @classmethod
+    def _known_targets(cls, targets: list[str] | str) -> list[str] | str:
+        for name in [] if targets == "all" else targets:
+            if name not in LORA_TARGETS:
+                raise ValueError(f"unknown layer {name!r}{_suggest(name, LORA_TARGETS)}; LoRA targets: "
+                                 f"{', '.join(LORA_TARGETS)} or all")  # fmt: skip
+        return targets
 
 
 class MeshConfig(BaseModel):

@@ -17,7 +17,8 @@ Run directory layout (both frameworks)::
     RUN/metrics.jsonl      {"step", "loss", "lr", "grad_norm", "step_time_s", "tokens_per_s", "mfu"}; eval rows
                            {"step", "eval_loss"}; skipped steps {"step", "skipped", "loss"}
     RUN/checkpoints/N/     the framework's checkpoint of step N
-    RUN/final/             a jaxllm params directory (`jaxllm.load_params`), with tokenizer.json
+    RUN/final/             a jaxllm params directory (`jaxllm.load_params`), with tokenizer.json (LoRA with
+                           train.lora_merge=false: a peft adapter directory, docs/finetune.md)
     RUN/loss_curve.png
 """
 

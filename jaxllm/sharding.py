@@ -43,6 +43,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "positions": None,
     "layers": None,  # the leading axis of stacked (scanned) layer params and KV caches
     "cache_length": None,  # KV-cache positions (`jaxllm.model.KV_CACHE_AXES`); its "batch" is serving slots
+    "lora": None,  # the rank dim of LoRA adapters (jaxllm/lora.py): small, replicated
 }
 
 # `mesh.strategy`: mesh sizes (data, fsdp, tensor); sizes given explicitly in the config win.
@@ -130,11 +131,16 @@ def _log_replicated(what: str, name: str | None, size: int, axes: tuple[str, ...
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Params:
     """A `NamedSharding` for every parameter, from its logical axes and the rules."""
+    return tree_shardings(logical_axes(cfg), abstract_params(cfg), mesh)
+
+
+def tree_shardings(axes: Any, shapes: Any, mesh: Mesh) -> Any:
+    """A `NamedSharding` per leaf of `shapes`, from the `PartitionSpec` of logical names in `axes`."""
     is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
     return jax.tree_util.tree_map_with_path(
         lambda path, spec, shape: NamedSharding(mesh, mesh_spec(tuple(spec), shape.shape, mesh, _path_name(path))),
-        logical_axes(cfg),
-        abstract_params(cfg),
+        axes,
+        shapes,
         is_leaf=is_spec,
     )
 

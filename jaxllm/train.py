@@ -25,8 +25,9 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
+from jaxllm import lora
 from jaxllm.base_checkpoint import carried_files, check_same_param_shapes, checkpoint_model
-from jaxllm.checkpoint import load_params, save_params
+from jaxllm.checkpoint import Base, check_base, load_base, save_params
 from jaxllm.config import Config
 from jaxllm.data.loader import make_loader
 from jaxllm.errors import ConfigError, InputError
@@ -41,11 +42,12 @@ from jaxllm.loop import (
     run_loop,
     start_run,
 )
+from jaxllm.lora_peft import write_peft_adapter
 from jaxllm.metrics import plot_loss_curve
 from jaxllm.model import abstract_params, init_params
 from jaxllm.optim import make_optimizer
 from jaxllm.peak import run_peak_flops
-from jaxllm.sharding import batch_sharding, make_mesh, param_shardings, replicated, tracing_on
+from jaxllm.sharding import batch_sharding, make_mesh, param_shardings, replicated, tracing_on, tree_shardings
 from jaxllm.train_step import eval_step, init_state, train_step
 
 __all__ = ["Interrupted", "TrainResult", "TrainingError", "train"]
@@ -56,10 +58,23 @@ class TrainResult(RunResult):
     param_shardings: Any = None  # the sharding each parameter had during training
 
 
+def trainable(config: Config) -> Any:
+    """The trained pytree's shapes: every parameter, or with LoRA only the adapters."""
+    if lora.enabled(config.train):
+        return lora.abstract_adapters(config.model, config.train)
+    return abstract_params(config.model)
+
+
+def trainable_shardings(config: Config, mesh: Mesh) -> Any:
+    if lora.enabled(config.train):
+        return tree_shardings(lora.adapter_axes(config.model, config.train), trainable(config), mesh)
+    return param_shardings(config.model, mesh)
+
+
 def state_shardings(config: Config, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> dict:
     """Shardings of the whole train state: optimizer moments follow their parameters."""
-    p_sh = param_shardings(config.model, mesh)
-    abstract_opt = jax.eval_shape(optimizer.init, abstract_params(config.model))
+    p_sh = trainable_shardings(config, mesh)
+    abstract_opt = jax.eval_shape(optimizer.init, trainable(config))
     opt_sh = optax.tree_map_params(
         optimizer, lambda _, s: s, abstract_opt, p_sh, transform_non_params=lambda _: replicated(mesh)
     )
@@ -69,15 +84,18 @@ def state_shardings(config: Config, optimizer: optax.GradientTransformation, mes
 def sharded_train_step(
     config: Config, mesh: Mesh, optimizer: optax.GradientTransformation
 ) -> tuple[Callable, dict, NamedSharding]:
-    """The jitted train step over `mesh` (state donated), its state shardings and its batch sharding."""
+    """The jitted train step over `mesh` (state donated), its state shardings and its batch sharding.
+
+    With LoRA the step takes the frozen base params as a third argument (sharded as parameters)."""
     tcfg = config.train
     batch_sh = batch_sharding(mesh, tcfg.batch_size)
     micro = tcfg.batch_size // tcfg.grad_accum
     micro_sh = batch_sharding(mesh, micro, "micro-batch size (train.batch_size / train.grad_accum)")
     state_sh = state_shardings(config, optimizer, mesh)
+    base_sh = (param_shardings(config.model, mesh),) if lora.enabled(tcfg) else ()
     step_fn = jax.jit(
-        partial(train_step, config.model, tcfg, optimizer, micro_sharding=micro_sh),
-        in_shardings=(state_sh, batch_sh),
+        lambda state, batch, *base: train_step(config.model, tcfg, optimizer, state, batch, micro_sh, *base),
+        in_shardings=(state_sh, batch_sh, *base_sh),
         out_shardings=(state_sh, replicated(mesh)),
         donate_argnums=0,
     )
@@ -85,7 +103,7 @@ def sharded_train_step(
 
 
 def abstract_state(config: Config, optimizer: optax.GradientTransformation, shardings: dict) -> dict:
-    shapes = jax.eval_shape(lambda: init_state(abstract_params(config.model), optimizer))
+    shapes = jax.eval_shape(lambda: init_state(trainable(config), optimizer))
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
@@ -107,9 +125,13 @@ def train(
     `handle_signals` (the command line): SIGINT/SIGTERM during the loop checkpoint the last completed
     step and raise `Interrupted` (see `jaxllm/interrupt.py`).
     `init`: a params directory to start from instead of `train.seed`'s init (`jaxllm/base_checkpoint.py`:
-    build `config` with `config_from_checkpoint`); `final/` then carries its tokenizer and chat template.
+    build `config` with `config_from_checkpoint`); with LoRA (`train.lora_rank > 0`) the frozen base.
+    `final/` then carries its tokenizer and chat template.
     """
     mcfg, tcfg = config.model, config.train
+    lora.check_lora(mcfg, tcfg)
+    if lora.enabled(tcfg) and init is None:
+        raise ConfigError(f"train.lora_rank={tcfg.lora_rank} trains adapters on base weights: pass --init CK")
     if init is not None:
         check_same_param_shapes(checkpoint_model(init), mcfg, str(init))
     run_dir = check_run(config, run_dir, resume, init)
@@ -127,8 +149,19 @@ def train(
     optimizer = make_optimizer(tcfg)
     step_fn, state_sh, batch_sh = sharded_train_step(config, mesh, optimizer)
     rep = replicated(mesh)
-    init_fn = jax.jit(lambda: init_state(init_params(mcfg, tcfg.seed), optimizer), out_shardings=state_sh)
-    eval_fn = jax.jit(partial(eval_step, mcfg), in_shardings=(state_sh["params"], batch_sh), out_shardings=rep)
+    p_sh = param_shardings(mcfg, mesh)
+    base = None if init is None else load_base(init, mcfg, p_sh)
+    eval_fn = jax.jit(partial(eval_step, mcfg), in_shardings=(p_sh, batch_sh), out_shardings=rep)
+    merged = None
+    if lora.enabled(tcfg):  # the state holds the adapters; the model's params are the base merged with them
+        merged = jax.jit(partial(lora.merge, tcfg), out_shardings=base.shardings)
+        init_fn = jax.jit(lambda: init_state(lora.init_adapters(mcfg, tcfg), optimizer), out_shardings=state_sh)
+        eval_fn = partial(_merged_eval, eval_fn, merged, base.params)
+    elif base is not None:  # full fine-tuning from CK: its params start the state, no copy is kept apart
+        init_fn = partial(jax.jit(lambda p: init_state(p, optimizer), out_shardings=state_sh), base.params)
+        base = None
+    else:
+        init_fn = jax.jit(lambda: init_state(init_params(mcfg, tcfg.seed), optimizer), out_shardings=state_sh)
 
     loader = make_loader(
         data_dir, "train", mcfg.context_length, tcfg.batch_size, tcfg.seed, sharding=batch_sh,
@@ -152,17 +185,19 @@ def train(
     elif resume and is_main:
         print(f"no checkpoint in {run_dir}: starting fresh", flush=True)
     stop = StopFlag(multiprocess=jax.process_count() > 1) if handle_signals else None
-    base = load_params(init, state_sh["params"])[1] if init is not None and not steps else None  # onto the mesh
     with jax.default_matmul_precision(tcfg.matmul_precision), tracing_on(mesh):
         if steps:
             target = abstract_state(config, optimizer, state_sh)
-            start, restored = _restore_newest(manager, steps, target, run_dir, is_main)
+            start, restored = _restore_newest(manager, steps, target, run_dir, is_main, lora.enabled(tcfg))
             state = restored.state
+            if lora.enabled(tcfg):
+                check_base(restored.base, base, run_dir / "checkpoints" / str(start))
             loader.set_state(restored.loader)  # a changed data plan (batch size, seed…) is refused here
         else:
-            start, state = 0, init_fn() if base is None else _state_around(base, optimizer, state_sh)
+            start, state = 0, init_fn()
+        del init_fn
         logger = start_run(run_dir, config, peak, start=start, is_main=is_main)
-        loop = _Loop(config, state, step_fn, eval_fn, loader, batch_sh, manager)
+        loop = _Loop(config, state, step_fn, eval_fn, loader, batch_sh, manager, base)
         if stop is not None:
             stop.install()
         logging.getLogger("absl").addFilter(quiet := DiskFullLogFilter())
@@ -190,15 +225,14 @@ def train(
                 logger.close()
                 logging.getLogger("absl").removeFilter(quiet)
     state = loop.state
-    check_free_space(run_dir / "final", state["params"])
+    final_params = state["params"] if merged is None else merged(base.params, state["params"])
+    check_free_space(run_dir / "final", final_params)
     try:
-        final_dir = save_params(
-            run_dir / "final",
-            mcfg,
-            state["params"],
-            overwrite=True,
-            extra_files=carried_files(init, data_dir),
-        )
+        extra = carried_files(init, data_dir)
+        if lora.enabled(tcfg) and not tcfg.lora_merge:
+            final_dir = write_peft_adapter(run_dir / "final", mcfg, tcfg, state["params"], base.path, is_main)
+        else:
+            final_dir = save_params(run_dir / "final", mcfg, final_params, overwrite=True, extra_files=extra)
     except Exception as err:
         full = disk_full_error(err, run_dir / "final", state["params"])
         if full is None:
@@ -221,10 +255,12 @@ class _Loop:
     loader: Any
     batch_sh: NamedSharding
     manager: ocp.CheckpointManager
+    base: Base | None = None
 
     def step(self, step: int) -> StepOutput:
         batch = self.loader.to_global(next(self.loader), self.batch_sh)
-        self.state, metrics = self.step_fn(self.state, batch)
+        frozen = (self.base.params,) if lora.enabled(self.config.train) else ()
+        self.state, metrics = self.step_fn(self.state, batch, *frozen)
         m = jax.device_get(metrics)
         return StepOutput(float(m["loss"]), float(m["grad_norm"]), bool(m["finite"]), False, float(m["lr"]))
 
@@ -234,15 +270,16 @@ class _Loop:
     def save(self, step: int) -> None:
         self.manager.wait_until_finished()  # the previous save's size is on disk before free space is read
         check_free_space(Path(self.manager.directory) / str(step), self.state)
+        lora_run = lora.enabled(self.config.train)  # its checkpoints name the base they were trained on
+        base = {"base": ocp.args.JsonSave(self.base.record())} if lora_run else {}
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(self.state), loader=ocp.args.JsonSave(self.loader.get_state())
+            state=ocp.args.StandardSave(self.state), loader=ocp.args.JsonSave(self.loader.get_state()), **base
         )
         self.manager.save(step, args=args)
 
 
-def _state_around(params: Any, optimizer: optax.GradientTransformation, state_sh: dict) -> dict:
-    """A fresh train state around given (e.g. pretrained) weights."""
-    return jax.jit(lambda p: init_state(p, optimizer), out_shardings=state_sh)(params)
+def _merged_eval(eval_fn: Callable, merged: Callable, base: Any, adapters: Any, batch: Any) -> Any:
+    return eval_fn(merged(base, adapters), batch)
 
 
 def _val_loader(config: Config, batch_sh: jax.sharding.NamedSharding) -> Any:
@@ -286,7 +323,7 @@ def _check_same_state(config: Config, saved_config: Path) -> None:
         )
 
     def shapes(c: Config) -> Any:
-        tree = jax.eval_shape(lambda: init_state(abstract_params(c.model), make_optimizer(c.train)))
+        tree = jax.eval_shape(lambda: init_state(trainable(c), make_optimizer(c.train)))
         return jax.tree.structure(tree), [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
 
     if shapes(saved) != shapes(config):
@@ -304,7 +341,7 @@ def _check_same_state(config: Config, saved_config: Path) -> None:
 
 
 def _restore_newest(
-    manager: ocp.CheckpointManager, steps: list[int], target: dict, run_dir: Path, is_main: bool
+    manager: ocp.CheckpointManager, steps: list[int], target: dict, run_dir: Path, is_main: bool, with_base: bool
 ) -> tuple[int, Any]:
     """(step, restored) of the newest checkpoint in `steps` (newest first) that restores on every
     process. Newer ones that do not are moved aside to `checkpoints/N.corrupt-TIME` (kept for a
@@ -315,7 +352,8 @@ def _restore_newest(
     import numpy as np
 
     bad: list[tuple[int, str]] = []
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(target), loader=ocp.args.JsonRestore())
+    base = {"base": ocp.args.JsonRestore()} if with_base else {}
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(target), loader=ocp.args.JsonRestore(), **base)
     absl_logger = logging.getLogger("absl")
     for step in steps:
         # Orbax logs each failure at length, and the reads still pending when one fails end as "Exception

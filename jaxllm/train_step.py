@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxllm import lora
 from jaxllm.config import ModelConfig, TrainConfig
 from jaxllm.data.segments import LOSS_MASK, TOKENS, model_inputs
 from jaxllm.model import Params, forward
@@ -60,6 +61,7 @@ def train_step(
     state: TrainState,
     batch: Batch,
     micro_sharding: jax.sharding.Sharding | None = None,
+    base: Params | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update from a global batch, accumulated over `train_cfg.grad_accum` micro-batches.
 
@@ -67,10 +69,13 @@ def train_step(
     each one's loss sum is divided by the count of the whole batch (a batch with none counts as 1).
     A non-finite loss or gradient leaves params and optimizer state unchanged and sets
     `metrics["finite"]` to False; the loop then stops or carries on (`train.nonfinite`).
+
+    `base` (LoRA): the frozen params; `state["params"]` are then the adapters, the only thing trained.
     """
     k = train_cfg.grad_accum
     count = jnp.maximum(target_weights(batch).sum(), 1.0)  # over the global batch
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sum(model_cfg, p, b) / count)
+    model_params = (lambda p: p) if base is None else (lambda adapters: lora.merge(train_cfg, base, adapters))
+    grad_fn = jax.value_and_grad(lambda p, b: loss_sum(model_cfg, model_params(p), b) / count)
     if k == 1:
         loss, grads = grad_fn(state["params"], batch)
     else:

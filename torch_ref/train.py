@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from jaxllm.config import Config, ModelConfig
-from jaxllm.errors import JaxllmError
+from jaxllm.errors import ConfigError, JaxllmError
 from jaxllm.loop import (
     RunResult,
     StepOutput,
@@ -83,6 +83,11 @@ def train(
 
 def prepare_run(config: Config, run_dir: str | Path, resume: bool, dist: Dist, init: str | Path | None = None) -> Path:
     """Check the data and the run directory (`jaxllm.loop.check_run`) before any work."""
+    if config.train.lora_rank:
+        raise ConfigError(
+            f"train.lora_rank={config.train.lora_rank}: torch_ref does not train LoRA; Hugging Face peft is its "
+            "PyTorch reference (docs/finetune.md)"
+        )
     from jaxllm.base_checkpoint import check_same_param_shapes, checkpoint_model, is_params_dir
 
     if init is not None and is_params_dir(init):
