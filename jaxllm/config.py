@@ -336,8 +336,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Parse a config file, checking it exists, is YAML, and has only known top-level sections."""
+def read_yaml(path: str | Path, need_model: bool = True) -> dict[str, Any]:
+    """Parse a config file, checking it exists, is YAML, and has only known top-level sections (and
+    a `model` section unless `need_model` is false: with `--init CK` the model is CK's)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -350,7 +351,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     for key in data:
         if key not in Config.model_fields:
             raise ConfigError(f"{path}: unknown section {key!r}{_suggest(key, Config.model_fields)}")
-    if "model" not in data:
+    if need_model and "model" not in data:
         raise ConfigError(f"{path}: missing the 'model:' section")
     return data
 
