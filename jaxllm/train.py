@@ -212,11 +212,18 @@ class _Loop:
     batch_sh: NamedSharding
     manager: ocp.CheckpointManager
 
-    def step(self, step: int) -> StepOutput:
+    def step(self, step: int) -> Callable[[], StepOutput]:
+        """Dispatch one step (asynchronously); its output's reader, which `run_loop` calls a step later."""
         batch = self.loader.to_global(next(self.loader), self.batch_sh)
         self.state, metrics = self.step_fn(self.state, batch)
-        m = jax.device_get(metrics)
-        return StepOutput(float(m["loss"]), float(m["grad_norm"]), bool(m["finite"]), False, float(m["lr"]))
+        for x in jax.tree.leaves(metrics):
+            x.copy_to_host_async()
+
+        def read() -> StepOutput:
+            m = jax.device_get(metrics)
+            return StepOutput(float(m["loss"]), float(m["grad_norm"]), bool(m["finite"]), False, float(m["lr"]))
+
+        return read
 
     def evaluate(self) -> float:
         return evaluate(self.config, self.state["params"], self.eval_fn, self.batch_sh)
