@@ -72,3 +72,18 @@ def load_params(path: str | Path, shardings: Any = None) -> tuple[ModelConfig, P
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
     params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
     return cfg, params
+
+
+def with_dtype(cfg: ModelConfig, params: Params, dtype: str | None) -> tuple[ModelConfig, Params]:
+    """`--dtype` of `jaxllm generate` / `serve`: (cfg, params) with weights and computation in `dtype`.
+
+    Sets both `model.param_dtype` (the parameters are cast, e.g. float32 -> bfloat16: half the bytes
+    a decode step reads) and `model.dtype` (activations and the KV cache); norms, softmax and the
+    logits stay float32 as always. None: unchanged.
+    """
+    if dtype is None:
+        return cfg, params
+    if dtype not in ("float32", "bfloat16"):
+        raise InputError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
+    return cfg.replace(param_dtype=dtype, dtype=dtype), params

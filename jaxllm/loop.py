@@ -3,9 +3,9 @@
 
 - the run directory: checks before any work (`check_run`), the files written at the start
   (`start_run`: config.yaml, run.json with the MFU peak and its source), the result (`RunResult`);
-- the loop itself (`run_loop`): step (an asynchronous one read one step late), non-finite handling,
-  the logging / evaluation / checkpoint cadence (`Cadence`), step rates and MFU, the progress bar; a framework supplies one step, one
-  evaluation and one checkpoint as functions;
+- the loop itself (`run_loop`): step (an asynchronous one is read one step late), non-finite
+  handling, the logging / evaluation / checkpoint cadence (`Cadence`), step rates and MFU, the
+  progress bar; a framework supplies one step, one evaluation and one checkpoint as functions;
 - the validation split's check (`eval_checked`) and the mean of its batches' losses;
 - the command-line flags `jaxllm train`, `python -m torch_ref.train` and `torch_ref.train_deepspeed`
   have in common (`add_run_flags`, `add_overrides`).
@@ -19,6 +19,7 @@ Run directory layout (both frameworks)::
     RUN/checkpoints/N/     the framework's checkpoint of step N
     RUN/final/             a jaxllm params directory (`jaxllm.load_params`), with tokenizer.json
     RUN/loss_curve.png
+    RUN/profile/           jaxllm, with train.profile_steps: a jax.profiler trace (`jaxllm/profiler.py`)
 """
 
 from __future__ import annotations
@@ -124,9 +125,9 @@ def has_checkpoints(run_dir: Path) -> bool:
     return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
 
 
-# Model fields that decide the shapes of parameters (and so of optimizer state and checkpoints).
+# Model fields that decide the shapes (and dtypes) of parameters (and so of optimizer state and checkpoints).
 SHAPE_FIELDS = ("family", "vocab_size", "context_length", "d_model", "n_layers", "n_heads", "n_kv_heads",
-                "head_dim", "d_ff", "tie_embeddings", "qkv_bias")  # fmt: skip
+                "head_dim", "d_ff", "tie_embeddings", "qkv_bias", "param_dtype")  # fmt: skip
 
 
 def check_same_shapes(config: Config, saved_config: Path) -> None:

@@ -44,6 +44,7 @@ from jaxllm.metrics import plot_loss_curve
 from jaxllm.model import abstract_params, init_params
 from jaxllm.optim import make_optimizer
 from jaxllm.peak import run_peak_flops
+from jaxllm.profiler import StepTrace
 from jaxllm.sharding import batch_sharding, make_mesh, param_shardings, replicated, tracing_on
 from jaxllm.train_step import eval_step, init_state, train_step
 
@@ -152,7 +153,8 @@ def train(
         else:
             start, state = 0, init_fn()
         logger = start_run(run_dir, config, peak, start=start, is_main=is_main)
-        loop = _Loop(config, state, step_fn, eval_fn, loader, batch_sh, manager)
+        trace = StepTrace(tcfg.profile_steps, run_dir / "profile", enabled=is_main)
+        loop = _Loop(config, state, step_fn, eval_fn, loader, batch_sh, manager, trace)
         if stop is not None:
             stop.install()
         logging.getLogger("absl").addFilter(quiet := DiskFullLogFilter())
@@ -172,6 +174,7 @@ def train(
                 raise
             raise full from None
         finally:
+            trace.close()
             if stop is not None:
                 exit_on_signal()  # writing final/ is atomic: a signal now just ends the process
             try:
@@ -211,11 +214,14 @@ class _Loop:
     loader: Any
     batch_sh: NamedSharding
     manager: ocp.CheckpointManager
+    trace: StepTrace  # train.profile_steps
 
     def step(self, step: int) -> Callable[[], StepOutput]:
         """Dispatch one step (asynchronously); its output's reader, which `run_loop` calls a step later."""
         batch = self.loader.to_global(next(self.loader), self.batch_sh)
+        self.trace.begin(step, self.state)
         self.state, metrics = self.step_fn(self.state, batch)
+        self.trace.end(step, metrics)
         for x in jax.tree.leaves(metrics):
             x.copy_to_host_async()
 

@@ -51,7 +51,7 @@ def test_a_step_is_read_after_the_next_is_dispatched_and_before_each_checkpoint(
 
 def test_a_non_finite_step_read_late_stops_before_any_later_save(tmp_path):
     events: list = []
-    with pytest.raises(TrainingError, match="at step 5 .*not applied"):
+    with pytest.raises(TrainingError, match=r"at step 5 .*not applied"):
         fake_loop(tmp_path, events, {5: math.nan}, "train.steps=9", "train.log_every=1", "train.checkpoint_every=3")
     # Step 6 was dispatched before step 5 was read, and is never saved: the run stops one step late.
     assert events[-2:] == [("dispatch", 6), ("read", 5)]

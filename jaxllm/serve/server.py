@@ -92,12 +92,18 @@ class JsonErrorChannel(HTTPChannel):
     error_task_class = JsonErrorTask
 
 
-def load_engine(checkpoint: str | Path, settings: EngineSettings, tokenizer_path: str | Path | None = None) -> Engine:
-    """A started engine (warming up in its thread) over a checkpoint and its tokenizer."""
-    from jaxllm.checkpoint import load_params
+def load_engine(
+    checkpoint: str | Path,
+    settings: EngineSettings,
+    tokenizer_path: str | Path | None = None,
+    dtype: str | None = None,
+) -> Engine:
+    """A started engine (warming up in its thread) over a checkpoint and its tokenizer; `dtype`: weights and
+    computation in that dtype (`jaxllm.checkpoint.with_dtype`)."""
+    from jaxllm.checkpoint import load_params, with_dtype
     from jaxllm.text import load_codec
 
-    cfg, params = load_params(checkpoint)
+    cfg, params = with_dtype(*load_params(checkpoint), dtype)
     tokenizer = load_codec(checkpoint, cfg.vocab_size, tokenizer_path)
     return Engine(cfg, params, tokenizer, settings).start()
 
@@ -109,6 +115,7 @@ def serve(
     *,
     settings: EngineSettings | None = None,
     tokenizer_path: str | Path | None = None,
+    dtype: str | None = None,
     model_name: str | None = None,
     threads: int | None = None,
     drain_s: float = 30.0,
@@ -142,7 +149,7 @@ def serve(
         cleanup_interval=max(1, min(30, channel_timeout_s // 2)),
     )  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    engine = load_engine(checkpoint, settings, tokenizer_path)
+    engine = load_engine(checkpoint, settings, tokenizer_path, dtype)
     api_key = os.environ.get(API_KEY_ENV) or None
     hosts = [*allowed_hosts, *([] if host in ("0.0.0.0", "::") else [host])]
     app = create_app(engine, model_name=model_name, api_key=api_key, allowed_hosts=hosts,
