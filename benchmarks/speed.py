@@ -28,6 +28,9 @@ implementations, with min and max as the spread. On the CPU a timing during whic
 kept a core more than 5% busy is discarded and repeated (`benchmarks.decode_speed.quiet_timing`;
 `--under-load`: not, and the results say so).
 
+`--profile DIR`: after the first preset's training figures, a `jax.profiler` trace of 3 more jaxllm
+training steps (warmed up first) into DIR (xprof's layout; `benchmarks/gpu_suite.sh` tars it).
+
 Presets: jaxllm's shipped ones, and `smollm2-135m`: SmolLM2-135M's shape (`benchmarks.real_model`'s
 config: llama family, 30 layers, d_model 576, 9 heads / 3 kv heads, vocab 49152, tied), random weights.
 
@@ -218,6 +221,7 @@ def bench_preset(
     quick: bool,
     save: Callable[[dict], None],
     under_load: bool = False,
+    profile: Path | None = None,
 ) -> dict:
     """Training, then forward, then decode figures for one preset; `save(result)` after each section.
 
@@ -256,6 +260,8 @@ def bench_preset(
         stats["tokens_per_s"] = shape.batch * shape.context / stats["median_s"]
     print_row(preset, "train tokens/s", {n: s["tokens_per_s"] for n, s in result["train"].items()})
     save(result)
+    if profile is not None:
+        trace_training(cfg, params, profile)
 
     fwd = timings(forward_runners(cfg, params, model, device), reps, quiet)
     result["forward"] = {name: summary(t) for name, t in fwd.items()}
@@ -272,6 +278,17 @@ def bench_preset(
         save(result)
     torch._dynamo.reset()
     return result
+
+
+def trace_training(cfg: Config, params, log_dir: Path, steps: int = 3) -> None:
+    """A profiler trace of `steps` jaxllm training steps (compiled and run once before the trace)."""
+    from jaxllm.profiler import trace
+
+    run = jax_train_runner(cfg, params, steps)
+    run()
+    with trace(log_dir):
+        run()
+    print(f"profiler trace of {steps} training steps in {log_dir}", flush=True)
 
 
 def system_malloc_train(preset: str, reps: int, under_load: bool = False) -> dict:
@@ -485,6 +502,7 @@ def main() -> None:
     )
     parser.add_argument("--reps", type=int, default=7, help="timings per figure (median reported)")
     parser.add_argument("--decode-batches", nargs="*", type=int, default=[1, 16], help="none: no decode figures")
+    parser.add_argument("--profile", type=Path, metavar="DIR", help="trace 3 training steps of the first preset")
     parser.add_argument("--name", help="results file name (default: speed, or speed_cuda on a GPU)")
     parser.add_argument("--under-load", action="store_true",
                         help="time at once, not waiting for quiet cores (the results say so)")  # fmt: skip
@@ -521,7 +539,10 @@ def main() -> None:
 
     for preset in presets:
         try:
-            done.append(bench_preset(preset, args.device, reps, args.decode_batches, args.quick, save, args.under_load))
+            profile = args.profile if preset == presets[0] else None
+            done.append(
+                bench_preset(preset, args.device, reps, args.decode_batches, args.quick, save, args.under_load, profile)
+            )
         except Exception as e:  # one preset failing (on a GPU met once) must not lose the others
             traceback.print_exc()
             data["errors"].append(f"{preset}: {type(e).__name__}: {e}"[:500])
