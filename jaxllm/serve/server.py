@@ -130,7 +130,8 @@ def serve(
 
     The address is bound first, so that a bad one is an `InputError` before the model loads.
     `allowed_hosts`: Host header names accepted besides loopback ones and `host` ("*": any).
-    `cors_origins`: origins whose web pages may call the API (see `jaxllm.serve.cors`)."""
+    `cors_origins`: origins whose web pages may call the API (see `jaxllm.serve.cors`).
+    `dtype` (e.g. "bfloat16"): weights and computation in that dtype (`jaxllm.checkpoint.with_dtype`)."""
     from jaxllm.serve.app import create_app
     from jaxllm.serve.cors import normalize_origin
 
