@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, as one prepared script: CUDA parity tests, the parity benchmark on CUDA, SmolLM2-135M's
 # shape (random weights: parity at highest precision, bfloat16 decode vs transformers), and the
-# speed suite (mini, advanced, gpt2-124m; bfloat16, cuDNN attention) with a profiler trace of 3
+# speed suite (mini, advanced, gpt2-124m; bfloat16, cuDNN attention) with a profiler trace of 5
 # gpt2-124m training steps, saved beside its MFU figure as one file, trace_gpt2-124m.tar.gz (under
 # 16 MiB: deep folders and big files do not come back). Results go under $OUT (the device tool's
 # folder; default benchmarks/results/gpu_suite), a short table is printed last.

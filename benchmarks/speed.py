@@ -28,8 +28,9 @@ implementations, with min and max as the spread. On the CPU a timing during whic
 kept a core more than 5% busy is discarded and repeated (`benchmarks.decode_speed.quiet_timing`;
 `--under-load`: not, and the results say so).
 
-`--profile DIR`: after the first preset's training figures, a `jax.profiler` trace of 3 more jaxllm
-training steps (warmed up first) into DIR (xprof's layout; `benchmarks/gpu_suite.sh` tars it).
+`--profile DIR`: after the first preset's training figures, a `jax.profiler` trace of one more timing's
+worth of jaxllm training steps (5 for gpt2-124m on a GPU, 1-5 on the CPU) into DIR (xprof's layout;
+`benchmarks/gpu_suite.sh` tars it).
 
 Presets: jaxllm's shipped ones, and `smollm2-135m`: SmolLM2-135M's shape (`benchmarks.real_model`'s
 config: llama family, 30 layers, d_model 576, 9 heads / 3 kv heads, vocab 49152, tied), random weights.
@@ -244,9 +245,10 @@ def bench_preset(
     result.update(flops_per_token=flops_per_token(mc), train={}, forward={}, decode={})
 
     steps = shape.steps_per_timing
+    jax_train = jax_train_runner(cfg, params, steps)
     train = timings(
         {
-            JAX: jax_train_runner(cfg, params, steps),
+            JAX: jax_train,
             EAGER: torch_train_runner(cfg, state_dict, device, False, steps),
             COMPILED: torch_train_runner(cfg, state_dict, device, True, steps),
         },
@@ -261,7 +263,7 @@ def bench_preset(
     print_row(preset, "train tokens/s", {n: s["tokens_per_s"] for n, s in result["train"].items()})
     save(result)
     if profile is not None:
-        trace_training(cfg, params, profile)
+        trace_training(jax_train, steps, profile)
 
     fwd = timings(forward_runners(cfg, params, model, device), reps, quiet)
     result["forward"] = {name: summary(t) for name, t in fwd.items()}
@@ -280,12 +282,10 @@ def bench_preset(
     return result
 
 
-def trace_training(cfg: Config, params, log_dir: Path, steps: int = 3) -> None:
-    """A profiler trace of `steps` jaxllm training steps (compiled and run once before the trace)."""
+def trace_training(run: Callable[[], object], steps: int, log_dir: Path) -> None:
+    """A profiler trace of one more call of a (warm) jaxllm training runner: `steps` steps."""
     from jaxllm.profiler import trace
 
-    run = jax_train_runner(cfg, params, steps)
-    run()
     with trace(log_dir):
         run()
     print(f"profiler trace of {steps} training steps in {log_dir}", flush=True)
@@ -502,7 +502,7 @@ def main() -> None:
     )
     parser.add_argument("--reps", type=int, default=7, help="timings per figure (median reported)")
     parser.add_argument("--decode-batches", nargs="*", type=int, default=[1, 16], help="none: no decode figures")
-    parser.add_argument("--profile", type=Path, metavar="DIR", help="trace 3 training steps of the first preset")
+    parser.add_argument("--profile", type=Path, metavar="DIR", help="trace training steps of the first preset")
     parser.add_argument("--name", help="results file name (default: speed, or speed_cuda on a GPU)")
     parser.add_argument("--under-load", action="store_true",
                         help="time at once, not waiting for quiet cores (the results say so)")  # fmt: skip
