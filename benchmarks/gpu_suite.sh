@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, as one prepared script: CUDA parity tests, the parity benchmark on CUDA, SmolLM2-135M's
 # shape (random weights: parity at highest precision, bfloat16 decode vs transformers), and the
-# speed suite (mini, advanced, gpt2-124m; bfloat16, cuDNN attention). Results go under $OUT (the
-# device tool's folder; default benchmarks/results/gpu_suite), a short table is printed last.
+# speed suite (mini, advanced, gpt2-124m; bfloat16, cuDNN attention) with a profiler trace of 5
+# gpt2-124m training steps, saved beside its MFU figure as one file, trace_gpt2-124m.tar.gz (under
+# 16 MiB: deep folders and big files do not come back). Results go under $OUT (the device tool's
+# folder; default benchmarks/results/gpu_suite), a short table is printed last.
 #
 #   bash benchmarks/gpu_wheels.sh          # here, once: the wheels the GPU machine lacks -> .whl/
 #   device run, carry [".whl"], timeout_s 540:  bash benchmarks/gpu_suite.sh
@@ -47,15 +49,24 @@ if "$PY" -c "import jax, torch, sys; sys.exit(not (torch.cuda.is_available() and
   stage real_model 90 "$PY" -m benchmarks.real_model --random --device cuda --dtype bfloat16 --reps 3 --out "$OUT"
   # The speed suite gets what is left of 450 s (at least 120): every figure is saved as it is measured.
   left=$((450 - (SECONDS - start))); [ "$left" -ge 120 ] || left=120
-  stage speed "$left" "$PY" -m benchmarks.speed --device cuda --presets gpt2-124m advanced mini --reps 5 --out "$OUT"
-  SPEED_MD="$OUT/speed_cuda.md"
+  stage speed "$left" "$PY" -m benchmarks.speed --device cuda --presets gpt2-124m advanced mini --reps 5 --out "$OUT" \
+    --profile "$OUT/profile"
+  SPEED_MD="$OUT/speed_cuda.md" TRACED=gpt2-124m
 else
   echo "no GPU seen by both torch and JAX: the CPU run of the same stages (small)"
   stage cuda_tests 150 "${CUDA_TESTS[@]}" -rs
   stage parity 120 "$PY" -m benchmarks.parity --devices cpu --presets mini --steps 3 --out "$OUT"
   stage real_model 120 "$PY" -m benchmarks.real_model --random --layers 2 --quick --batches 1
-  stage speed 300 "$PY" -m benchmarks.speed --quick --presets mini --decode-batches 1 --out "$OUT"
-  SPEED_MD="$OUT/speed.md"
+  stage speed 300 "$PY" -m benchmarks.speed --quick --presets mini --decode-batches 1 --out "$OUT" --profile "$OUT/profile"
+  SPEED_MD="$OUT/speed.md" TRACED=mini
+fi
+# The trace as one file (xprof opens the folder it unpacks to: tar -xzf FILE -C DIR; xprof --logdir DIR).
+TRACE_TAR="$OUT/trace_$TRACED.tar.gz"
+if compgen -G "$OUT/profile/plugins/profile/*/*.xplane.pb" >/dev/null; then
+  tar -czf "$TRACE_TAR" -C "$OUT/profile" plugins && rm -rf "$OUT/profile"
+  if [ "$(stat -c %s "$TRACE_TAR")" -gt $((16 << 20)) ]; then
+    echo "trace: $TRACE_TAR is over 16 MiB, removed (it would not come back)"; rm -f "$TRACE_TAR"; status=1
+  fi
 fi
 
 echo
@@ -63,6 +74,7 @@ echo "== summary ($((SECONDS - start))s in all; files in $OUT)"
 grep -h -E "passed|failed|skipped|error" "$OUT/cuda_tests.log" | tail -1
 [ -f "$OUT/parity.md" ] && grep "^|" "$OUT/parity.md" | cut -d'|' -f2-4,8-10
 grep -h -E "^logits vs|^batch" "$OUT/real_model.log"
+if [ -f "$TRACE_TAR" ]; then echo "trace: $TRACE_TAR ($(stat -c %s "$TRACE_TAR") bytes)"; else echo "trace: none"; status=1; fi
 if [ -f "$SPEED_MD" ]; then
   sed -n '/^## Training step/,/^## Forward/p' "$SPEED_MD" | grep "^|" | cut -d'|' -f2,4-8
   sed -n '/^## Goals/,$p' "$SPEED_MD" | grep "^-"

@@ -11,11 +11,14 @@ measured at `highest` matmul precision (no TF32), decode in `--dtype`.
 - Import: `jaxllm import-gguf` (read, dequantize, write a params directory) and transformers'
   `from_pretrained(gguf_file=...)`, each timed once, as a whole.
 - Parity: logits of a chat prompt, jaxllm (imported) vs transformers (the same file), float32.
-- Decode: greedy, float32, the chat prompt repeated `batch` times, end tokens ignored; decode
-  tokens/s = batch x (N-1) / (t(N) - t(1)) from interleaved timings (`benchmarks.decode_speed`).
-- Roofline: a decode step reads every weight once, so steps/s x weight bytes / memory bandwidth is
-  the fraction of the memory-bound limit reached; the bandwidth is a jitted JAX sum over 512 MB,
-  measured in the same run.
+- Decode: greedy, in `--dtype` (float32; bfloat16: weights and computation, as `jaxllm generate
+  --dtype bfloat16`, and transformers cast to bfloat16), the chat prompt repeated `batch` times, end
+  tokens ignored; decode tokens/s = batch x (N-1) / (t(N) - t(1)) from interleaved timings
+  (`benchmarks.decode_speed`). In a float32 run a third row per batch, "jaxllm, bfloat16 weights",
+  is timed against the same float32 transformers (`--no-bf16-row`: not).
+- Roofline: a decode step reads every weight once, so steps/s x weight bytes (of that row's
+  dtype) / memory bandwidth is the fraction of the memory-bound limit reached; the bandwidth is a
+  jitted JAX sum over 512 MB, measured in the same run.
 
 Writes benchmarks/results/real_model.json and .md (the machine described in both).
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,8 +41,10 @@ import torch
 import jaxllm
 from benchmarks.decode_speed import decode_rates, hf_runner
 from benchmarks.machine import describe, machine_info, write_results
+from jaxllm.checkpoint import with_dtype
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BF16_ROW = "jaxllm, bfloat16 weights"
 QUESTION = "What is the capital of France?"
 # SmolLM2-135M's config.json (LlamaForCausalLM), for --random.
 SMOLLM2_CONFIG = {
@@ -116,9 +122,14 @@ def main() -> None:
     parser.add_argument("--random", action="store_true", help="SmolLM2's shape, random weights (no GGUF needed)")
     parser.add_argument("--layers", type=int, help="with --random: fewer layers (a smoke run on the CPU)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="decode compute dtype")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="decode dtype (bfloat16: weights and computation, both libraries)")  # fmt: skip
+    parser.add_argument("--no-bf16-row", action="store_true", help="no 'jaxllm, bfloat16 weights' row")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 repetitions, 8 new tokens, no files")
+    parser.add_argument("--name", help="results file name (default real_model, or real_model_DEVICE with --random)")
+    parser.add_argument("--under-load", action="store_true",
+                        help="time at once, not waiting for quiet cores (the results say so)")  # fmt: skip
     args = parser.parse_args()
     reps, new = (2, 8) if args.quick else (args.reps, args.new_tokens)
     info = machine_info(("jax", "jaxlib", "flax", "torch", "transformers", "gguf", "numpy"))
@@ -141,30 +152,36 @@ def main() -> None:
 
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     bandwidth = memory_bandwidth()
-    run_cfg = cfg.replace(dtype=args.dtype)
+    models = {"jaxllm": with_dtype(cfg, params, args.dtype)}
+    if args.dtype == "float32" and not args.no_bf16_row:
+        models[BF16_ROW] = with_dtype(cfg, params, "bfloat16")
     if args.dtype == "bfloat16":
         hf = hf.to(torch.bfloat16)
     rows = []
+    quiet = args.device == "cpu" and not args.quick and not args.under_load
     for batch in args.batches:
         prompts = [ids] * batch
         runners = {
-            "jaxllm": lambda n, p=prompts: lambda: jax.block_until_ready(
-                jaxllm.generate(run_cfg, params, p, max_new_tokens=n)
-            ),
-            "transformers": hf_runner(hf, np.array(prompts), args.device),
+            name: lambda n, p=prompts, m=m: lambda: jax.block_until_ready(
+                jaxllm.generate(*m, p, max_new_tokens=n)
+            )
+            for name, m in models.items()
         }
-        for name, r in decode_rates(runners, batch, new, reps, quiet=args.device == "cpu" and not args.quick).items():
+        runners["transformers"] = hf_runner(hf, np.array(prompts), args.device)
+        for name, r in decode_rates(runners, batch, new, reps, quiet=quiet).items():
             steps = r["tokens_per_s"] / batch
+            nbytes = sum(x.nbytes for x in jax.tree.leaves(models[name][1])) if name in models else weight_bytes
             row = {"batch": batch, "impl": name, "prompt": len(ids), "new_tokens": new, **r,
-                   "roofline_fraction": steps * weight_bytes / bandwidth}  # fmt: skip
+                   "weight_bytes": nbytes, "roofline_fraction": steps * nbytes / bandwidth}  # fmt: skip
             rows.append(row)
-            print(f"batch {batch:2d} {name:13s} {r['tokens_per_s']:8.1f} tokens/s "
+            print(f"batch {batch:2d} {name:24s} {r['tokens_per_s']:8.1f} tokens/s "
                   f"({row['roofline_fraction']:.0%} of the memory roofline)", flush=True)  # fmt: skip
     run = {"load_average_at_end": round(os.getloadavg()[0], 2), "memory_bandwidth_gb_s": bandwidth / 1e9,
-           "weight_bytes": weight_bytes, "device": args.device, "dtype": args.dtype, **facts}  # fmt: skip
+           "weight_bytes": weight_bytes, "device": args.device, "dtype": args.dtype, "under_load": args.under_load,
+           "command": " ".join(["python -m benchmarks.real_model", *sys.argv[1:]]), **facts}  # fmt: skip
     if args.quick:
         return
-    name = "real_model" if args.device == "cpu" and not args.random else f"real_model_{args.device}"
+    name = args.name or ("real_model" if args.device == "cpu" and not args.random else f"real_model_{args.device}")
     md = markdown(rows, parity, info, run, reps)
     data = {"machine": info, "run": run, "parity": parity, "reps": reps, "rows": rows}
     write_results(name, data, md, **({"out_dir": args.out} if args.out else {}))
@@ -175,11 +192,13 @@ def markdown(rows: list[dict], parity: dict, info: dict, run: dict, reps: int) -
     lines = [
         f"# A real model's shape: SmolLM2-135M-Instruct ({run['weights']}), {run['device']}",
         "",
-        "Command: `python -m benchmarks.real_model`" + (" (custom arguments)." if run["device"] != "cpu" else "."),
+        f"Command: `{run.get('command', 'python -m benchmarks.real_model')}`.",
         "",
         f"Machine: {describe(info)}, {run['load_average_at_end']:.2f} at end (1-minute averages). The cores are "
-        f"shared with other work: a timing during which other processes used more than 5% of a core was "
-        f"discarded and repeated ({sum(r['timings_discarded_for_load'] for r in rows)} discarded in this run).",
+        + ("shared with other work, and this run was **timed under load** (`--under-load`): no timing was "
+           "discarded for it, so absolute figures are low and ratios noisy." if run.get("under_load") else
+           f"shared with other work: a timing during which other processes used more than 5% of a core was "
+           f"discarded and repeated ({sum(r['timings_discarded_for_load'] for r in rows)} discarded in this run)."),
         "",
         (f"- Import: `jaxllm import-gguf` {run['import_s']:.1f} s (read, dequantize, write the params directory); "
          f"transformers `from_pretrained(gguf_file=...)` {run['transformers_load_s']:.1f} s." if "import_s" in run
@@ -187,7 +206,8 @@ def markdown(rows: list[dict], parity: dict, info: dict, run: dict, reps: int) -
         f"- Logits of a {parity['tokens']}-token prompt vs transformers (float32, `highest` precision): max |Δ| "
         f"{parity['max_abs']:.2e}, relative L2 {parity['rel_l2']:.2e}, same argmax at every position: "
         f"{'yes' if parity['same_argmax'] else 'no'}.",
-        f"- Memory roofline: {run['weight_bytes'] / 1e6:.0f} MB of float32 weights read per decode step; memory "
+        f"- Memory roofline: {run['weight_bytes'] / 1e6:.0f} MB of float32 weights read per decode step (half in "
+        f"bfloat16); memory "
         f"bandwidth {run['memory_bandwidth_gb_s']:.1f} GB/s (a jitted JAX sum over 512 MB, this run), so batch-1 "
         f"decode is bounded near {run['memory_bandwidth_gb_s'] * 1e9 / run['weight_bytes']:.0f} steps/s.",
         "",
@@ -203,9 +223,15 @@ def markdown(rows: list[dict], parity: dict, info: dict, run: dict, reps: int) -
             f"| {r['batch']} | {r['prompt']} | {r['new_tokens']} | {r['impl']} | {r['tokens_per_s']:.1f} | "
             f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x | {r['roofline_fraction']:.0%} |"
         )
-    lines += ["", "Roofline: steps/s × weight bytes ÷ bandwidth, the share of the memory-bound limit a decode "
-              "step reached (above batch 1 the weights are shared by the rows, so the share falls while tokens/s "
-              "rise)."]
+    lines += ["", "Roofline: steps/s × weight bytes (of the row's dtype) ÷ bandwidth, the share of the memory-bound "
+              "limit a decode step reached (above batch 1 the weights are shared by the rows, so the share falls "
+              "while tokens/s rise)."]
+    bf16 = [r for r in rows if r["impl"] == BF16_ROW and r["batch"] == 1]
+    if bf16:
+        hf = next(x for x in rows if x["batch"] == 1 and x["impl"] == "transformers")
+        speedup = bf16[0]["tokens_per_s"] / hf["tokens_per_s"]
+        lines += ["", f"Goal: bfloat16 weights at batch 1 >= 1.5x transformers float32: {speedup:.2f}x "
+                  f"({'met' if speedup >= 1.5 else 'NOT met'})."]
     return "\n".join(lines) + "\n"
 
 

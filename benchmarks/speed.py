@@ -3,6 +3,7 @@
     python -m benchmarks.speed                          # CPU, float32: mini and advanced
     python -m benchmarks.speed --device cuda            # GPU, bfloat16, cuDNN attention: all presets
     python -m benchmarks.speed --quick                  # a smoke run: tiny shapes, files only with --out
+    python -m benchmarks.speed --presets smollm2-135m   # a real model's shape (SmolLM2-135M, random weights)
 
 In one process, on the same config, batch and machine, for each preset:
 
@@ -24,10 +25,19 @@ numpy, PyTorch and JAX, measured once and cached (one denominator for every row,
 run directories); on a GPU the datasheet bfloat16 peak. Warm-up calls (compilation
 included) are not timed; each figure is the median of `--reps` timings taken in turn across the
 implementations, with min and max as the spread. On the CPU a timing during which other processes
-kept a core more than 5% busy is discarded and repeated (`benchmarks.decode_speed.quiet_timing`).
+kept a core more than 5% busy is discarded and repeated (`benchmarks.decode_speed.quiet_timing`;
+`--under-load`: not, and the results say so).
 
-Writes `speed.json`, `speed.md` and `speed.png` (`speed_cuda.*` on a GPU) under `--out`
-(default benchmarks/results), rewritten after each preset so a run cut short keeps what it measured.
+`--profile DIR`: after the first preset's training figures, a `jax.profiler` trace of one more timing's
+worth of jaxllm training steps (5 for gpt2-124m on a GPU, 1-5 on the CPU) into DIR (xprof's layout;
+`benchmarks/gpu_suite.sh` tars it).
+
+Presets: jaxllm's shipped ones, and `smollm2-135m`: SmolLM2-135M's shape (`benchmarks.real_model`'s
+config: llama family, 30 layers, d_model 576, 9 heads / 3 kv heads, vocab 49152, tied), random weights.
+
+Writes `NAME.json`, `NAME.md` and `NAME.png` under `--out` (default benchmarks/results; NAME is
+`--name`, default `speed`, `speed_cuda` on a GPU: one name per machine keeps each machine's results),
+rewritten after each preset so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -88,20 +98,30 @@ SHAPES = {
         "mini": Shape(32, 64, 5, DECODE_SETTINGS["mini"]["prompt"], DECODE_SETTINGS["mini"]["new"]),
         "advanced": Shape(4, 256, 1, 16, 64),
         "gpt2-124m": Shape(4, 256, 1, 16, 64),
+        "smollm2-135m": Shape(4, 256, 1, 16, 64),
     },
     "cuda": {
         "mini": Shape(32, 64, 20, 8, 56),
         "advanced": Shape(8, 1024, 5, 16, 128),
         "gpt2-124m": Shape(12, 1024, 5, 16, 128),
+        "smollm2-135m": Shape(12, 1024, 5, 16, 128),
     },
 }
+SMOLLM2 = "smollm2-135m"  # not a shipped preset: the real model's shape, from benchmarks.real_model
 
 
 def load_config(preset: str, device: str, shape: Shape) -> Config:
     overrides = [f"train.batch_size={shape.batch}", f"model.context_length={shape.context}", "train.grad_accum=1"]
     if device == "cuda":
         overrides += ["model.dtype=bfloat16", "model.attention=cudnn"]
-    return Config.load(preset, overrides)
+    if preset != SMOLLM2:
+        return Config.load(preset, overrides)
+    from benchmarks.real_model import SMOLLM2_CONFIG
+    from jaxllm.config import apply_overrides
+    from jaxllm.hf_families import config_from_hf
+
+    model, _ = config_from_hf(SMOLLM2_CONFIG, name=SMOLLM2)
+    return Config.model_validate(apply_overrides({"model": model.to_dict()}, overrides))
 
 
 def sync(device: str) -> None:
@@ -195,14 +215,22 @@ def decode_runners(cfg: Config, params, model: torch.nn.Module, prompts: list[li
 
 
 def bench_preset(
-    preset: str, device: str, reps: int, decode_batches: list[int], quick: bool, save: Callable[[dict], None]
+    preset: str,
+    device: str,
+    reps: int,
+    decode_batches: list[int],
+    quick: bool,
+    save: Callable[[dict], None],
+    under_load: bool = False,
+    profile: Path | None = None,
 ) -> dict:
     """Training, then forward, then decode figures for one preset; `save(result)` after each section.
 
     Training first: it carries the goals, and a run cut short by a time limit keeps it.
     """
     shape = SHAPES[device][preset]
-    quiet = device == "cpu" and not quick  # the CPU-load check: not for smoke runs (they time nothing to keep)
+    # The CPU-load check: not for smoke runs (they time nothing to keep), nor when asked to time under load.
+    quiet = device == "cpu" and not quick and not under_load
     if quick:
         shape = Shape(min(shape.batch, 4), min(shape.context, 64), 1, 4, 8)
     cfg = load_config(preset, device, shape)
@@ -217,9 +245,10 @@ def bench_preset(
     result.update(flops_per_token=flops_per_token(mc), train={}, forward={}, decode={})
 
     steps = shape.steps_per_timing
+    jax_train = jax_train_runner(cfg, params, steps)
     train = timings(
         {
-            JAX: jax_train_runner(cfg, params, steps),
+            JAX: jax_train,
             EAGER: torch_train_runner(cfg, state_dict, device, False, steps),
             COMPILED: torch_train_runner(cfg, state_dict, device, True, steps),
         },
@@ -228,11 +257,13 @@ def bench_preset(
     )
     result["train"] = {name: summary(t, steps) for name, t in train.items()}
     if device == "cpu" and not quick:
-        result["train"][SYSTEM_MALLOC] = system_malloc_train(preset, reps)
+        result["train"][SYSTEM_MALLOC] = system_malloc_train(preset, reps, under_load)
     for stats in result["train"].values():
         stats["tokens_per_s"] = shape.batch * shape.context / stats["median_s"]
     print_row(preset, "train tokens/s", {n: s["tokens_per_s"] for n, s in result["train"].items()})
     save(result)
+    if profile is not None:
+        trace_training(jax_train, steps, profile)
 
     fwd = timings(forward_runners(cfg, params, model, device), reps, quiet)
     result["forward"] = {name: summary(t) for name, t in fwd.items()}
@@ -251,19 +282,29 @@ def bench_preset(
     return result
 
 
-def system_malloc_train(preset: str, reps: int) -> dict:
+def trace_training(run: Callable[[], object], steps: int, log_dir: Path) -> None:
+    """A profiler trace of one more call of a (warm) jaxllm training runner: `steps` steps."""
+    from jaxllm.profiler import trace
+
+    with trace(log_dir):
+        run()
+    print(f"profiler trace of {steps} training steps in {log_dir}", flush=True)
+
+
+def system_malloc_train(preset: str, reps: int, under_load: bool = False) -> dict:
     """jaxllm's CPU train step timed in a child process with glibc's default malloc."""
     env = {**os.environ, MALLOC_ENV: "system"}
-    cmd = [sys.executable, "-m", "benchmarks.speed", "--jax-train-only", preset, "--reps", str(reps)]
+    cmd = [sys.executable, "-m", "benchmarks.speed", "--jax-train-only", preset, "--reps", str(reps),
+           *(["--under-load"] if under_load else [])]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True, timeout=1800)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def jax_train_only(preset: str, reps: int) -> dict:
+def jax_train_only(preset: str, reps: int, under_load: bool) -> dict:
     shape = SHAPES["cpu"][preset]
     cfg = load_config(preset, "cpu", shape)
     params = jaxllm.init_params(cfg.model, 0)
-    seconds = timings({JAX: jax_train_runner(cfg, params, shape.steps_per_timing)}, reps, True)[JAX]
+    seconds = timings({JAX: jax_train_runner(cfg, params, shape.steps_per_timing)}, reps, not under_load)[JAX]
     return {**summary(seconds, shape.steps_per_timing), "malloc_settings_applied": jaxllm.keep_freed_host_memory()}
 
 
@@ -335,7 +376,9 @@ def markdown(data: dict) -> str:
         "brackets), implementations timed in turn. Same weights, batch and machine for every row.",
         "",
         f"Machine: {describe(data['machine'])}; load average {run['load_average_at_end']} at end. "
-        f"Peak for MFU: {run['peak_source']}.",
+        f"Peak for MFU: {run['peak_source']}."
+        + (" **Timed under load** (`--under-load`): other jobs shared the cores; no timing was discarded for it, "
+           "so absolute figures are low and ratios noisy." if run.get("under_load") else ""),
         *table(
             "Training step (forward + backward + clipping + AdamW)",
             ["preset", "batch x context", "implementation", "ms/step", "tokens/s", "MFU", "vs torch_ref eager"],
@@ -458,13 +501,17 @@ def main() -> None:
         "--presets", nargs="+", choices=list(SHAPES["cpu"]), help="default: cpu mini advanced, cuda all"
     )
     parser.add_argument("--reps", type=int, default=7, help="timings per figure (median reported)")
-    parser.add_argument("--decode-batches", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--decode-batches", nargs="*", type=int, default=[1, 16], help="none: no decode figures")
+    parser.add_argument("--profile", type=Path, metavar="DIR", help="trace training steps of the first preset")
+    parser.add_argument("--name", help="results file name (default: speed, or speed_cuda on a GPU)")
+    parser.add_argument("--under-load", action="store_true",
+                        help="time at once, not waiting for quiet cores (the results say so)")  # fmt: skip
     parser.add_argument("--out", type=Path, help="folder for the results files (default: benchmarks/results)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny shapes, 2 timings; files with --out")
     parser.add_argument("--jax-train-only", metavar="PRESET", help=argparse.SUPPRESS)  # the system-malloc child
     args = parser.parse_args()
     if args.jax_train_only:
-        print(json.dumps(jax_train_only(args.jax_train_only, args.reps)))
+        print(json.dumps(jax_train_only(args.jax_train_only, args.reps, args.under_load)))
         return
     if args.device == "cuda" and not (torch.cuda.is_available() and jax.default_backend() == "gpu"):
         sys.exit("error: --device cuda needs a GPU that both torch and JAX see")
@@ -478,9 +525,10 @@ def main() -> None:
         "device": args.device, "dtype": dtype, "reps": reps, "command": command, "peak_flops": peak_flops,
         "peak_source": peak_source, "cpu_matmul_flops": measured, "torch_threads": torch.get_num_threads(),
         "jax_backend": jax.default_backend(), "malloc_settings_applied": jaxllm.keep_freed_host_memory(),
+        "under_load": args.under_load,
     }  # fmt: skip
     data = {"machine": info, "run": run, "presets": [], "errors": []}
-    name = "speed" if args.device == "cpu" else "speed_cuda"
+    name = args.name or ("speed" if args.device == "cpu" else "speed_cuda")
     out = args.out or (None if args.quick else RESULTS)
     done: list[dict] = []
 
@@ -491,7 +539,10 @@ def main() -> None:
 
     for preset in presets:
         try:
-            done.append(bench_preset(preset, args.device, reps, args.decode_batches, args.quick, save))
+            profile = args.profile if preset == presets[0] else None
+            done.append(
+                bench_preset(preset, args.device, reps, args.decode_batches, args.quick, save, args.under_load, profile)
+            )
         except Exception as e:  # one preset failing (on a GPU met once) must not lose the others
             traceback.print_exc()
             data["errors"].append(f"{preset}: {type(e).__name__}: {e}"[:500])

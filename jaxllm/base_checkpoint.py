@@ -44,7 +44,8 @@ def config_from_checkpoint(ck: str | Path, config: str | Path | None, overrides:
     """The run's config: the model section of `ck`, the other sections of `config` (a preset or YAML
     file; None: the defaults), then `overrides`. Refuses a `model.*` value that changes shapes."""
     base = checkpoint_model(ck)
-    data: dict[str, Any] = {k: v for k, v in read_yaml(config_path(config), need_model=False).items() if k != "model"} if config else {}
+    sections = read_yaml(config_path(config), need_model=False) if config else {}
+    data: dict[str, Any] = {k: v for k, v in sections.items() if k != "model"}
     cfg = Config.from_data({**data, "model": base.to_dict()}, overrides, f"{ck}/{CONFIG_FILE}")
     check_same_param_shapes(base, cfg.model, str(ck))
     return cfg

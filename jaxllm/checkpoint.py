@@ -172,3 +172,18 @@ def check_base(recorded: dict[str, str], base: Base, checkpoint: Path) -> None:
             f"cannot resume {checkpoint}: it was trained on base {recorded.get('path')} "
             f"(sha256 {str(recorded.get('sha256'))[:12]}), but --init gives {base.path} (sha256 {base.sha256[:12]})"
         )
+
+
+def with_dtype(cfg: ModelConfig, params: Params, dtype: str | None) -> tuple[ModelConfig, Params]:
+    """`--dtype` of `jaxllm generate` / `serve`: (cfg, params) with weights and computation in `dtype`.
+
+    Sets both `model.param_dtype` (the parameters are cast, e.g. float32 -> bfloat16: half the bytes
+    a decode step reads) and `model.dtype` (activations and the KV cache); norms, softmax and the
+    logits stay float32 as always. None: unchanged.
+    """
+    if dtype is None:
+        return cfg, params
+    if dtype not in ("float32", "bfloat16"):
+        raise InputError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
+    return cfg.replace(param_dtype=dtype, dtype=dtype), params

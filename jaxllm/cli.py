@@ -155,6 +155,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
             num_samples=args.num_samples,
             stop=args.stop,
             mesh_overrides=args.overrides,
+            dtype=args.dtype,
+            profile=args.profile,
         )
     except InputError as err:
         raise InputError(flag_names(str(err), GENERATE_FLAGS)) from None
@@ -184,10 +186,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_context=args.max_context,
     )
     serve(args.checkpoint, args.host, args.port, settings=settings, tokenizer_path=args.tokenizer,
-          model_name=args.model_name, threads=args.threads, connection_limit=args.connection_limit,
+          dtype=args.dtype, model_name=args.model_name, threads=args.threads, connection_limit=args.connection_limit,
           channel_timeout_s=args.channel_timeout, allowed_hosts=args.allow_host,
           public_metrics=args.public_metrics, cors_origins=args.cors_origin,
           mesh_overrides=args.overrides)  # fmt: skip
+
+
+def add_dtype_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="weights and computation in this dtype: sets model.param_dtype and model.dtype "
+                   "(default: the checkpoint's)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples of the prompt (default 1)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
     add_mesh_overrides(p)
+    add_dtype_flag(p)
+    p.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of the generation to DIR (xprof)")
 
     p = command("eval", cmd_eval, "perplexity and bits per byte on a dataset's val split or on text files (JSON)")
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="params directory (config.yaml, params/)")
@@ -298,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json to use (default: DIR/tokenizer.json)")
     p.add_argument("--model-name", metavar="ID", help="model id in the API (default: the config's name)")
+    add_dtype_flag(p)
     p.add_argument("--slots", type=int, default=16, metavar="N", help="requests decoded together (default 16)")
     p.add_argument("--max-queue", type=int, default=64, metavar="N", help="waiting requests before 429 (default 64)")
     p.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per-request time limit (default 120)")

@@ -95,7 +95,8 @@ class ModelConfig(BaseModel):
     # visible from query position q when q - sliding_window < k <= q, as Mistral); None: all before it.
     sliding_window: PositiveInt | None = None
     init_std: PositiveFloat = 0.02
-    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; params stay float32
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype (activations, KV cache)
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # parameter storage (bfloat16: inference weights)
     attention: Literal["xla", "cudnn"] = "xla"  # jax.nn.dot_product_attention implementation
     # Activation checkpointing per block: "none", "full" (recompute everything in the backward
     # pass) or "save_dots" (keep matmul outputs, recompute the rest). Numerics are unchanged.
@@ -226,11 +227,28 @@ class TrainConfig(BaseModel):
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     lora_targets: list[str] | Literal["all"] = ["query", "value"]
     lora_merge: bool = True  # final/: merged params (true) or a peft adapter directory (false)
+    # "START:END": a jax.profiler trace of steps START to END (both included) in RUN/profile/ (jaxllm only).
+    profile_steps: str | None = None
+
+    @field_validator("profile_steps", mode="before")
+    @classmethod
+    def _steps_range(cls, v: Any) -> Any:
+        from jaxllm.profiler import parse_steps
+
+        if isinstance(v, int) and not isinstance(v, bool):  # YAML 1.1 reads an unquoted 10:12 as 612 (base 60)
+            v = f"{v // 60}:{v % 60}" if v >= 60 else str(v)
+        if isinstance(v, str):
+            parse_steps(v)
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        from jaxllm.profiler import parse_steps
+
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+        if self.profile_steps is not None and parse_steps(self.profile_steps)[1] > self.steps:
+            raise ValueError(f"profile_steps {self.profile_steps!r} ends after the last step (steps={self.steps})")
         return self
 
     @field_validator("lora_targets", mode="before")

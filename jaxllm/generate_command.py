@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jaxllm.checkpoint import load_params_on_mesh
+from jaxllm.checkpoint import load_params_on_mesh, with_dtype
 from jaxllm.errors import InputError
 from jaxllm.generation import complete_text, precompile, with_text_stops
+from jaxllm.profiler import trace
 from jaxllm.request import Sampling, as_int, check_request
 from jaxllm.text import load_codec
 
@@ -40,6 +41,8 @@ def sample_checkpoint(
     num_samples: int = 1,
     out: Any = None,
     mesh_overrides: Sequence[str] = (),
+    dtype: str | None = None,
+    profile: str | Path | None = None,
     **options: Any,
 ) -> SampleStats:
     """What `jaxllm generate` does: load a checkpoint and its tokenizer, sample, print to `out`.
@@ -48,10 +51,12 @@ def sample_checkpoint(
     answer is printed. One sample streams as it is generated; several print one after another. An
     empty prompt starts from the BOS (or end-of-text) token: unconditional samples. `max_new_tokens`
     None: as many as the context leaves, at most 256. `mesh_overrides`: `mesh.*=` overrides (as
-    `jaxllm train`'s) to shard the model and its cache over devices. `options`: the other `Sampling` fields.
+    `jaxllm train`'s) to shard the model and its cache over devices. `dtype` (e.g. "bfloat16"): weights
+    and computation in that dtype (`jaxllm.checkpoint.with_dtype`). `profile`: a `jax.profiler` trace of
+    the generation (compilation excluded) into that directory. `options`: the other `Sampling` fields.
     """
     out = out or sys.stdout
-    cfg, params = load_params_on_mesh(checkpoint, mesh_overrides)
+    cfg, params = with_dtype(*load_params_on_mesh(checkpoint, mesh_overrides), dtype)
     codec = load_codec(checkpoint, cfg.vocab_size, tokenizer_path)
     num_samples = as_int(num_samples, "num_samples")
     if num_samples < 1:
@@ -77,14 +82,15 @@ def sample_checkpoint(
         print(piece, end="", file=out, flush=True)
 
     start = time.perf_counter()
-    texts = complete_text(
-        cfg,
-        params,
-        codec,
-        req,
-        on_text=on_text if stream else None,
-        callback=lambda row, token: counted.append(token),
-    )
+    with trace(profile):
+        texts = complete_text(
+            cfg,
+            params,
+            codec,
+            req,
+            on_text=on_text if stream else None,
+            callback=lambda row, token: counted.append(token),
+        )
     elapsed = time.perf_counter() - start
     if stream:
         print(file=out, flush=True)

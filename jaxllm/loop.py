@@ -3,9 +3,9 @@
 
 - the run directory: checks before any work (`check_run`), the files written at the start
   (`start_run`: config.yaml, run.json with the MFU peak and its source), the result (`RunResult`);
-- the loop itself (`run_loop`): step, non-finite handling, the logging / evaluation / checkpoint
-  cadence (`Cadence`), step rates and MFU, the progress bar; a framework supplies one step, one
-  evaluation and one checkpoint as functions;
+- the loop itself (`run_loop`): step (an asynchronous one is read one step late), non-finite
+  handling, the logging / evaluation / checkpoint cadence (`Cadence`), step rates and MFU, the
+  progress bar; a framework supplies one step, one evaluation and one checkpoint as functions;
 - the validation split's check (`eval_checked`) and the mean of its batches' losses;
 - the command-line flags `jaxllm train`, `python -m torch_ref.train` and `torch_ref.train_deepspeed`
   have in common (`add_run_flags`, `add_overrides`).
@@ -20,6 +20,7 @@ Run directory layout (both frameworks)::
     RUN/final/             a jaxllm params directory (`jaxllm.load_params`), with tokenizer.json (LoRA with
                            train.lora_merge=false: a peft adapter directory, docs/finetune.md)
     RUN/loss_curve.png
+    RUN/profile/           jaxllm, with train.profile_steps: a jax.profiler trace (`jaxllm/profiler.py`)
 """
 
 from __future__ import annotations
@@ -131,9 +132,9 @@ def has_checkpoints(run_dir: Path) -> bool:
     return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
 
 
-# Model fields that decide the shapes of parameters (and so of optimizer state and checkpoints).
+# Model fields that decide the shapes (and dtypes) of parameters (and so of optimizer state and checkpoints).
 SHAPE_FIELDS = ("family", "vocab_size", "context_length", "d_model", "n_layers", "n_heads", "n_kv_heads",
-                "head_dim", "d_ff", "tie_embeddings", "qkv_bias")  # fmt: skip
+                "head_dim", "d_ff", "tie_embeddings", "qkv_bias", "param_dtype")  # fmt: skip
 
 
 def check_same_shapes(config: Config, saved_config: Path) -> None:
@@ -193,11 +194,16 @@ def mean_eval_loss(batch_loss: Callable[[], float], n_batches: int) -> float:
 
 
 # The loop ----------------------------------------------------------------------------------------
+# What a framework's step returns: its output, or a function that reads it (blocking until the step is
+# done). A reader is called one step late, after the next step is dispatched (see `run_loop`).
+StepResult = StepOutput | Callable[[], StepOutput]
+
+
 def run_loop(
     config: Config,
     *,
     start: int,
-    train_step: Callable[[int], StepOutput],
+    train_step: Callable[[int], StepResult],
     evaluate: Callable[[], float],
     save: Callable[[int], None],
     logger: MetricsLogger,
@@ -209,11 +215,17 @@ def run_loop(
     """Steps `start + 1` to `train.steps`: each runs `train_step(step)`, then logs, evaluates and
     checkpoints (`save(step)`) on the cadence; returns the last finite loss.
 
+    A step that returns a reader (an asynchronous device step) is read one step late: after the next
+    step has been dispatched, so the device never idles while the host reads, logs and feeds data.
+    Steps that evaluate, checkpoint, stop or end the run are read before then: every checkpoint
+    holds only steps whose outputs were checked. The rows written are the same either way.
+
     `stop` (a signal arrived, see `jaxllm/interrupt.py`): after a step it says stop, that step is
     checkpointed (if the cadence did not already) and `Interrupted` is raised.
 
     Evaluation and checkpoint time are not step time (the clock pauses). A non-finite update stops
-    the run with `TrainingError`, or is logged as skipped under `train.nonfinite=skip`.
+    the run with `TrainingError` (read one step late, the step after it has been computed too, and
+    is discarded: nothing is saved after it), or is logged as skipped under `train.nonfinite=skip`.
     """
     from tqdm.auto import tqdm
 
@@ -223,8 +235,11 @@ def run_loop(
     clock = StepClock(tokens, flops_per_token(mcfg)["train"], peak[0], peak[1], warn=is_main)
     bar = tqdm(total=tcfg.steps, initial=start, disable=not (progress and is_main), unit="step")
     last_loss = math.nan
-    for step in range(start + 1, tcfg.steps + 1):
-        out = train_step(step)
+
+    def finish(step: int, result: StepResult) -> None:
+        """Read a step's output (waiting for it), then check and log it."""
+        nonlocal last_loss
+        out = result if isinstance(result, StepOutput) else result()
         clock.step_done()
         if not out.finite:
             _non_finite(step, out, tcfg, logger, is_main)
@@ -234,19 +249,32 @@ def run_loop(
             row = {"step": step, "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm, **clock.rates()}
             logger.log(row)
             bar.set_postfix(loss=f"{out.loss:.4f}", refresh=False)
-        if cadence.evals(step):
-            logger.log({"step": step, "eval_loss": evaluate()})
-            clock.pause()  # evaluation time is not step time
-        if cadence.checkpoints(step):
-            save(step)
-            clock.pause()  # nor is checkpointing
         bar.update(1)
-        if stop is not None and stop.stop_at(step) and not cadence.is_final(step):
-            if not cadence.checkpoints(step):
+
+    pending: tuple[int, StepResult] | None = None  # the previous step, dispatched but not yet read
+    try:
+        for step in range(start + 1, tcfg.steps + 1):
+            result = train_step(step)
+            if pending is not None:
+                finish(*pending)
+                pending = None
+            stopping = stop is not None and stop.stop_at(step) and not cadence.is_final(step)
+            if cadence.evals(step) or cadence.checkpoints(step) or stopping or cadence.is_final(step):
+                finish(step, result)
+            else:
+                pending = (step, result)
+            if cadence.evals(step):
+                logger.log({"step": step, "eval_loss": evaluate()})
+                clock.pause()  # evaluation time is not step time
+            if cadence.checkpoints(step):
                 save(step)
-            bar.close()
-            raise Interrupted(stop.signum, step, None)
-    bar.close()
+                clock.pause()  # nor is checkpointing
+            if stopping:
+                if not cadence.checkpoints(step):
+                    save(step)
+                raise Interrupted(stop.signum, step, None)
+    finally:
+        bar.close()
     return last_loss
 
 

@@ -63,8 +63,10 @@ def _constrain(x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:
 
 
 def _param(module: nn.Module, name: str, init: Any, shape: Sequence[int], axes: Sequence[str | None]):
-    """A float32 parameter annotated with logical axis names."""
-    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), jnp.float32)
+    """A parameter in `model.param_dtype` (a `Dense` takes its parent's config), with logical axis names."""
+    cfg = module.cfg if hasattr(module, "cfg") else module.parent.cfg
+    dtype = jnp.dtype(cfg.param_dtype)
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
 
 
 class Dense(nn.Module):
@@ -394,8 +396,8 @@ def _boxed_init(cfg: ModelConfig, rng: jax.Array) -> Params:
 
 
 def init_params(cfg: ModelConfig, seed: int | jax.Array = 0) -> Params:
-    """Fresh float32 parameters as a plain pytree of arrays (no logical-axis boxes), in `cfg`'s
-    layer layout. The same seed gives the same values with or without `scan_layers`."""
+    """Fresh parameters (in `model.param_dtype`) as a plain pytree of arrays (no logical-axis boxes), in
+    `cfg`'s layer layout. The same seed gives the same values with or without `scan_layers`."""
     rng = jax.random.key(seed) if isinstance(seed, int) else seed
     return to_layout(cfg, nn.unbox(_boxed_init(cfg.replace(scan_layers=False), rng)))
 

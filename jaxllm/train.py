@@ -47,6 +47,7 @@ from jaxllm.metrics import plot_loss_curve
 from jaxllm.model import abstract_params, init_params
 from jaxllm.optim import make_optimizer
 from jaxllm.peak import run_peak_flops
+from jaxllm.profiler import StepTrace
 from jaxllm.sharding import batch_sharding, make_mesh, param_shardings, replicated, tracing_on, tree_shardings
 from jaxllm.train_step import eval_step, init_state, train_step
 
@@ -197,7 +198,8 @@ def train(
             start, state = 0, init_fn()
         del init_fn
         logger = start_run(run_dir, config, peak, start=start, is_main=is_main)
-        loop = _Loop(config, state, step_fn, eval_fn, loader, batch_sh, manager, base)
+        trace = StepTrace(tcfg.profile_steps, run_dir / "profile", enabled=is_main)
+        loop = _Loop(config, state, step_fn, eval_fn, loader, batch_sh, manager, trace, base)
         if stop is not None:
             stop.install()
         logging.getLogger("absl").addFilter(quiet := DiskFullLogFilter())
@@ -217,6 +219,7 @@ def train(
                 raise
             raise full from None
         finally:
+            trace.close()
             if stop is not None:
                 exit_on_signal()  # writing final/ is atomic: a signal now just ends the process
             try:
@@ -255,14 +258,24 @@ class _Loop:
     loader: Any
     batch_sh: NamedSharding
     manager: ocp.CheckpointManager
+    trace: StepTrace  # train.profile_steps
     base: Base | None = None
 
-    def step(self, step: int) -> StepOutput:
+    def step(self, step: int) -> Callable[[], StepOutput]:
+        """Dispatch one step (asynchronously); its output's reader, which `run_loop` calls a step later."""
         batch = self.loader.to_global(next(self.loader), self.batch_sh)
         frozen = (self.base.params,) if lora.enabled(self.config.train) else ()
+        self.trace.begin(step, self.state)
         self.state, metrics = self.step_fn(self.state, batch, *frozen)
-        m = jax.device_get(metrics)
-        return StepOutput(float(m["loss"]), float(m["grad_norm"]), bool(m["finite"]), False, float(m["lr"]))
+        self.trace.end(step, metrics)
+        for x in jax.tree.leaves(metrics):
+            x.copy_to_host_async()
+
+        def read() -> StepOutput:
+            m = jax.device_get(metrics)
+            return StepOutput(float(m["loss"]), float(m["grad_norm"]), bool(m["finite"]), False, float(m["lr"]))
+
+        return read
 
     def evaluate(self) -> float:
         return evaluate(self.config, self.state["params"], self.eval_fn, self.batch_sh)

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +54,12 @@ def test_gpu_suite_runs_on_cpu_without_grain_deepspeed_or_flask(tmp_path):
     assert set(mini["train"]) == impls and set(mini["forward"]) == impls and set(mini["decode"]["1"]) == impls
     assert all(0 < s["mfu"] < 1 and s["tokens_per_s"] > 0 for s in mini["train"].values())
     assert (tmp_path / "speed.png").stat().st_size > 10_000
+    # The profiler trace comes back as one file under 16 MiB, in xprof's layout, and its folder is gone.
+    trace = tmp_path / "trace_mini.tar.gz"
+    assert 1000 < trace.stat().st_size < 16 << 20 and not (tmp_path / "profile").exists()
+    with tarfile.open(trace) as tar:
+        pbs = [m for m in tar.getmembers() if re.fullmatch(r"plugins/profile/[^/]+/[^/]+\.xplane\.pb", m.name)]
+    assert len(pbs) == 1 and pbs[0].size > 1000
     # The summary table is printed last: a training-step row per implementation, then the goals.
     tail = out.stdout[out.stdout.index("== summary") :]
     rows = [[c.strip() for c in line.split("|")] for line in tail.splitlines() if line.count("|") >= 3]

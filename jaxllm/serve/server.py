@@ -97,13 +97,15 @@ def load_engine(
     settings: EngineSettings,
     tokenizer_path: str | Path | None = None,
     mesh_overrides: Sequence[str] = (),
+    dtype: str | None = None,
 ) -> Engine:
     """A started engine (warming up in its thread) over a checkpoint and its tokenizer, sharded over the
-    mesh of `mesh_overrides` (`mesh.tensor=2`, as `jaxllm train`'s) when given."""
-    from jaxllm.checkpoint import load_params_on_mesh
+    mesh of `mesh_overrides` (`mesh.tensor=2`, as `jaxllm train`'s) when given; `dtype`: weights and
+    computation in that dtype (`jaxllm.checkpoint.with_dtype`)."""
+    from jaxllm.checkpoint import load_params_on_mesh, with_dtype
     from jaxllm.text import load_codec
 
-    cfg, params = load_params_on_mesh(checkpoint, mesh_overrides)
+    cfg, params = with_dtype(*load_params_on_mesh(checkpoint, mesh_overrides), dtype)
     tokenizer = load_codec(checkpoint, cfg.vocab_size, tokenizer_path)
     return Engine(cfg, params, tokenizer, settings).start()
 
@@ -115,6 +117,7 @@ def serve(
     *,
     settings: EngineSettings | None = None,
     tokenizer_path: str | Path | None = None,
+    dtype: str | None = None,
     model_name: str | None = None,
     threads: int | None = None,
     drain_s: float = 30.0,
@@ -131,7 +134,8 @@ def serve(
     The address is bound first, so that a bad one is an `InputError` before the model loads.
     `allowed_hosts`: Host header names accepted besides loopback ones and `host` ("*": any).
     `cors_origins`: origins whose web pages may call the API (see `jaxllm.serve.cors`).
-    `mesh_overrides`: `mesh.*=` overrides sharding the model and the KV cache (docs/launch.md)."""
+    `mesh_overrides`: `mesh.*=` overrides sharding the model and the KV cache (docs/launch.md).
+    `dtype` (e.g. "bfloat16"): weights and computation in that dtype (`jaxllm.checkpoint.with_dtype`)."""
     from jaxllm.serve.app import create_app
     from jaxllm.serve.cors import normalize_origin
 
@@ -150,7 +154,7 @@ def serve(
         cleanup_interval=max(1, min(30, channel_timeout_s // 2)),
     )  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    engine = load_engine(checkpoint, settings, tokenizer_path, mesh_overrides)
+    engine = load_engine(checkpoint, settings, tokenizer_path, mesh_overrides, dtype)
     api_key = os.environ.get(API_KEY_ENV) or None
     hosts = [*allowed_hosts, *([] if host in ("0.0.0.0", "::") else [host])]
     app = create_app(engine, model_name=model_name, api_key=api_key, allowed_hosts=hosts,
