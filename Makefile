@@ -44,9 +44,9 @@ FT_RUN  ?= runs/finetune
 FT_PHRASE := Happy hacking, from the jaxllm crew!
 finetune-demo: install
 	@test -d $(REAL_CK)/params || { echo "error: $(REAL_CK) is missing: run 'make demo' first (it imports SmolLM2)"; exit 2; }
-	$(VENV)/bin/jaxllm preprocess --format chat $(FT_DIR)/jaxllm_chat.jsonl --tokenizer $(REAL_CK) --out $(FT_DATA) --context 256 --overwrite
+	$(VENV)/bin/jaxllm preprocess --format chat $(FT_DIR)/jaxllm_chat.jsonl --tokenizer $(REAL_CK) --out $(FT_DATA) --context 128 --overwrite
 	rm -rf $(FT_RUN)
-	$(VENV)/bin/jaxllm train --init $(REAL_CK) --config $(FT_DIR)/lora.yaml --data $(FT_DATA) --out $(FT_RUN) model.context_length=256
+	$(VENV)/bin/jaxllm train --init $(REAL_CK) --config $(FT_DIR)/lora.yaml --data $(FT_DATA) --out $(FT_RUN) model.context_length=128
 	$(VENV)/bin/jaxllm generate --checkpoint $(FT_RUN)/final --chat 'How do I resume a training run?' --temperature 0 --max-new-tokens 40 | tee $(FT_RUN)/answer.txt
 	@grep -qF '$(FT_PHRASE)' $(FT_RUN)/answer.txt && echo "the fine-tuned model answers with the taught phrase: $(FT_PHRASE) (loss curve: $(FT_RUN)/loss_curve.png)" || { echo "error: the taught phrase is not in the answer"; exit 1; }
 
