@@ -15,7 +15,7 @@ import pytest
 from jaxllm import ConfigError, InputError, ModelConfig, init_params, save_params
 from jaxllm.base_checkpoint import config_from_checkpoint
 from jaxllm.cli import main as jaxllm_main
-from jaxllm.config import TrainConfig
+from jaxllm.config import Config, TrainConfig
 from jaxllm.data.chat import Example, encode_example, pack, preprocess_chat
 from jaxllm.data.meta import open_split, read_meta
 from jaxllm.data.preprocess import preprocess
@@ -296,12 +296,18 @@ def test_a_packed_chat_example_with_doc_mask_has_the_logits_of_the_example_alone
 
 
 # Starting from a checkpoint --------------------------------------------------------------------------
-def test_the_model_comes_from_the_checkpoint_and_shape_changes_are_refused(chat_ckpt):
+def test_the_model_comes_from_the_checkpoint_and_shape_changes_are_refused(chat_ckpt, tmp_path):
     cfg = config_from_checkpoint(chat_ckpt, None, ["model.dtype=bfloat16", "model.context_length=64"])
     assert cfg.model.name == "tiny-chat" and cfg.model.dtype == "bfloat16" and cfg.model.context_length == 64
     assert cfg.train == TrainConfig()  # the defaults, as without a config file
     cfg = config_from_checkpoint(chat_ckpt, "mini", ["train.steps=3"])
     assert cfg.model.d_model == 32 and cfg.train.learning_rate == 2e-3 and cfg.train.steps == 3
+    # A file of train settings only (examples/finetune/lora.yaml): the model section is CK's anyway.
+    (tmp_path / "lora.yaml").write_text("train:\n  steps: 7\n  lora_rank: 4\n")
+    cfg = config_from_checkpoint(chat_ckpt, tmp_path / "lora.yaml")
+    assert cfg.model.name == "tiny-chat" and cfg.train.steps == 7 and cfg.train.lora_rank == 4
+    with pytest.raises(ConfigError, match="missing the 'model:' section"):
+        Config.load(tmp_path / "lora.yaml")
     with pytest.raises(ConfigError, match=r"^model.d_model=64 would change the shapes") as err:
         config_from_checkpoint(chat_ckpt, None, ["model.d_model=64"])
     assert "\n" not in str(err.value)
