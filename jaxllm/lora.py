@@ -7,8 +7,11 @@ leading dims a kernel has before its own (a scanned layer stack) are kept on bot
 delta into a copy of the base: the train step differentiates the loss of the merged params with respect
 to the adapters only, so the model code is untouched and the base stays out of the optimizer.
 
-Because the delta is folded into the kernel, dropout on the adapter's input (peft's lora_dropout) has no
-place here: `train.lora_dropout > 0` is refused (`check_lora`).
+With `train.lora_dropout` p > 0 (peft's y = x·W + s·dropout(x)·A·B) a merged kernel cannot drop the
+adapter's input, so the training loss applies the adapters at the targeted Dense calls instead (`applied`:
+flax method interception, the model code still untouched), with a dropout key per step, micro-batch and
+module (`dropout_key`). Eval and `final/` use the merged weights, without dropout. A scanned layer stack
+(`model.scan_layers`) runs every layer through one module path, so it is refused with dropout.
 
 Initialisation is peft's default: A kaiming-uniform (bound 1/sqrt(fan_in)), B zeros, so step 0's
 model is the base model.
@@ -17,15 +20,19 @@ model is the base model.
 from __future__ import annotations
 
 import math
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from jaxllm.config import ModelConfig, TrainConfig
 from jaxllm.errors import ConfigError
-from jaxllm.model import Params, abstract_params, logical_axes
+from jaxllm.model import Dense, Params, abstract_params, logical_axes
 
 # Per Dense name: how many of the kernel's trailing dims are its output (the rest, after any leading
 # stacked dims, are its input): q/k/v project to (heads, head_dim), out reads (heads, head_dim).
@@ -62,10 +69,10 @@ def check_lora(mcfg: ModelConfig, tcfg: TrainConfig) -> None:
     if not enabled(tcfg):
         return
     targets(mcfg, tcfg)
-    if tcfg.lora_dropout > 0:
+    if tcfg.lora_dropout > 0 and mcfg.scan_layers:
         raise ConfigError(
-            f"train.lora_dropout={tcfg.lora_dropout}: not supported (jaxllm folds the adapters into the kernels "
-            "inside the loss, see docs/finetune.md); set train.lora_dropout=0"
+            f"train.lora_dropout={tcfg.lora_dropout} needs model.scan_layers=false (a scanned layer stack has one "
+            "module path for every layer); set train.lora_dropout=0 or model.scan_layers=false"
         )
 
 
@@ -168,3 +175,52 @@ def merge(tcfg: TrainConfig, base: Params, adapters: Params) -> Params:
         return {k: walk(v, ad_node.get(k), k) for k, v in base_node.items()}
 
     return walk(base, adapters, None)
+
+
+_DROPOUT_TAG = 0x10AD  # folded into train.seed's key for the dropout masks (init_adapters uses 0x10A)
+
+
+def dropout_key(tcfg: TrainConfig, step: jax.Array | int, micro: jax.Array | int = 0) -> jax.Array:
+    """The dropout key of one micro-batch of one step: a function of train.seed, so resume is exact."""
+    key = jax.random.fold_in(jax.random.key(tcfg.seed), _DROPOUT_TAG)
+    return jax.random.fold_in(jax.random.fold_in(key, step), micro)
+
+
+def adapter_output(
+    tcfg: TrainConfig, name: str, adapter: Params, x: jax.Array, key: jax.Array | None, dtype: Any
+) -> jax.Array:
+    """s·(dropout(x)·A·B) for a Dense's input x (batch…, in…): shape (batch…, out…). No dropout without `key`."""
+    a, b = adapter["lora_a"], adapter["lora_b"]
+    n_in, p = _IN_DIMS[name], tcfg.lora_dropout
+    if key is not None and p > 0:
+        keep = jax.random.bernoulli(key, 1.0 - p, x.shape)
+        x = jnp.where(keep, x / (1.0 - p), 0).astype(x.dtype)
+    batch_shape, r = x.shape[: x.ndim - n_in], a.shape[-1]
+    x_2d = x.reshape(math.prod(batch_shape), -1).astype(dtype)
+    y_2d = (x_2d @ a.reshape(-1, r).astype(dtype)) @ b.reshape(r, -1).astype(dtype)
+    return (scale(tcfg) * y_2d).reshape(*batch_shape, *b.shape[1:])
+
+
+@contextmanager
+def applied(tcfg: TrainConfig, adapters: Params, key: jax.Array | None) -> Iterator[None]:
+    """Within it, a model applied to the base params computes x·W + s·dropout(x)·A·B at each adapted Dense.
+
+    Each Dense call's mask uses `key` folded with a hash of the module's path. Per-layer params only
+    (`check_lora` refuses `scan_layers` with dropout). Pure inside a traced function; jit-able.
+    """
+
+    def intercept(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
+        module = context.module
+        y = next_fun(*args, **kwargs)
+        if context.method_name != "__call__" or not isinstance(module, Dense):
+            return y
+        adapter: Any = adapters
+        for part in module.path:
+            adapter = adapter.get(part) if isinstance(adapter, dict) else None
+        if not isinstance(adapter, dict) or "lora_a" not in adapter:
+            return y
+        k = None if key is None else jax.random.fold_in(key, zlib.crc32("/".join(module.path).encode()) & 0x7FFFFFFF)
+        return y + adapter_output(tcfg, module.path[-1], adapter, args[0], k, module.dtype).astype(y.dtype)
+
+    with nn.intercept_methods(intercept):
+        yield

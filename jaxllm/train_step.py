@@ -70,25 +70,34 @@ def train_step(
     A non-finite loss or gradient leaves params and optimizer state unchanged and sets
     `metrics["finite"]` to False; the loop then stops or carries on (`train.nonfinite`).
 
-    `base` (LoRA): the frozen params; `state["params"]` are then the adapters, the only thing trained.
+    `base` (LoRA): the frozen params; `state["params"]` are then the adapters, the only thing trained
+    (merged into the kernels, or with `train.lora_dropout` > 0 applied at the Dense calls: `lora.applied`).
     """
     k = train_cfg.grad_accum
     count = jnp.maximum(target_weights(batch).sum(), 1.0)  # over the global batch
     model_params = (lambda p: p) if base is None else (lambda adapters: lora.merge(train_cfg, base, adapters))
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sum(model_cfg, model_params(p), b) / count)
+
+    def model_loss(p: Any, b: Batch, j: jax.Array | int) -> jax.Array:
+        if base is None or train_cfg.lora_dropout == 0:
+            return loss_sum(model_cfg, model_params(p), b)
+        with lora.applied(train_cfg, p, lora.dropout_key(train_cfg, state["step"], j)):  # LoRA dropout: unmerged
+            return loss_sum(model_cfg, base, b)
+
+    grad_fn = jax.value_and_grad(lambda p, b, j: model_loss(p, b, j) / count)
     if k == 1:
-        loss, grads = grad_fn(state["params"], batch)
+        loss, grads = grad_fn(state["params"], batch, 0)
     else:
         micro_K = jax.tree.map(lambda x: x.reshape(-1, k, *x.shape[1:]).swapaxes(0, 1), batch)
 
-        def accumulate(carry, micro):
+        def accumulate(carry, micro_j):
+            micro, j = micro_j
             if micro_sharding is not None:
                 micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
-            loss, grads = grad_fn(state["params"], micro)
+            loss, grads = grad_fn(state["params"], micro, j)
             return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state["params"]))
-        (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro_K)
+        (loss, grads), _ = jax.lax.scan(accumulate, zeros, (micro_K, jnp.arange(k)))
 
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
