@@ -1,18 +1,23 @@
 """LoRA: frozen base, adapters only in the optimizer and checkpoints, exact resume, meshes, peft parity and export."""
 
 import shutil
+import zlib
+from typing import Any
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxllm import ConfigError, InputError, load_params, save_params
 from jaxllm.config import Config
-from jaxllm.lora import init_adapters, merge
+from jaxllm.lora import applied, init_adapters, merge
 from jaxllm.metrics import read_metrics
-from jaxllm.model import forward, init_params
+from jaxllm.model import Dense, forward, init_params
 from jaxllm.train import train
+from jaxllm.train_step import loss_fn
 
 from parity_helpers import LOSS_RTOL
 
@@ -108,13 +113,14 @@ def test_resume_is_exact_and_refuses_another_base(byte_dataset, tmp_path):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
-def test_lora_on_fsdp_tp_mesh_matches_one_device(byte_dataset, tmp_path):
-    cfg = config(byte_dataset, LLAMA, "train.steps=5", "train.lora_targets=all")
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_on_fsdp_tp_mesh_matches_one_device(byte_dataset, tmp_path, dropout):
+    run = ["train.steps=5", "train.lora_targets=all", f"train.lora_dropout={dropout}"]
+    cfg = config(byte_dataset, LLAMA, *run)
     base = make_base(cfg, tmp_path / "base")
     train(cfg, tmp_path / "one", init=base, progress=False, devices=one_device())
     mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
-    sharded = train(config(byte_dataset, LLAMA, "train.steps=5", "train.lora_targets=all", *mesh), tmp_path / "mesh",
-                    init=base, progress=False)  # fmt: skip
+    sharded = train(config(byte_dataset, LLAMA, *run, *mesh), tmp_path / "mesh", init=base, progress=False)
     np.testing.assert_allclose(losses(tmp_path / "mesh"), losses(tmp_path / "one"), rtol=1e-5)
     sh = sharded.param_shardings["blocks_0"]  # the adapters' shardings, from the one rules table
     assert sh["attn"]["query"]["lora_a"].spec == P("fsdp", None)
@@ -158,7 +164,7 @@ def test_peft_adapter_dir_loads_onto_the_exported_base_and_matches_the_merged_mo
     ("overrides", "message"),
     [
         (["train.lora_targets=[query,gate]"], "the gpt family has no 'gate' layer"),
-        (["train.lora_dropout=0.1"], "train.lora_dropout=0.1: not supported"),
+        (["train.lora_dropout=0.1", "model.scan_layers=true"], r"train.lora_dropout=0.1 needs model.scan_layers=false"),
         (["train.lora_targets=[]"], "train.lora_targets is empty"),
     ],
 )
@@ -203,3 +209,103 @@ def test_full_fine_tuning_from_init_starts_from_its_weights(byte_dataset, tmp_pa
     other = train(cfg, tmp_path / "other", init=make_base(cfg, tmp_path / "b2", seed=5), progress=False,
                   devices=one_device())  # fmt: skip
     assert abs(losses(other.run_dir)[0] - losses(tmp_path / "fresh")[0]) > 1e-4
+
+
+# LoRA dropout (train.lora_dropout > 0): adapters applied at the Dense calls, y = x·W + s·dropout(x)·A·B ------------
+
+
+class _Attn(nn.Module):
+    cfg: Any
+
+    @nn.compact
+    def __call__(self, x):
+        return Dense((64,), ("heads", "head_dim", "embed"), False, jnp.float32, 0.02, n_in=2, name="out")(x)
+
+
+class _Net(nn.Module):
+    cfg: Any
+
+    @nn.compact
+    def __call__(self, x):
+        return _Attn(self.cfg, name="attn")(x)
+
+
+def _noisy(adapters, seed=3):
+    """Adapters with a nonzero B (init has B = 0, where dropout changes nothing)."""
+    leaves, treedef = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return treedef.unflatten([x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)])
+
+
+def test_dropout_adapter_at_a_dense_call_matches_the_hand_written_formula():
+    """An `out`-shaped Dense (in dims (4, 16)) at path attn/out: x·W + s·(mask⊙x/(1-p))·A·B, the mask drawn
+    from the key folded with the path's hash (the documented derivation)."""
+    cfg = Config.load("mini", [*LLAMA, "train.lora_rank=3", "train.lora_alpha=6", "train.lora_dropout=0.25"])
+    net = _Net(cfg.model)
+    x_BTHK = jax.random.normal(jax.random.key(0), (2, 5, 4, 16))
+    params = nn.unbox(net.init(jax.random.key(1), x_BTHK))["params"]
+    a_HKR, b_RD = jax.random.normal(jax.random.key(2), (4, 16, 3)), jax.random.normal(jax.random.key(3), (3, 64))
+    adapters = {"attn": {"out": {"lora_a": a_HKR, "lora_b": b_RD}}}
+    key = jax.random.key(7)
+
+    @jax.jit
+    def ours(adapters, key):
+        with applied(cfg.train, adapters, key):
+            return net.apply({"params": params}, x_BTHK)
+
+    keep_BTHK = jax.random.bernoulli(jax.random.fold_in(key, zlib.crc32(b"attn/out") & 0x7FFFFFFF), 0.75, x_BTHK.shape)
+    w_HKD = params["attn"]["out"]["kernel"]
+    dropped_BTHK = np.where(keep_BTHK, x_BTHK / 0.75, 0.0)
+    want = np.einsum("bthk,hkd->btd", x_BTHK, w_HKD) + 2.0 * np.einsum("bthk,hkr,rd->btd", dropped_BTHK, a_HKR, b_RD)
+    np.testing.assert_allclose(ours(adapters, key), want, rtol=1e-5, atol=1e-5)
+    assert 0.6 < keep_BTHK.mean() < 0.9  # the mask did drop some inputs, about p of them
+    no_dropout = np.einsum("bthk,hkd->btd", x_BTHK, w_HKD + 2.0 * np.einsum("hkr,rd->hkd", a_HKR, b_RD))
+    np.testing.assert_allclose(ours(adapters, None), no_dropout, rtol=1e-5, atol=1e-5)  # no key: no dropout
+
+
+def test_dropout_loss_tends_to_the_merged_loss_and_changes_it_for_p_above_zero(byte_dataset):
+    def cfg_for(p):
+        return Config.load("mini", [*LLAMA, "train.lora_rank=4", "train.lora_targets=all", f"train.lora_dropout={p}"])
+
+    cfg = cfg_for(1e-7)
+    base = init_params(cfg.model, 1)
+    adapters = _noisy(init_adapters(cfg.model, cfg.train))
+    tokens = np.random.default_rng(0).integers(0, 257, (4, 17))
+    merged = float(loss_fn(cfg.model, merge(cfg.train, base, adapters), tokens))
+
+    def dropped(p, key):
+        with applied(cfg_for(p).train, adapters, key):
+            return float(loss_fn(cfg.model, base, tokens))
+
+    key = jax.random.key(0)
+    assert abs(dropped(1e-7, key) - merged) < 1e-5 * abs(merged)
+    assert dropped(0.3, key) == dropped(0.3, key)  # the same key: the same masks
+    assert abs(dropped(0.3, key) - merged) > 1e-3
+    assert abs(dropped(0.3, key) - dropped(0.3, jax.random.key(1))) > 1e-4
+
+
+def test_dropout_run_trains_resumes_exactly_and_final_holds_merged_weights(byte_dataset, tmp_path):
+    import orbax.checkpoint as ocp
+
+    cfg = config(byte_dataset, LLAMA, "train.steps=8", "train.checkpoint_every=4", "train.lora_targets=all",
+                 "train.lora_dropout=0.1")  # fmt: skip
+    base = make_base(cfg, tmp_path / "base")
+    train(cfg, tmp_path / "ref", init=base, progress=False, devices=one_device())
+    ref = losses(tmp_path / "ref")
+    assert len(ref) == 8 and min(ref[4:]) < ref[0] - 0.1  # it trains (the base is frozen)
+    no_drop = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lora_dropout": 0.0})})
+    train(no_drop, tmp_path / "plain", init=base, progress=False, devices=one_device())
+    assert not np.allclose(losses(tmp_path / "plain")[1:], ref[1:], rtol=1e-5)  # dropout did act (B is 0 at step 0)
+
+    train(cfg, tmp_path / "run", init=base, progress=False, devices=one_device())
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "8")
+    shutil.rmtree(tmp_path / "run" / "final")
+    assert train(cfg, tmp_path / "run", init=base, resume=True, progress=False, devices=one_device()).start_step == 4
+    np.testing.assert_allclose(losses(tmp_path / "run"), ref, rtol=1e-6)
+
+    adapters = ocp.StandardCheckpointer().restore(tmp_path / "ref" / "checkpoints" / "8" / "state")["params"]
+    _, base_params = load_params(base)
+    _, final = load_params(tmp_path / "ref" / "final")
+    want = merge(cfg.train, base_params, adapters)  # W + s·A·B, no dropout
+    for x, y in zip(jax.tree.leaves(final), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
