@@ -8,16 +8,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxllm import ConfigError, InputError, load_params, save_params
 from jaxllm.config import Config
-from jaxllm.lora import applied, init_adapters, merge
+from jaxllm.lora import applied, dropout_key, init_adapters, merge
 from jaxllm.metrics import read_metrics
 from jaxllm.model import Dense, forward, init_params
 from jaxllm.train import train
-from jaxllm.train_step import loss_fn
+from jaxllm.train_step import init_state, loss_fn, loss_sum, train_step
 
 from parity_helpers import LOSS_RTOL
 
@@ -309,3 +310,27 @@ def test_dropout_run_trains_resumes_exactly_and_final_holds_merged_weights(byte_
     want = merge(cfg.train, base_params, adapters)  # W + s·A·B, no dropout
     for x, y in zip(jax.tree.leaves(final), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_dropout_train_step_draws_a_mask_per_micro_batch():
+    """grad_accum=2: the step's loss is the sum over micro-batches (rows j, j+2) of each one's loss under
+    its own key, `dropout_key(step, j)`, divided by the whole batch's count."""
+    cfg = Config.load("mini", [*LLAMA, "train.lora_rank=4", "train.lora_targets=all", "train.lora_dropout=0.3",
+                               "train.batch_size=4", "train.grad_accum=2"])  # fmt: skip
+    base = init_params(cfg.model, 1)
+    adapters = _noisy(init_adapters(cfg.model, cfg.train))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 257, (4, 17)))
+    state = {**init_state(adapters, optax.sgd(0.0)), "step": jnp.asarray(5, jnp.int32)}
+    _, metrics = jax.jit(lambda s, b, base: train_step(cfg.model, cfg.train, optax.sgd(0.0), s, b, None, base))(
+        state, tokens, base
+    )
+
+    def micro_loss(j, key_j):
+        with applied(cfg.train, adapters, dropout_key(cfg.train, 5, key_j)):
+            return loss_sum(cfg.model, base, tokens[j::2])
+
+    count = 4 * 16
+    want = sum(float(micro_loss(j, j)) for j in range(2)) / count
+    np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5)
+    same_key = sum(float(micro_loss(j, 0)) for j in range(2)) / count
+    assert abs(float(metrics["loss"]) - same_key) > 1e-5  # each micro-batch has its own masks
