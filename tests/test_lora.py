@@ -285,6 +285,7 @@ def test_dropout_loss_tends_to_the_merged_loss_and_changes_it_for_p_above_zero(b
     assert abs(dropped(0.3, key) - dropped(0.3, jax.random.key(1))) > 1e-4
 
 
+@pytest.mark.slow
 def test_dropout_run_trains_resumes_exactly_and_final_holds_merged_weights(byte_dataset, tmp_path):
     import orbax.checkpoint as ocp
 
