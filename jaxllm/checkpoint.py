@@ -13,6 +13,7 @@ import hashlib
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,6 @@ import jax
 import orbax.checkpoint as ocp
 import yaml
 
-from jaxllm.base_checkpoint import check_same_param_shapes
 from jaxllm.config import Config, ModelConfig
 from jaxllm.errors import ConfigError, InputError
 from jaxllm.model import Params, abstract_params, to_layout, to_per_layer
@@ -103,15 +103,18 @@ def _per_layer_shardings(cfg: ModelConfig, shardings: Params) -> Params:
     return {**rest, **{f"blocks_{i}": one_layer for i in range(cfg.n_layers)}}
 
 
-def load_params_on_mesh(path: str | Path, mesh_overrides: Sequence[str] = ()) -> tuple[ModelConfig, Params]:
-    """`load_params`, each parameter restored onto its devices of the mesh that `mesh.*=` overrides
-    (`mesh.tensor=2`, as `jaxllm train` takes them) describe, by the rules table; none: one device.
+def load_params_on_mesh(
+    path: str | Path, mesh_overrides: Sequence[str] = (), dtype: str | None = None
+) -> tuple[ModelConfig, Params]:
+    """`load_params` for inference (`jaxllm generate` / `serve`): each parameter restored onto its devices
+    of the mesh that `mesh.*=` overrides (`mesh.tensor=2`, as `jaxllm train` takes them) describe, by the
+    rules table (none: one device), then cast to `dtype` (`with_dtype`; None: as saved).
 
-    For inference: the layers come unrolled whatever `model.scan_layers` says (a scanned KV cache
-    decodes several times slower: benchmarks/results/compile_time.md).
+    The layers come unrolled whatever `model.scan_layers` says (a scanned KV cache decodes several
+    times slower: benchmarks/results/compile_time.md).
     """
     if not mesh_overrides:
-        return load_params(path, scan_layers=False)
+        return with_dtype(*load_params(path, scan_layers=False), dtype)
     from jaxllm.sharding import inference_mesh, param_shardings  # the sharding module imports JAX's mesh code
 
     for item in mesh_overrides:
@@ -120,7 +123,7 @@ def load_params_on_mesh(path: str | Path, mesh_overrides: Sequence[str] = ()) ->
     path = _params_dir(path)
     config = Config.load(path / CONFIG_FILE, mesh_overrides)
     model = config.model.replace(scan_layers=False)
-    return load_params(path, param_shardings(model, inference_mesh(config.mesh)), scan_layers=False)
+    return with_dtype(*load_params(path, param_shardings(model, inference_mesh(config.mesh)), scan_layers=False), dtype)
 
 
 def _params_dir(path: str | Path) -> Path:
@@ -147,22 +150,24 @@ class Base:
     """Weights a run starts from (`jaxllm train --init CK`); with LoRA, the frozen base."""
 
     path: Path
-    sha256: str
     params: Params
     shardings: Any
+
+    @cached_property
+    def sha256(self) -> str:
+        """Of its files (`params_sha256`): read only when a LoRA run records or checks its base."""
+        return params_sha256(self.path)
 
     def record(self) -> dict[str, str]:
         return {"path": str(self.path), "sha256": self.sha256}
 
 
 def load_base(path: str | Path, cfg: ModelConfig, shardings: Any) -> Base:
-    """The params directory `path` restored onto `shardings`, refused unless its shapes are `cfg`'s."""
-    path = Path(path).absolute()
-    if not (path / CONFIG_FILE).is_file():
-        raise InputError(f"{path} is not a jaxllm params directory (needs {CONFIG_FILE} and {PARAMS_DIR}/)")
-    check_same_param_shapes(ModelConfig.from_yaml(path / CONFIG_FILE), cfg, str(path))
+    """The params directory `path` restored onto `shardings`, in `cfg`'s layer layout. Its shapes must
+    be `cfg`'s: `train` checks that before any work (`base_checkpoint.check_same_param_shapes`)."""
+    path = _params_dir(path)
     _, params = load_params(path, shardings, scan_layers=cfg.scan_layers)
-    return Base(path, params_sha256(path), params, shardings)
+    return Base(path, params, shardings)
 
 
 def check_base(recorded: dict[str, str], base: Base, checkpoint: Path) -> None:

@@ -102,10 +102,10 @@ def load_engine(
     """A started engine (warming up in its thread) over a checkpoint and its tokenizer, sharded over the
     mesh of `mesh_overrides` (`mesh.tensor=2`, as `jaxllm train`'s) when given; `dtype`: weights and
     computation in that dtype (`jaxllm.checkpoint.with_dtype`)."""
-    from jaxllm.checkpoint import load_params_on_mesh, with_dtype
+    from jaxllm.checkpoint import load_params_on_mesh
     from jaxllm.text import load_codec
 
-    cfg, params = with_dtype(*load_params_on_mesh(checkpoint, mesh_overrides), dtype)
+    cfg, params = load_params_on_mesh(checkpoint, mesh_overrides, dtype)
     tokenizer = load_codec(checkpoint, cfg.vocab_size, tokenizer_path)
     return Engine(cfg, params, tokenizer, settings).start()
 
