@@ -75,11 +75,12 @@ def train_step(
     """
     k = train_cfg.grad_accum
     count = jnp.maximum(target_weights(batch).sum(), 1.0)  # over the global batch
-    model_params = (lambda p: p) if base is None else (lambda adapters: lora.merge(train_cfg, base, adapters))
 
     def model_loss(p: Any, b: Batch, j: jax.Array | int) -> jax.Array:
-        if base is None or train_cfg.lora_dropout == 0:
-            return loss_sum(model_cfg, model_params(p), b)
+        if base is None:
+            return loss_sum(model_cfg, p, b)
+        if train_cfg.lora_dropout == 0:  # LoRA: the adapters merged into the base kernels
+            return loss_sum(model_cfg, lora.merge(train_cfg, base, p), b)
         with lora.applied(train_cfg, p, lora.dropout_key(train_cfg, state["step"], j)):  # LoRA dropout: unmerged
             return loss_sum(model_cfg, base, b)
 

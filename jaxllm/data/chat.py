@@ -16,7 +16,6 @@ split for text). Files: see `jaxllm/data/meta.py` and docs/data.md.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ import numpy as np
 from jaxllm.data.corpus import MAX_SKIP_WARNINGS
 from jaxllm.data.meta import PACKED_ARRAYS, SPLITS, TOKENIZER_FILE, DataMeta, packed_file, split_file, token_dtype
 from jaxllm.data.preprocess import PreprocessResult, Warn, _print_warning, split_documents, staged, write_meta
+from jaxllm.data.tokenizer import sha256_hex
 from jaxllm.errors import ConfigError, InputError
 from jaxllm.text import TextCodec, check_messages
 
@@ -101,7 +101,7 @@ def read_examples(
         if not path.is_file():
             raise InputError(f"chat file not found: {path}")
         data = path.read_bytes()
-        entry = {"path": str(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "lines": 0,
+        entry = {"path": str(path), "bytes": len(data), "sha256": sha256_hex(data), "lines": 0,
                  "examples": 0, "malformed": 0}  # fmt: skip
         for line_no, raw in enumerate(data.splitlines(), start=1):
             entry["lines"] += 1
@@ -183,7 +183,7 @@ def preprocess_chat(
     tokenizer and chat template; windows of `context` (default: the checkpoint's) + 1 tokens."""
     from jaxllm.base_checkpoint import checkpoint_model, is_params_dir
     from jaxllm.data.preprocess import _check_out_dir, checkpoint_tokenizer
-    from jaxllm.data.tokenizer import eot_of, sha256_hex, vocab_size_of
+    from jaxllm.data.tokenizer import eot_of, vocab_size_of
     from jaxllm.text import load_codec
 
     start = time.perf_counter()
