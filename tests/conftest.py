@@ -116,6 +116,23 @@ def serve_tokenizer(checkpoint):
     return load_tokenizer(Path(checkpoint[0]) / "tokenizer.json")
 
 
+# A plain "role: content" chat template, for serving tests of chat routes on the tiny tokenizer.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chat_codec(serve_tokenizer):
+    """The tiny tokenizer as a `TextCodec` with `CHAT_TEMPLATE`."""
+    from jaxllm.text import TextCodec
+
+    codec = TextCodec.wrap(serve_tokenizer)
+    codec.chat_template = CHAT_TEMPLATE
+    return codec
+
+
 @pytest.fixture(scope="session")
 def serve_engine(checkpoint, serve_tokenizer):
     """A started, warmed-up serving engine over the tiny checkpoint: 4 slots, prefill batches of up to 2."""

@@ -10,45 +10,33 @@ import pytest
 
 from jaxllm.generation import complete
 from jaxllm.serve import Engine, EngineSettings, create_app
-from jaxllm.text import TextCodec
 
 from serve_helpers import SLOTS, sse_data
 
-TEMPLATE = (
-    "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat"}]
 
 
 @pytest.fixture(scope="module")
-def codec(serve_tokenizer):
-    codec = TextCodec.wrap(serve_tokenizer)
-    codec.chat_template = TEMPLATE
-    return codec
-
-
-@pytest.fixture(scope="module")
-def client(checkpoint, codec):
+def client(checkpoint, chat_codec):
     _, _, cfg, params = checkpoint
-    engine = Engine(cfg, params, codec, EngineSettings(slots=SLOTS, max_prefill_batch=2)).start()
+    engine = Engine(cfg, params, chat_codec, EngineSettings(slots=SLOTS, max_prefill_batch=2)).start()
     assert engine.wait_ready(120)
     yield create_app(engine).test_client()
     engine.stop()
 
 
-def expected(checkpoint, codec, max_tokens, **options):
+def expected(checkpoint, chat_codec, max_tokens, **options):
     _, _, cfg, params = checkpoint
-    ids = codec.encode_chat(MESSAGES)
-    return ids, complete(cfg, params, [ids], tokenizer=codec, max_new_tokens=max_tokens, stop=codec.end_ids,
+    ids = chat_codec.encode_chat(MESSAGES)
+    return ids, complete(cfg, params, [ids], tokenizer=chat_codec, max_new_tokens=max_tokens, stop=chat_codec.end_ids,
                          **options)[0]  # fmt: skip
 
 
-def test_chat_completion_has_openai_shape_and_the_template_rendered_prompt(client, checkpoint, codec):
+def test_chat_completion_has_openai_shape_and_the_template_rendered_prompt(client, checkpoint, chat_codec):
     r = client.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 12, "temperature": 0})
     assert r.status_code == 200, r.json
     body = r.json
-    ids, want = expected(checkpoint, codec, 12, temperature=0.0)
+    ids, want = expected(checkpoint, chat_codec, 12, temperature=0.0)
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     [choice] = body["choices"]
     assert choice["message"] == {"role": "assistant", "content": want.text}
@@ -57,10 +45,10 @@ def test_chat_completion_has_openai_shape_and_the_template_rendered_prompt(clien
                              "total_tokens": len(ids) + len(want.tokens)}  # fmt: skip
 
 
-def test_max_tokens_defaults_to_the_rest_of_the_context(client, checkpoint, codec):
+def test_max_tokens_defaults_to_the_rest_of_the_context(client, checkpoint, chat_codec):
     _, _, cfg, _ = checkpoint
     r = client.post("/v1/chat/completions", json={"messages": MESSAGES, "temperature": 0, "ignore_eos": True})
-    ids = codec.encode_chat(MESSAGES)
+    ids = chat_codec.encode_chat(MESSAGES)
     assert r.status_code == 200, r.json
     assert r.json["usage"]["completion_tokens"] == cfg.context_length - len(ids)
     assert r.json["choices"][0]["finish_reason"] == "length"
@@ -75,7 +63,7 @@ def test_text_parts_equal_a_string_content(client):
     assert a.json["choices"] == b.json["choices"]
 
 
-def test_stream_sends_the_role_then_deltas_then_finish_reason_usage_and_done(client, checkpoint, codec):
+def test_stream_sends_the_role_then_deltas_then_finish_reason_usage_and_done(client, checkpoint, chat_codec):
     body = {"messages": MESSAGES, "max_tokens": 10, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
     r = client.post("/v1/chat/completions", json=body)
@@ -87,7 +75,7 @@ def test_stream_sends_the_role_then_deltas_then_finish_reason_usage_and_done(cli
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     reasons = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
-    _, want = expected(checkpoint, codec, 10, temperature=0.0)
+    _, want = expected(checkpoint, chat_codec, 10, temperature=0.0)
     assert text == want.text and reasons == [want.finish_reason]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == len(want.tokens)
 

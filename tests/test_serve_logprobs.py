@@ -14,17 +14,12 @@ from jaxllm.hf import import_hf
 from jaxllm.scoring import score_tokens
 from jaxllm.serve import Engine, EngineSettings, create_app
 from jaxllm.serve.logprobs import Scores, bytes_string, chat_content, legacy, text_offsets, token_bytes, token_string
-from jaxllm.text import TextCodec
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers", reason="transformers (dev extra) builds the reference model")
 
 TOL = 1e-4
 PROMPT = "the cat sat on the mat."
-TEMPLATE = (
-    "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +41,10 @@ def llama(tmp_path_factory, serve_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def codec(serve_tokenizer):
-    codec = TextCodec.wrap(serve_tokenizer)
-    codec.chat_template = TEMPLATE
-    return codec
-
-
-@pytest.fixture(scope="module")
-def app(llama, codec):
+def app(llama, chat_codec):
     _, cfg, params = llama
     settings = EngineSettings(slots=4, max_prefill_batch=2, max_score_batch=2, warmup=False)
-    engine = Engine(cfg, params, codec, settings).start()
+    engine = Engine(cfg, params, chat_codec, settings).start()
     assert engine.wait_ready(300)
     yield create_app(engine)
     engine.stop()
@@ -181,7 +169,7 @@ def test_rows_that_finish_together_are_scored_in_one_padded_call(client, monkeyp
     assert shapes == [(2, 16)]  # both rows finish in one loop: one call, a (batch, length) bucket
 
 
-def test_chat_logprobs_have_openai_shape(client, llama, codec):
+def test_chat_logprobs_have_openai_shape(client, llama, chat_codec):
     model, _, _ = llama
     messages = [{"role": "user", "content": "the cat"}]
     body = post(client, {"messages": messages, "max_tokens": 4, "temperature": 0, "logprobs": True,
@@ -191,7 +179,7 @@ def test_chat_logprobs_have_openai_shape(client, llama, codec):
     assert len(content) == 4
     joined = bytes(b for e in content for b in e["bytes"])
     assert joined.decode("utf-8", "replace") == choice["message"]["content"]
-    ids = codec.encode_chat(messages)
+    ids = chat_codec.encode_chat(messages)
     seq = list(ids)
     for e in content:
         assert set(e) == {"token", "logprob", "bytes", "top_logprobs"}
