@@ -410,20 +410,38 @@ def _restore_newest(
 
 
 def _quiet_abandoned_reads() -> None:
-    """Drop the "Exception ignored in <coroutine …>" reports of orbax's array reads abandoned when a
-    corrupted checkpoint failed to restore (they come whenever the coroutines are collected); any
-    other unraisable exception is reported as before."""
+    """Drop the reports of orbax's array reads abandoned when a corrupted checkpoint failed to restore:
+    "Exception ignored in <coroutine …>" when the coroutines are collected, and "RuntimeError: Event
+    loop is closed" tracebacks when a read finishes later and its callback finds orbax's event loop
+    closed (printed through `sys.excepthook`). Any other exception is reported as before."""
     hook = sys.unraisablehook
     if getattr(hook, "jaxllm_quiet_reads", False):
         return
 
     def unraisablehook(u: Any) -> None:
         name = getattr(u.object, "__qualname__", "") or getattr(getattr(u.object, "cr_code", None), "co_name", "")
-        if not (inspect.iscoroutine(u.object) and "read_array" in name):
+        if not (inspect.iscoroutine(u.object) and "read_array" in name) and not _closed_loop_error(u.exc_value):
             hook(u)
+
+    excepthook = sys.excepthook
+
+    def quiet_excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if not _closed_loop_error(value, tb):
+            excepthook(kind, value, tb)
 
     unraisablehook.jaxllm_quiet_reads = True
     sys.unraisablehook = unraisablehook
+    sys.excepthook = quiet_excepthook
+
+
+def _closed_loop_error(err: BaseException | None, tb: Any = None) -> bool:
+    """asyncio's "Event loop is closed", raised inside asyncio itself (a late callback), nowhere else."""
+    if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
+        return False
+    tb = tb or err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).parent.name == "asyncio"
 
 
 def _first_line(err: BaseException) -> str:

@@ -294,3 +294,35 @@ def test_two_processes_stop_at_the_same_step_on_a_signal_to_one(byte_dataset, tm
     assert sorted(b) == list(range(1, 61))
     assert [b[s] for s in range(1, 61)] == [a[s] for s in range(1, 61)]  # bit-identical
     assert_same_params(full / "final", run_dir / "final", exact=True)
+
+
+def test_late_reads_of_an_abandoned_restore_are_quiet_and_other_errors_are_not(monkeypatch):
+    """A read that ends after orbax closed its event loop raises asyncio's "Event loop is closed" in a
+    callback, printed through sys.excepthook: dropped. The same message raised elsewhere, or any other
+    error, still reaches the hooks that were in place."""
+    import asyncio
+    import sys
+
+    from jaxllm import train
+
+    seen, unraisable = [], []
+    monkeypatch.setattr(sys, "excepthook", lambda kind, value, tb: seen.append(value))
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(u.exc_value))
+    train._quiet_abandoned_reads()
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:
+        loop.call_soon_threadsafe(print)
+    except RuntimeError as err:
+        late = err
+    try:
+        raise RuntimeError("Event loop is closed")  # not raised inside asyncio
+    except RuntimeError as err:
+        ours = err
+    other = ValueError("boom")
+    for err in (late, ours, other):
+        sys.excepthook(type(err), err, err.__traceback__)
+        sys.unraisablehook(type("U", (), {"object": None, "exc_value": err})())
+    assert seen == [ours, other]
+    assert unraisable == [ours, other]
