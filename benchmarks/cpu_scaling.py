@@ -25,22 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.machine import RESULTS, describe, machine_info, write_results
+from benchmarks.machine import RESULTS, cpu_slug, describe, machine_info, write_results
 
 JAX, JAX_DEVICES, EAGER = "jaxllm", "jaxllm, one CPU device per core", "torch_ref eager"
 IMPLS = (JAX, JAX_DEVICES, EAGER)
-
-
-def cpu_slug(cpu: str) -> str:
-    """'Intel(R) Xeon(R) Processor' -> 'intel-xeon'; 'AMD EPYC 9B14' -> 'amd-epyc'."""
-    words = re.sub(r"\(r\)|\(tm\)|[^a-z0-9 ]", " ", cpu.lower()).split()
-    return "-".join(words[:2]) or "cpu"
 
 
 def configurations(cores: int) -> list[tuple[str, int]]:
@@ -77,37 +70,13 @@ def child(impl: str, cores: int, preset: str, reps: int, quick: bool) -> dict:
     steps = shape.steps_per_timing
     if impl == EAGER:
         run = speed.torch_train_runner(cfg, jaxllm.to_torch_state_dict(cfg.model, params), "cpu", False, steps)
-    elif impl == JAX:
-        run = speed.jax_train_runner(cfg, params, steps)
-    else:
-        run = data_parallel_runner(cfg, params, steps)
+    else:  # one device, or the batch over every XLA CPU device (the `data` mesh axis)
+        from jaxllm.sharding import make_mesh
+
+        run = speed.jax_train_runner(cfg, params, steps, make_mesh(cfg.mesh) if impl == JAX_DEVICES else None)
     seconds = speed.timings({impl: run}, reps, quiet=False)[impl]
     return {"seconds_per_step": [s / steps for s in seconds], "xla_devices": len(jax.devices()),
             "torch_threads": torch.get_num_threads(), "cores": len(os.sched_getaffinity(0))}  # fmt: skip
-
-
-def data_parallel_runner(cfg, params, steps: int):
-    """`steps` train steps with the batch sharded over every XLA CPU device (the `data` mesh axis)."""
-    import jax
-    import jax.numpy as jnp
-
-    from benchmarks.speed import train_batches
-    from jaxllm.optim import make_optimizer
-    from jaxllm.sharding import make_mesh
-    from jaxllm.train import sharded_train_step
-    from jaxllm.train_step import init_state
-
-    optimizer = make_optimizer(cfg.train)
-    step, state_sh, batch_sh = sharded_train_step(cfg, make_mesh(cfg.mesh), optimizer)
-    state = {"s": jax.device_put(init_state(params, optimizer), state_sh)}
-    batches = [jax.device_put(jnp.asarray(b, jnp.int32), batch_sh) for b in train_batches(cfg)]
-
-    def run() -> None:
-        for i in range(steps):
-            state["s"], metrics = step(state["s"], batches[i % len(batches)])
-            float(metrics["loss"]), float(metrics["grad_norm"])  # as the loop logs them
-
-    return run
 
 
 # The parent: children in rounds, the table ---------------------------------------------------------
@@ -122,8 +91,7 @@ def run_child(impl: str, cores: int, preset: str, reps: int, quick: bool) -> dic
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(presets: list[str], rounds: int, reps: int, quick: bool) -> list[dict]:
-    cores = len(os.sched_getaffinity(0))
+def measure(presets: list[str], cores: int, rounds: int, reps: int, quick: bool) -> list[dict]:
     rows = []
     for preset in presets:
         seconds: dict[tuple[str, int], list[float]] = {c: [] for c in configurations(cores)}
@@ -160,7 +128,7 @@ def summary_rows(rows: list[dict], cores: int) -> list[dict]:
 
 
 def markdown(data: dict) -> str:
-    run, cores = data["run"], data["machine"]["cores"]
+    run, cores = data["run"], data["run"]["cores"]
     lines = [
         "# CPU training step: one core vs all cores",
         "",
@@ -205,10 +173,11 @@ def main() -> None:
         return
     rounds, reps = (1, 2) if args.quick else (args.rounds, args.reps)
     info = machine_info()
-    rows = measure(args.presets, rounds, reps, args.quick)
+    cores = len(os.sched_getaffinity(0))  # the cores this process may use (os.cpu_count() ignores pinning)
+    rows = measure(args.presets, cores, rounds, reps, args.quick)
     run = {"command": " ".join(["python -m benchmarks.cpu_scaling", *sys.argv[1:]]), "rounds": rounds, "reps": reps,
-           "load_average_at_end": round(os.getloadavg()[0], 2)}  # fmt: skip
-    data = {"machine": info, "run": run, "rows": rows, "summary": summary_rows(rows, info["cores"])}
+           "cores": cores, "load_average_at_end": round(os.getloadavg()[0], 2)}  # fmt: skip
+    data = {"machine": info, "run": run, "rows": rows, "summary": summary_rows(rows, cores)}
     md = markdown(data)
     print(md)
     if not args.quick:

@@ -28,8 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.cpu_scaling import cpu_slug
-from benchmarks.machine import RESULTS, describe, machine_info, write_results
+from benchmarks.machine import RESULTS, cpu_slug, describe, machine_info, write_results
 from benchmarks.real_model import memory_bandwidth
 
 D, F = 576, 1536  # SmolLM2-135M's d_model and MLP width

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -19,6 +20,13 @@ def cpu_model() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
+
+
+def cpu_slug(cpu: str) -> str:
+    """A CPU model as a results-file suffix: 'Intel(R) Xeon(R) Processor' -> 'intel-xeon', 'AMD EPYC 9B14' ->
+    'amd-epyc'."""
+    words = re.sub(r"\(r\)|\(tm\)|[^a-z0-9 ]", " ", cpu.lower()).split()
+    return "-".join(words[:2]) or "cpu"
 
 
 def machine_info(packages: Sequence[str] = DEFAULT_PACKAGES) -> dict[str, Any]:

@@ -61,6 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from jax.sharding import Mesh
 
 import jaxllm
 import torch_ref
@@ -71,6 +72,7 @@ from jaxllm.config import Config, flops_per_token
 from jaxllm.host_memory import ENV as MALLOC_ENV
 from jaxllm.optim import make_optimizer
 from jaxllm.peak import cached_cpu_rates, cpu_peak_flops, datasheet_peak
+from jaxllm.train import sharded_train_step
 from jaxllm.train_step import init_state, train_step
 from torch_ref.trainer import Dist, PlainTrainer, set_numerics
 
@@ -167,13 +169,20 @@ def forward_runners(cfg: Config, params, model: torch.nn.Module, device: str) ->
     }
 
 
-def jax_train_runner(cfg: Config, params, steps: int) -> Callable[[], object]:
-    """`steps` jitted train steps from `params` (copied: the state is donated), reading metrics each step."""
+def jax_train_runner(cfg: Config, params, steps: int, mesh: Mesh | None = None) -> Callable[[], object]:
+    """`steps` jitted train steps from `params` (copied: the state is donated), reading metrics each step.
+
+    With `mesh`: `jaxllm train`'s sharded step over it (`benchmarks.cpu_scaling`'s one XLA device per core)."""
     optimizer = make_optimizer(cfg.train)
-    step = jax.jit(partial(train_step, cfg.model, cfg.train, optimizer), donate_argnums=0)
     state = {"s": init_state(jax.tree.map(jnp.copy, params), optimizer)}
     batches = train_batches(cfg)
-    batches_jax = [jnp.asarray(b, jnp.int32) for b in batches]
+    if mesh is None:
+        step = jax.jit(partial(train_step, cfg.model, cfg.train, optimizer), donate_argnums=0)
+        batches_jax = [jnp.asarray(b, jnp.int32) for b in batches]
+    else:
+        step, state_sh, batch_sh = sharded_train_step(cfg, mesh, optimizer)
+        state["s"] = jax.device_put(state["s"], state_sh)
+        batches_jax = [jax.device_put(jnp.asarray(b, jnp.int32), batch_sh) for b in batches]
 
     def run() -> None:
         for i in range(steps):

@@ -7,12 +7,13 @@ import os
 import pytest
 
 from benchmarks import cpu_scaling as cs
+from benchmarks.machine import cpu_slug
 
 
 def test_cpu_slug_names_the_vendor_and_family():
-    assert cs.cpu_slug("Intel(R) Xeon(R) Processor") == "intel-xeon"
-    assert cs.cpu_slug("AMD EPYC 9B14") == "amd-epyc"
-    assert cs.cpu_slug("") == "cpu"
+    assert cpu_slug("Intel(R) Xeon(R) Processor") == "intel-xeon"
+    assert cpu_slug("AMD EPYC 9B14") == "amd-epyc"
+    assert cpu_slug("") == "cpu"
 
 
 def test_configurations_add_the_device_split_only_on_several_cores():
@@ -40,7 +41,7 @@ def test_summary_scaling_and_ratio_to_eager():
     assert got[cs.JAX_DEVICES]["scaling"] == pytest.approx(2.0)
     assert got[cs.JAX_DEVICES]["vs_eager"] == pytest.approx(40 / 30)
     md = cs.markdown({"machine": {"cpu": "x", "cores": 2, "python": "3", "load_average_at_start": 0},
-                      "run": {"command": "c", "rounds": 1, "reps": 1, "load_average_at_end": 0},
+                      "run": {"command": "c", "rounds": 1, "reps": 1, "cores": 2, "load_average_at_end": 0},
                       "summary": cs.summary_rows(rows, 2)})  # fmt: skip
     assert "| mini | jaxllm | 60.0 | 40.0 | 1.50x | 1.00x |" in md
     assert "mini, jaxllm, one CPU device per core: 1.33x eager, scaling 2.00x (met)" in md
