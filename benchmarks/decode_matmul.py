@@ -1,4 +1,4 @@
-"""`python -m benchmarks.decode_matmul`: what a decode step's matmuls cost at batch 1, 8 and 32 on XLA.
+"""`python -m benchmarks.decode_matmul`: a decode step's matmuls at batch 1, 8 and 32: XLA vs jaxllm's kernel.
 
     python -m benchmarks.decode_matmul               # SmolLM2-135M's 30 layers of q, o, gate, up, down
     python -m benchmarks.decode_matmul --quick       # 2 layers, no files
@@ -10,7 +10,9 @@ inside one jitted function, every layer's q, o, gate, up and down matmul of Smol
 (random float32 weights, 394 MB, more than the caches), in two layouts:
 
 - `x @ W` with W stored (in, out), as jaxllm's Dense keeps its kernels;
-- `(W @ x.T).T` with W stored (out, in), as PyTorch keeps them.
+- `(W @ x.T).T` with W stored (out, in), as PyTorch keeps them;
+- jaxllm's few-row kernel (`jaxllm.few_row_matmul`, what the model uses on the CPU for up to 32 rows)
+  on the (in, out) weights, in float32 and with bfloat16 weights (half the bytes).
 
 Batches are timed in turn (median of `--reps`), and the weight bytes / time is set beside a jitted JAX
 sum's read bandwidth in the same run. Writes benchmarks/results/decode_matmul_<cpu>.json and .md.
@@ -30,23 +32,30 @@ import numpy as np
 
 from benchmarks.machine import RESULTS, cpu_slug, describe, machine_info, write_results
 from benchmarks.real_model import memory_bandwidth
+from jaxllm import few_row_matmul
 
 D, F = 576, 1536  # SmolLM2-135M's d_model and MLP width
 SHAPES = [(D, D), (D, D), (D, F), (D, F), (F, D)]  # q, o, gate, up, down (in, out)
-LAYOUTS = {"x @ W (in, out)": "in_out", "(W @ x.T).T (out, in)": "out_in"}
+# name -> (weight layout, matmul, weight dtype)
+VARIANTS = {
+    "XLA x @ W (in, out)": ("in_out", "xla", "float32"),
+    "XLA (W @ x.T).T (out, in)": ("out_in", "xla", "float32"),
+    "jaxllm kernel (in, out)": ("in_out", "kernel", "float32"),
+    "jaxllm kernel, bfloat16 W": ("in_out", "kernel", "bfloat16"),
+}
 
 
-def weights(layers: int, layout: str) -> list[jax.Array]:
+def weights(layers: int, layout: str, dtype: str) -> list[jax.Array]:
     rng = np.random.default_rng(0)
     out = []
     for _ in range(layers):
         for k, n in SHAPES:
             w = rng.standard_normal((k, n), np.float32) * 0.02
-            out.append(jnp.asarray(w if layout == "in_out" else np.ascontiguousarray(w.T)))
+            out.append(jnp.asarray(w if layout == "in_out" else np.ascontiguousarray(w.T)).astype(dtype))
     return out
 
 
-def step_fn(layout: str):
+def step_fn(layout: str, matmul: str):
     """All the matmuls of one decode step's layers, each from the same input rows; one scalar out."""
 
     def run(x_BD: jax.Array, ws: list[jax.Array]) -> jax.Array:
@@ -55,7 +64,10 @@ def step_fn(layout: str):
         for w in ws:
             k = w.shape[0] if layout == "in_out" else w.shape[1]
             x = x_BD if k == D else x_BF
-            y = x @ w if layout == "in_out" else (w @ x.T).T
+            if matmul == "kernel":
+                y = few_row_matmul._kernel(x, w, False)
+            else:
+                y = x @ w if layout == "in_out" else (w @ x.T).T
             total = total + y[:, :8].sum()
         return total
 
@@ -71,27 +83,29 @@ def main() -> None:
     layers, reps = (2, 2) if args.quick else (30, args.reps)
     info = machine_info(("jax", "jaxlib", "numpy"))
     bandwidth = memory_bandwidth()
-    ws = {name: weights(layers, layout) for name, layout in LAYOUTS.items()}
-    nbytes = sum(w.nbytes for w in ws[next(iter(LAYOUTS))])
-    fns = {name: step_fn(layout) for name, layout in LAYOUTS.items()}
+    variants = {k: v for k, v in VARIANTS.items() if v[1] == "xla" or few_row_matmul.library() is not None}
+    ws = {name: weights(layers, layout, dtype) for name, (layout, _, dtype) in variants.items()}
+    fns = {name: step_fn(layout, matmul) for name, (layout, matmul, _) in variants.items()}
+    nbytes = {name: sum(w.nbytes for w in ws[name]) for name in variants}
+    params = sum(w.size for w in ws[next(iter(variants))])
     rows = []
     for batch in args.batches:
         x = jnp.asarray(np.random.default_rng(1).standard_normal((batch, D), np.float32))
-        times: dict[str, list[float]] = {name: [] for name in LAYOUTS}
-        for name in LAYOUTS:
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for name in variants:
             fns[name](x, ws[name]).block_until_ready()  # compile
         for _ in range(reps):
-            for name in LAYOUTS:
+            for name in variants:
                 start = time.perf_counter()
                 fns[name](x, ws[name]).block_until_ready()
                 times[name].append(time.perf_counter() - start)
         for name, t in times.items():
             s = statistics.median(t)
-            rows.append({"batch": batch, "layout": name, "median_s": s, "gb_per_s": nbytes / s / 1e9,
-                         "gflop_per_s": 2 * batch * nbytes / 4 / s / 1e9})  # fmt: skip
-            print(f"batch {batch:3d} {name:24s} {s * 1e3:8.1f} ms  {nbytes / s / 1e9:5.1f} GB/s", flush=True)
+            rows.append({"batch": batch, "layout": name, "median_s": s, "gb_per_s": nbytes[name] / s / 1e9,
+                         "gflop_per_s": 2 * batch * params / s / 1e9})  # fmt: skip
+            print(f"batch {batch:3d} {name:26s} {s * 1e3:8.1f} ms  {nbytes[name] / s / 1e9:5.1f} GB/s", flush=True)
     run = {"command": " ".join(["python -m benchmarks.decode_matmul", *sys.argv[1:]]), "layers": layers,
-           "weight_bytes": nbytes, "bandwidth_gb_s": bandwidth / 1e9, "reps": reps,
+           "weight_bytes": 4 * params, "bandwidth_gb_s": bandwidth / 1e9, "reps": reps,
            "load_average_at_end": round(os.getloadavg()[0], 2)}  # fmt: skip
     md = markdown(info, run, rows)
     print(md)
@@ -104,15 +118,17 @@ def main() -> None:
 def markdown(info: dict, run: dict, rows: list[dict]) -> str:
     one = {r["layout"]: r["median_s"] for r in rows if r["batch"] == 1}
     lines = [
-        "# A decode step's matmuls on XLA's CPU backend (SmolLM2-135M's q, o, gate, up, down)",
+        "# A decode step's matmuls on the CPU: XLA's dots and jaxllm's few-row kernel (SmolLM2-135M's q, o, gate, "
+        "up, down)",
         "",
         f"Command: `{run['command']}`. {run['layers']} layers, {run['weight_bytes'] / 1e6:.0f} MB of float32 "
-        f"weights, one jitted function, batches and layouts in turn, medians of {run['reps']}.",
+        f"weights (half that in bfloat16), one jitted function, batches and variants in turn, medians of "
+        f"{run['reps']}.",
         "",
         f"Machine: {describe(info)}; load average {run['load_average_at_end']} at end. Read bandwidth of a jitted "
         f"JAX sum over 512 MB in this run: {run['bandwidth_gb_s']:.1f} GB/s.",
         "",
-        "| batch | layout | ms | weight GB/s | GFLOP/s | time vs batch 1 |",
+        "| batch | matmul | ms | weight GB/s | GFLOP/s | time vs batch 1 |",
         "|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -120,7 +136,7 @@ def markdown(info: dict, run: dict, rows: list[dict]) -> str:
         lines.append(f"| {r['batch']} | {r['layout']} | {r['median_s'] * 1e3:.1f} | {r['gb_per_s']:.1f} | "
                      f"{r['gflop_per_s']:.0f} | {vs_one:.2f}x |")  # fmt: skip
     lines += ["", "A memory-bound batch-8 step would cost about 1.0x the batch-1 one; the last column shows how far "
-              "XLA's small-batch matmul kernels are from that."]  # fmt: skip
+              "each is from that. Weight GB/s counts the bytes of the row's weight dtype."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

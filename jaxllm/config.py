@@ -98,6 +98,9 @@ class ModelConfig(BaseModel):
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype (activations, KV cache)
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # parameter storage (bfloat16: inference weights)
     attention: Literal["xla", "cudnn"] = "xla"  # jax.nn.dot_product_attention implementation
+    # "auto": on the CPU, matmuls of at most 32 rows (decode steps) run jaxllm's few-row kernel
+    # (jaxllm/few_row_matmul.py); "xla": always XLA's dot. Numerics are float32 sums either way.
+    few_row_matmul: Literal["auto", "xla"] = "auto"
     # Activation checkpointing per block: "none", "full" (recompute everything in the backward
     # pass) or "save_dots" (keep matmul outputs, recompute the rest). Numerics are unchanged.
     remat: Literal["none", "full", "save_dots"] = "none"

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm import few_row_matmul
 from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError
 from jaxllm.rope import scaled_inv_freq
@@ -62,10 +63,14 @@ def _constrain(x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:
     return nn.with_logical_constraint(x, logical)
 
 
+def _cfg(module: nn.Module) -> ModelConfig:
+    """The module's config (a `Dense` takes its parent's)."""
+    return module.cfg if hasattr(module, "cfg") else module.parent.cfg
+
+
 def _param(module: nn.Module, name: str, init: Any, shape: Sequence[int], axes: Sequence[str | None]):
-    """A parameter in `model.param_dtype` (a `Dense` takes its parent's config), with logical axis names."""
-    cfg = module.cfg if hasattr(module, "cfg") else module.parent.cfg
-    dtype = jnp.dtype(cfg.param_dtype)
+    """A parameter in `model.param_dtype`, with logical axis names."""
+    dtype = jnp.dtype(_cfg(module).param_dtype)
     return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
 
 
@@ -88,8 +93,9 @@ class Dense(nn.Module):
         in_shape = x.shape[-self.n_in :]
         batch_shape = x.shape[: -self.n_in]
         kernel = _param(self, "kernel", nn.initializers.normal(self.std), (*in_shape, *self.features), self.axes)
-        x_2d = x.reshape(-1, math.prod(in_shape)).astype(self.dtype)
-        y_2d = x_2d @ kernel.reshape(math.prod(in_shape), -1).astype(self.dtype)
+        x_2d = x.reshape(-1, math.prod(in_shape))
+        kernel_2d = kernel.reshape(math.prod(in_shape), -1)
+        y_2d = few_row_matmul.matmul(x_2d, kernel_2d, self.dtype, enabled=_cfg(self).few_row_matmul == "auto")
         if self.use_bias:
             bias = _param(self, "bias", nn.initializers.zeros, self.features, self.axes[self.n_in :])
             y_2d = y_2d + bias.reshape(-1).astype(self.dtype)
@@ -378,7 +384,9 @@ class Transformer(nn.Module):
         x_BTD = Norm(cfg, name="final_norm")(x_BTD)
         if cfg.tie_embeddings:
             x_2d = x_BTD.reshape(-1, cfg.d_model)
-            logits_BTV = (x_2d @ token_embed_VD.T.astype(cfg.dtype)).reshape(*x_BTD.shape[:-1], -1)
+            enabled = cfg.few_row_matmul == "auto"
+            logits_2d = few_row_matmul.matmul(x_2d, token_embed_VD, cfg.dtype, transposed=True, enabled=enabled)
+            logits_BTV = logits_2d.reshape(*x_BTD.shape[:-1], -1)
         else:
             logits_BTV = Dense((cfg.vocab_size,), ("embed", "vocab"), False, cfg.dtype, cfg.init_std, name="lm_head")(
                 x_BTD

@@ -1,0 +1,239 @@
+// y[M,N] = x[M,K] @ W for the few rows M of a decode step, as an XLA FFI custom call on the CPU.
+//
+// XLA's CPU dots are tuned for many rows: at 8 rows a decode step's matmuls cost 2.4x the time of one
+// row, though each weight is still read once (benchmarks/decode_matmul.py). These loops read every
+// weight once from memory and reuse it across the rows from registers. W is float32 or bfloat16
+// (widened to float32 on load: half the bytes read); x and y are float32; sums are float32.
+//
+//   "kn" layout: W is (K, N), a Dense kernel (in, out). Tiles of 4 rows x 64 columns accumulate in
+//                registers over k; the next rows of W are prefetched (a tile walks down a column strip).
+//   "nk" layout: W is (N, K), a tied embedding used as the output head (y = x @ E^T). Tiles of 4 rows x
+//                4 outputs accumulate 16-wide partial dot products over k, then reduce.
+//
+// Columns are split into chunks taken from a shared counter by the calling thread and by tasks on
+// XLA's intra-op thread pool. The caller only waits for chunks that a task has claimed, so a busy pool
+// (a task that never starts) cannot stall it.
+//
+// Built on first use by jaxllm/few_row_matmul.py (g++ -O3 -march=native); vector types are GCC's
+// generic vectors, so the same source builds for AVX-512, AVX2 or NEON.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16_unaligned __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t h16_unaligned __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t u16 __attribute__((vector_size(64)));
+
+constexpr int kRows = 4;         // rows per register tile (both layouts)
+constexpr int kPrefetchRows = 16;  // kn: how many rows of W ahead to prefetch
+
+inline v16 load(const float* p) { return *reinterpret_cast<const v16_unaligned*>(p); }
+inline v16 load(const uint16_t* p) {  // bfloat16 -> float32: the 16 bits become the high half
+  u16 bits = __builtin_convertvector(*reinterpret_cast<const h16_unaligned*>(p), u16) << 16;
+  v16 out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+inline void store(float* p, v16 v) { *reinterpret_cast<v16_unaligned*>(p) = v; }
+inline float widen(float v) { return v; }
+inline float widen(uint16_t v) {
+  uint32_t bits = uint32_t(v) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+// kn: y[0:MB, 0:16*NV] (row stride ldy) for W (K, row stride ldw), from x (MB, K).
+template <int MB, int NV, bool kPrefetch, typename W>
+inline void kn_tile(const float* x, int64_t K, const W* w, int64_t ldw, float* y, int64_t ldy) {
+  v16 acc[MB][NV];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NV; ++j) acc[m][j] = v16{};
+  const W* row = w;
+  for (int64_t k = 0; k < K; ++k, row += ldw) {
+    v16 wv[NV];
+    for (int j = 0; j < NV; ++j) wv[j] = load(row + 16 * j);
+    if (kPrefetch)
+      for (int b = 0; b < NV * 16 * int(sizeof(W)); b += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * ldw) + b);
+    for (int m = 0; m < MB; ++m) {
+      float xv = x[m * K + k];
+      for (int j = 0; j < NV; ++j) acc[m][j] += xv * wv[j];
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NV; ++j) store(y + m * ldy + 16 * j, acc[m][j]);
+}
+
+// All M rows of one strip of 16*NV columns whose W rows are `ldw` apart.
+template <int NV, bool kPrefetch, typename W>
+inline void kn_strip(const float* x, int64_t M, int64_t K, const W* w, int64_t ldw, float* y, int64_t N) {
+  int64_t m = 0;
+  for (; m + kRows <= M; m += kRows) kn_tile<kRows, NV, kPrefetch>(x + m * K, K, w, ldw, y + m * N, N);
+  const float* xm = x + m * K;
+  float* ym = y + m * N;
+  switch (M - m) {
+    case 1: kn_tile<1, NV, kPrefetch>(xm, K, w, ldw, ym, N); break;
+    case 2: kn_tile<2, NV, kPrefetch>(xm, K, w, ldw, ym, N); break;
+    case 3: kn_tile<3, NV, kPrefetch>(xm, K, w, ldw, ym, N); break;
+    default: break;
+  }
+}
+
+// Columns [lo, hi). With more rows than one register tile, each 64-column strip of W is first copied
+// (and widened, for bfloat16) into a contiguous float32 buffer that stays in cache while every row
+// tile reads it; with one tile of rows it is read once, straight from memory.
+template <typename W>
+void kn_columns(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y, int64_t lo, int64_t hi) {
+  constexpr bool kHalf = sizeof(W) == 2;
+  thread_local std::vector<float> packed;
+  int64_t n = lo;
+  if (kHalf && M <= 2)  // bfloat16 rows are half as long: 128 columns per strip read 256 bytes a row
+    for (; n + 128 <= hi; n += 128) kn_strip<8, true>(x, M, K, w + n, N, y + n, N);
+  for (; n + 64 <= hi; n += 64) {
+    if (!kHalf || M <= 8) {
+      kn_strip<4, true>(x, M, K, w + n, N, y + n, N);
+      continue;
+    }
+    packed.resize(size_t(K) * 64);
+    for (int64_t k = 0; k < K; ++k) {
+      const W* src = w + k * N + n;
+      for (int b = 0; b < 64 * int(sizeof(W)); b += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(src + kPrefetchRows * N) + b);
+      for (int j = 0; j < 4; ++j) store(packed.data() + k * 64 + 16 * j, load(src + 16 * j));
+    }
+    kn_strip<4, false>(x, M, K, packed.data(), 64, y + n, N);
+  }
+  for (; n + 16 <= hi; n += 16) kn_strip<1, true>(x, M, K, w + n, N, y + n, N);
+  for (; n < hi; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      float sum = 0;
+      for (int64_t k = 0; k < K; ++k) sum += x[m * K + k] * widen(w[k * N + n]);
+      y[m * N + n] = sum;
+    }
+}
+
+// nk: y[0:MB, n0:n0+nb] (nb <= 4) for W (N, K).
+template <int MB, typename W>
+inline void nk_tile(const float* x, int64_t K, const W* w, int64_t N, float* y, int64_t n0, int nb) {
+  v16 acc[MB][4];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < 4; ++j) acc[m][j] = v16{};
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    v16 wv[4];
+    for (int j = 0; j < 4; ++j) wv[j] = j < nb ? load(w + (n0 + j) * K + k) : v16{};
+    for (int m = 0; m < MB; ++m) {
+      v16 xv = load(x + m * K + k);
+      for (int j = 0; j < 4; ++j) acc[m][j] += xv * wv[j];
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < nb; ++j) {
+      float sum = 0;
+      for (int l = 0; l < 16; ++l) sum += acc[m][j][l];
+      for (int64_t kk = k; kk < K; ++kk) sum += x[m * K + kk] * widen(w[(n0 + j) * K + kk]);
+      y[m * N + n0 + j] = sum;
+    }
+}
+
+template <typename W>
+void nk_columns(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y, int64_t lo, int64_t hi) {
+  for (int64_t n = lo; n < hi; n += 4) {
+    int nb = int(std::min<int64_t>(4, hi - n));
+    int64_t m = 0;
+    for (; m + kRows <= M; m += kRows) nk_tile<kRows>(x + m * K, K, w, N, y + m * N, n, nb);
+    const float* xm = x + m * K;
+    float* ym = y + m * N;
+    switch (M - m) {
+      case 1: nk_tile<1>(xm, K, w, N, ym, n, nb); break;
+      case 2: nk_tile<2>(xm, K, w, N, ym, n, nb); break;
+      case 3: nk_tile<3>(xm, K, w, N, ym, n, nb); break;
+      default: break;
+    }
+  }
+}
+
+struct Chunks {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> finished{0};
+  int64_t count = 0, size = 0, total = 0;
+};
+
+// body(lo, hi) over [0, total) in chunks of a multiple of `align`, about 4 per thread.
+template <typename F>
+void parallel_columns(ffi::ThreadPool& pool, int64_t total, int64_t align, F body) {
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  int64_t size = (total + threads * 4 - 1) / (threads * 4);
+  size = std::max<int64_t>(align, (size + align - 1) / align * align);
+  auto chunks = std::make_shared<Chunks>();
+  chunks->size = size;
+  chunks->total = total;
+  chunks->count = (total + size - 1) / size;
+  auto work = [chunks, body]() {
+    for (;;) {
+      int64_t c = chunks->next.fetch_add(1);
+      if (c >= chunks->count) return;
+      int64_t lo = c * chunks->size;
+      body(lo, std::min(chunks->total, lo + chunks->size));
+      chunks->finished.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < threads && t < chunks->count; ++t) {
+    auto task = work;
+    pool.Schedule(std::move(task));
+  }
+  work();
+  while (chunks->finished.load(std::memory_order_acquire) < chunks->count) std::this_thread::yield();
+}
+
+template <bool kNK, typename W>
+ffi::Error run(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N) {
+  if (kNK)
+    parallel_columns(pool, N, 4, [=](int64_t lo, int64_t hi) { nk_columns(x, M, K, w, N, y, lo, hi); });
+  else
+    parallel_columns(pool, N, 64, [=](int64_t lo, int64_t hi) { kn_columns(x, M, K, w, N, y, lo, hi); });
+  return ffi::Error::Success();
+}
+
+template <bool kNK, ffi::DataType T>
+ffi::Error matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || wd[kNK ? 1 : 0] != xd[1])
+    return ffi::Error::InvalidArgument("few_row_matmul: x must be (M, K) and W (K, N), or (N, K) for nk");
+  int64_t M = xd[0], K = xd[1], N = kNK ? wd[0] : wd[1];
+  if constexpr (T == ffi::BF16) {
+    auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
+    return run<kNK>(pool, x.typed_data(), wp, y->typed_data(), M, K, N);
+  } else {
+    return run<kNK>(pool, x.typed_data(), w.typed_data(), y->typed_data(), M, K, N);
+  }
+}
+
+template <ffi::DataType T>
+constexpr auto binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<T>>()
+      .template Ret<ffi::Buffer<ffi::F32>>();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FewRowMatmulKnF32, (matmul<false, ffi::F32>), binding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FewRowMatmulNkF32, (matmul<true, ffi::F32>), binding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FewRowMatmulKnBf16, (matmul<false, ffi::BF16>), binding<ffi::BF16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FewRowMatmulNkBf16, (matmul<true, ffi::BF16>), binding<ffi::BF16>());
