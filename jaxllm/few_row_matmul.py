@@ -123,7 +123,11 @@ def library() -> Path | None:
             detail = getattr(e, "stderr", None) or str(e)
             log.warning("few-row matmul kernel not built (%s); using XLA's dots", detail.strip()[-500:])
             return None
-    lib = ctypes.CDLL(str(path))
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:  # e.g. a damaged file in the cache: delete it and it is rebuilt
+        log.warning("few-row matmul kernel %s not loaded (%s); using XLA's dots", path, e)
+        return None
     for target in set(TARGETS.values()) - _registered:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
         _registered.add(target)

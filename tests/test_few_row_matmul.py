@@ -125,6 +125,25 @@ def test_a_failed_build_leaves_no_library_file(monkeypatch: pytest.MonkeyPatch, 
         few_row_matmul.library.cache_clear()
 
 
+def test_a_damaged_cached_library_is_reported_not_loaded(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def damaged_build(compiler: str, out) -> None:
+        out.parent.mkdir(parents=True)
+        out.write_bytes(b"not a shared library")
+
+    monkeypatch.setattr(few_row_matmul, "_build", damaged_build)
+    few_row_matmul.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="jaxllm.few_row_matmul"):
+            assert few_row_matmul.library() is None
+        assert "not loaded" in caplog.text and str(tmp_path / "cache") in caplog.text
+    finally:
+        few_row_matmul.library.cache_clear()
+
+
 def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(few_row_matmul.SWITCH, "0")
     few_row_matmul.library.cache_clear()
