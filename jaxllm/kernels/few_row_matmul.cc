@@ -91,9 +91,11 @@ inline void kn_strip(const float* x, int64_t M, int64_t K, const W* w, int64_t l
   }
 }
 
-// Columns [lo, hi). With more rows than one register tile, each 64-column strip of W is first copied
-// (and widened, for bfloat16) into a contiguous float32 buffer that stays in cache while every row
-// tile reads it; with one tile of rows it is read once, straight from memory.
+// Columns [lo, hi), in 64-column strips that every row tile reads straight from memory (the strip
+// stays in cache between tiles), measured fastest for float32 (benchmarks/decode_matmul.py). For
+// bfloat16 W: with 1-2 rows, 128-column strips (256 bytes of each W row, as float32's 64 columns);
+// with more than 8 rows, each strip is widened once into a contiguous float32 buffer that the row
+// tiles then read, instead of widening it again for every tile.
 template <typename W>
 void kn_columns(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y, int64_t lo, int64_t hi) {
   constexpr bool kHalf = sizeof(W) == 2;
