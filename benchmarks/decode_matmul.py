@@ -65,7 +65,7 @@ def step_fn(layout: str, matmul: str):
             k = w.shape[0] if layout == "in_out" else w.shape[1]
             x = x_BD if k == D else x_BF
             if matmul == "kernel":
-                y = few_row_matmul._kernel(x, w, False)
+                y = few_row_matmul.kernel(x, w, False)
             else:
                 y = x @ w if layout == "in_out" else (w @ x.T).T
             total = total + y[:, :8].sum()

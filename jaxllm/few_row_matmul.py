@@ -139,10 +139,13 @@ def _single_device_program() -> bool:
     return mesh.empty or mesh.size == 1
 
 
-def usable(rows: int, dtype: Any) -> bool:
-    """Whether `matmul` of `rows` rows in computation dtype `dtype` runs the kernel (at trace time)."""
+def usable(rows: int, dtype: Any, w_dtype: Any, transposed: bool) -> bool:
+    """Whether `matmul` of `rows` rows, in computation dtype `dtype`, with weights of `w_dtype`
+    ((N, K) when `transposed`), runs the kernel (decided at trace time)."""
+    one_f32_row = rows == 1 and not transposed and jnp.dtype(dtype) == jnp.float32 == jnp.dtype(w_dtype)
     return (
         rows <= MAX_ROWS
+        and not one_f32_row  # one row times float32 (K, N) weights: XLA's dot is as fast
         and jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16)
         and not _off.get()
         and jax.default_backend() == "cpu"
@@ -152,7 +155,7 @@ def usable(rows: int, dtype: Any) -> bool:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _kernel(x_MK: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
+def kernel(x_MK: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
     n = w.shape[0] if transposed else w.shape[1]
     out = jax.ShapeDtypeStruct((x_MK.shape[0], n), jnp.float32)
     call = jax.ffi.ffi_call(TARGETS[transposed, jnp.dtype(w.dtype).name], out)
@@ -160,7 +163,7 @@ def _kernel(x_MK: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
 
 
 def _kernel_fwd(x_MK: jax.Array, w: jax.Array, transposed: bool) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return _kernel(x_MK, w, transposed), (x_MK, w)
+    return kernel(x_MK, w, transposed), (x_MK, w)
 
 
 def _kernel_bwd(transposed: bool, res: tuple[jax.Array, jax.Array], dy_MN: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -171,19 +174,18 @@ def _kernel_bwd(transposed: bool, res: tuple[jax.Array, jax.Array], dy_MN: jax.A
     return dx_MK, dw.astype(w.dtype)
 
 
-_kernel.defvjp(_kernel_fwd, _kernel_bwd)
+kernel.defvjp(_kernel_fwd, _kernel_bwd)
 
 
 def matmul(x_MK: jax.Array, w: jax.Array, dtype: Any, transposed: bool = False, enabled: bool = True) -> jax.Array:
     """x_MK @ w (w is (K, N)), or x_MK @ w.T with `transposed` (w is (N, K)), computed in `dtype`:
     both operands are cast to it, as XLA's dot would take them; the result has it too. `enabled`
     False (`model.few_row_matmul=xla`): always XLA's dot."""
-    one_f32_row = x_MK.shape[0] == 1 and not transposed and jnp.dtype(dtype) == jnp.float32 == jnp.dtype(w.dtype)
-    if one_f32_row or not (enabled and usable(x_MK.shape[0], dtype)):  # one row, float32: XLA's dot is as fast
+    if not (enabled and usable(x_MK.shape[0], dtype, w.dtype, transposed)):
         w_cast = w.astype(dtype)
         return x_MK.astype(dtype) @ (w_cast.T if transposed else w_cast)
     w_in = w.astype(jnp.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else w  # float32 or bfloat16
     if jnp.dtype(w_in.dtype) not in (jnp.float32, jnp.bfloat16):
         w_in = w_in.astype(jnp.float32)
     x_f32 = x_MK.astype(dtype).astype(jnp.float32)
-    return _kernel(x_f32, w_in, transposed).astype(dtype)
+    return kernel(x_f32, w_in, transposed).astype(dtype)

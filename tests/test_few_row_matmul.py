@@ -15,6 +15,8 @@ import jaxllm
 from jaxllm import few_row_matmul
 from jaxllm.config import ModelConfig
 
+from conftest import random_tokens
+
 pytestmark = pytest.mark.skipif(
     few_row_matmul.library() is None, reason="the kernel library could not be built here (no C++ compiler?)"
 )
@@ -37,7 +39,7 @@ def test_kernel_sums_match_float64(m: int, k: int, n: int, w_dtype: str, transpo
     rng = np.random.default_rng(m * 1000 + n)
     x = rng.standard_normal((m, k), dtype=np.float32)
     w = jnp.asarray(rng.standard_normal((n, k) if transposed else (k, n), dtype=np.float32)).astype(w_dtype)
-    got = np.asarray(jax.jit(few_row_matmul._kernel, static_argnums=2)(jnp.asarray(x), w, transposed))
+    got = np.asarray(jax.jit(few_row_matmul.kernel, static_argnums=2)(jnp.asarray(x), w, transposed))
     want = _reference(x, np.asarray(w.astype(jnp.float32)), transposed)
     assert got.shape == (m, n) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.sqrt(k) * np.abs(want).max())
@@ -165,7 +167,7 @@ def test_logits_and_greedy_tokens_unchanged_by_the_kernel(param_dtype: str) -> N
     cfg = _small_llama(param_dtype=param_dtype)
     xla_cfg = cfg.replace(few_row_matmul="xla")
     params = jaxllm.init_params(cfg, seed=3)
-    tokens_BT = jnp.asarray(np.random.default_rng(2).integers(0, 300, (3, 5)), jnp.int32)
+    tokens_BT = jnp.asarray(random_tokens(cfg.vocab_size, 3, 5, seed=2), jnp.int32)
 
     def logits(c: ModelConfig) -> np.ndarray:
         fwd = lambda params, tokens_BT: jaxllm.forward(c, params, tokens_BT)  # noqa: E731

@@ -202,7 +202,7 @@ void parallel_columns(ffi::ThreadPool& pool, int64_t total, int64_t align, F bod
 
 template <bool kNK, typename W>
 ffi::Error run(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N) {
-  if (kNK)
+  if constexpr (kNK)
     parallel_columns(pool, N, 4, [=](int64_t lo, int64_t hi) { nk_columns(x, M, K, w, N, y, lo, hi); });
   else
     parallel_columns(pool, N, 64, [=](int64_t lo, int64_t hi) { kn_columns(x, M, K, w, N, y, lo, hi); });
