@@ -32,7 +32,7 @@ import numpy as np
 
 from benchmarks.machine import RESULTS, cpu_slug, describe, machine_info, write_results
 from benchmarks.real_model import memory_bandwidth
-from jaxllm import few_row_matmul
+from jaxllm import cpu_kernels, few_row_matmul
 
 D, F = 576, 1536  # SmolLM2-135M's d_model and MLP width
 SHAPES = [(D, D), (D, D), (D, F), (D, F), (F, D)]  # q, o, gate, up, down (in, out)
@@ -83,7 +83,7 @@ def main() -> None:
     layers, reps = (2, 2) if args.quick else (30, args.reps)
     info = machine_info(("jax", "jaxlib", "numpy"))
     bandwidth = memory_bandwidth()
-    variants = {k: v for k, v in VARIANTS.items() if v[1] == "xla" or few_row_matmul.library() is not None}
+    variants = {k: v for k, v in VARIANTS.items() if v[1] == "xla" or cpu_kernels.library() is not None}
     ws = {name: weights(layers, layout, dtype) for name, (layout, _, dtype) in variants.items()}
     fns = {name: step_fn(layout, matmul) for name, (layout, matmul, _) in variants.items()}
     nbytes = {name: sum(w.nbytes for w in ws[name]) for name in variants}

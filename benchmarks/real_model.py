@@ -16,7 +16,8 @@ measured at `highest` matmul precision (no TF32), decode in `--dtype`.
   tokens ignored; decode tokens/s = batch x (N-1) / (t(N) - t(1)) from interleaved timings
   (`benchmarks.decode_speed`). In a float32 run a third row per batch, "jaxllm, bfloat16 weights",
   is timed against the same float32 transformers (`--no-bf16-row`: not). `--xla-row` adds "jaxllm,
-  XLA dots": `model.few_row_matmul=xla`, the decode matmuls on XLA's dots instead of jaxllm's kernel.
+  XLA ops": `model.few_row_matmul=xla` and `model.decode_attention=xla`, decode without jaxllm's CPU
+  kernels (XLA's dots and attention).
 - Roofline: a decode step reads every weight once, so steps/s x weight bytes (of that row's
   dtype) / memory bandwidth is the fraction of the memory-bound limit reached; the bandwidth is a
   jitted JAX sum over 512 MB, measured in the same run.
@@ -46,7 +47,7 @@ from jaxllm.checkpoint import with_dtype
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BF16_ROW = "jaxllm, bfloat16 weights"
-XLA_ROW = "jaxllm, XLA dots"  # model.few_row_matmul=xla: the decode matmuls without jaxllm's kernel
+XLA_ROW = "jaxllm, XLA ops"  # few_row_matmul=xla, decode_attention=xla: decode without jaxllm's CPU kernels
 QUESTION = "What is the capital of France?"
 # SmolLM2-135M's config.json (LlamaForCausalLM), for --random.
 SMOLLM2_CONFIG = {
@@ -127,7 +128,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="decode dtype (bfloat16: weights and computation, both libraries)")  # fmt: skip
     parser.add_argument("--no-bf16-row", action="store_true", help="no 'jaxllm, bfloat16 weights' row")
-    parser.add_argument("--xla-row", action="store_true", help="add a 'jaxllm, XLA dots' row (few_row_matmul=xla)")
+    parser.add_argument("--xla-row", action="store_true", help="add a 'jaxllm, XLA ops' row (no CPU kernels)")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 repetitions, 8 new tokens, no files")
     parser.add_argument("--name", help="results file name (default real_model, or real_model_DEVICE with --random)")
@@ -158,7 +159,7 @@ def main() -> None:
     models = {"jaxllm": with_dtype(cfg, params, args.dtype)}
     if args.xla_row:
         xla_cfg, xla_params = models["jaxllm"]
-        models[XLA_ROW] = (xla_cfg.replace(few_row_matmul="xla"), xla_params)
+        models[XLA_ROW] = (xla_cfg.replace(few_row_matmul="xla", decode_attention="xla"), xla_params)
     if args.dtype == "float32" and not args.no_bf16_row:
         models[BF16_ROW] = with_dtype(cfg, params, "bfloat16")
     if args.dtype == "bfloat16":

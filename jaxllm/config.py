@@ -101,6 +101,10 @@ class ModelConfig(BaseModel):
     # "auto": on the CPU, matmuls of at most 32 rows (decode steps) run jaxllm's few-row kernel
     # (jaxllm/few_row_matmul.py); "xla": always XLA's dot. Numerics are float32 sums either way.
     few_row_matmul: Literal["auto", "xla"] = "auto"
+    # "auto": on the CPU, a decode step's attention (one token per row) runs jaxllm's kernel, which
+    # reads only the visible cache entries and updates the cache in place (jaxllm/decode_attention.py);
+    # "xla": always the XLA form. Numerics are float32 scores and softmax either way.
+    decode_attention: Literal["auto", "xla"] = "auto"
     # Activation checkpointing per block: "none", "full" (recompute everything in the backward
     # pass) or "save_dots" (keep matmul outputs, recompute the rest). Numerics are unchanged.
     remat: Literal["none", "full", "save_dots"] = "none"

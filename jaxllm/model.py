@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import few_row_matmul
+from jaxllm import decode_attention, few_row_matmul
 from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError
 from jaxllm.rope import scaled_inv_freq
@@ -253,6 +253,11 @@ class Attention(nn.Module):
             )  # fmt: skip
         elif segment_ids_BT is not None:
             raise InputError("segment ids apply to training windows, not to the cached path")
+        elif cfg.decode_attention == "auto" and decode_attention.usable(x_BTD.shape[1], h, cache.k_BKSH.dtype):
+            o_BTNH, k_BKSH, v_BKSH = decode_attention.kernel(
+                q_BTNH, k_BTKH, v_BTKH, cache.k_BKSH, cache.v_BKSH, positions_BT, cfg.sliding_window
+            )
+            cache, o_BTNH = KVCache(k_BKSH, v_BKSH), o_BTNH.astype(q_BTNH.dtype)
         else:
             rows_B1 = jnp.arange(x_BTD.shape[0])[:, None]
             cache = KVCache(  # index arrays around a slice: the update is laid out (B, T, K, H)

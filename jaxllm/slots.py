@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxllm import few_row_matmul
+from jaxllm import cpu_kernels
 from jaxllm.config import ModelConfig
 from jaxllm.model import Cache, Params, cache_axes, forward_cached, init_cache
 from jaxllm.request import Request
@@ -145,7 +145,7 @@ def prefill(
         tokens_BC = jax.lax.dynamic_slice_in_dim(tokens_BW, start, c, axis=1)
         positions_BC = jnp.broadcast_to(start + jnp.arange(c, dtype=jnp.int32), (b, c))
         at_B = jnp.clip(last_B - start, 0, c - 1)
-        with few_row_matmul.off(mesh is not None):  # sharded params: XLA's partitioned dots
+        with cpu_kernels.off(mesh is not None):  # sharded params: XLA's partitioned ops
             logits_B1V, cache = forward_cached(cfg, params, tokens_BC, positions_BC, cache, logits_at_B=at_B)
         here_B = (last_B >= start) & (last_B < start + c)
         return cache, jnp.where(here_B[:, None], logits_B1V[:, 0], logits_BV)
@@ -192,7 +192,7 @@ def decode_step(
     b, s = state.seq_BS.shape
     rows_B = jnp.arange(b)
     tokens_B = state.seq_BS[rows_B, state.positions_B]
-    with few_row_matmul.off(mesh is not None):  # sharded params: XLA's partitioned dots
+    with cpu_kernels.off(mesh is not None):  # sharded params: XLA's partitioned ops
         logits_B1V, cache = forward_cached(cfg, params, tokens_B[:, None], state.positions_B[:, None], state.cache)
     logits_BV = logits_B1V[:, 0]
     next_B = sample(logits_BV, jax.vmap(jax.random.fold_in)(state.keys_B, state.positions_B), state.sampling)

@@ -23,7 +23,16 @@ from jaxllm.errors import InputError
 CONFIG_METADATA_KEY = "jaxllm.model"
 # Fields that describe numerics or implementation, not the weights: they may differ between the
 # model a file was saved from and the model that loads it.
-_NOT_ARCHITECTURE = {"name", "dtype", "attention", "few_row_matmul", "remat", "init_std", "scan_layers"}
+_NOT_ARCHITECTURE = {
+    "name",
+    "dtype",
+    "attention",
+    "few_row_matmul",
+    "decode_attention",
+    "remat",
+    "init_std",
+    "scan_layers",
+}
 
 
 def write_state_dict(path: str | Path, cfg: ModelConfig, state_dict: dict[str, np.ndarray]) -> Path:

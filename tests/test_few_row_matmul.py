@@ -1,9 +1,7 @@
 """The few-row CPU matmul kernel (jaxllm/kernels/few_row_matmul.cc): exact sums, when it is used,
-its gradient, its fallback, and a model's logits and greedy tokens unchanged by it."""
+its gradient, and a model's logits and greedy tokens unchanged by it."""
 
 from __future__ import annotations
-
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -12,13 +10,13 @@ import pytest
 from jax.sharding import Mesh
 
 import jaxllm
-from jaxllm import few_row_matmul
+from jaxllm import cpu_kernels, few_row_matmul
 from jaxllm.config import ModelConfig
 
 from conftest import random_tokens
 
 pytestmark = pytest.mark.skipif(
-    few_row_matmul.library() is None, reason="the kernel library could not be built here (no C++ compiler?)"
+    cpu_kernels.library() is None, reason="the kernel library could not be built here (no C++ compiler?)"
 )
 
 
@@ -56,7 +54,7 @@ def test_matmul_uses_the_kernel_only_for_few_rows_unsharded_and_not_switched_off
     assert _uses_kernel(lambda x: few_row_matmul.matmul(x, w.T, jnp.float32, transposed=True), jnp.ones((1, 64)))
 
     def switched_off(x: jax.Array) -> jax.Array:
-        with few_row_matmul.off():
+        with cpu_kernels.off():
             return mm(x)
 
     assert not _uses_kernel(switched_off, jnp.ones((4, 64)))
@@ -96,63 +94,6 @@ def test_gradient_through_the_kernel_equals_xla_dots(transposed: bool) -> None:
     want = jax.grad(loss, argnums=(0, 1))(x, w, False)
     for g, h in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-5, atol=1e-5)
-
-
-def test_without_a_compiler_it_warns_once_and_keeps_xla_dots(
-    monkeypatch: pytest.MonkeyPatch, tmp_path, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    few_row_matmul.library.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger="jaxllm.few_row_matmul"):
-            assert few_row_matmul.library() is None
-            assert not _uses_kernel(lambda x: few_row_matmul.matmul(x, jnp.ones((8, 8)), jnp.float32), jnp.ones((2, 8)))
-        assert "no C++ compiler" in caplog.text and "no-such-compiler" in caplog.text
-    finally:
-        few_row_matmul.library.cache_clear()
-
-
-def test_a_failed_build_leaves_no_library_file(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    # A compiler that fails: nothing (not even a partial file) may be left where the library is looked up.
-    fake = tmp_path / "bad-cxx"
-    fake.write_text("#!/bin/sh\necho 'broken compiler' >&2\nexit 1\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("CXX", str(fake))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    few_row_matmul.library.cache_clear()
-    try:
-        assert few_row_matmul.library() is None
-        assert list((tmp_path / "cache" / "jaxllm" / "kernels").iterdir()) == []
-    finally:
-        few_row_matmul.library.cache_clear()
-
-
-def test_a_damaged_cached_library_is_reported_not_loaded(
-    monkeypatch: pytest.MonkeyPatch, tmp_path, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-
-    def damaged_build(compiler: str, out) -> None:
-        out.parent.mkdir(parents=True)
-        out.write_bytes(b"not a shared library")
-
-    monkeypatch.setattr(few_row_matmul, "_build", damaged_build)
-    few_row_matmul.library.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger="jaxllm.few_row_matmul"):
-            assert few_row_matmul.library() is None
-        assert "not loaded" in caplog.text and str(tmp_path / "cache") in caplog.text
-    finally:
-        few_row_matmul.library.cache_clear()
-
-
-def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(few_row_matmul.SWITCH, "0")
-    few_row_matmul.library.cache_clear()
-    try:
-        assert few_row_matmul.library() is None
-    finally:
-        few_row_matmul.library.cache_clear()
 
 
 def _small_llama(**kw) -> ModelConfig:

@@ -10,49 +10,19 @@
 //   "nk" layout: W is (N, K), a tied embedding used as the output head (y = x @ E^T). Tiles of 4 rows x
 //                4 outputs accumulate 16-wide partial dot products over k, then reduce.
 //
-// Columns are split into chunks taken from a shared counter by the calling thread and by tasks on
-// XLA's intra-op thread pool. The caller only waits for chunks that a task has claimed, so a busy pool
-// (a task that never starts) cannot stall it.
+// Columns are split over XLA's intra-op thread pool (cpu_kernels.h: parallel_for).
 //
-// Built on first use by jaxllm/few_row_matmul.py (g++ -O3 -march=native); vector types are GCC's
-// generic vectors, so the same source builds for AVX-512, AVX2 or NEON.
-#include <algorithm>
-#include <atomic>
-#include <cstdint>
-#include <cstring>
-#include <memory>
-#include <thread>
+// Built on first use by jaxllm/cpu_kernels.py (g++ -O3 -march=native) into one library with the
+// other kernels of this folder.
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "cpu_kernels.h"
 
-namespace ffi = xla::ffi;
-
+namespace jaxllm {
 namespace {
-
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16_unaligned __attribute__((vector_size(64), aligned(4)));
-typedef uint16_t h16_unaligned __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t u16 __attribute__((vector_size(64)));
 
 constexpr int kRows = 4;         // rows per register tile (both layouts)
 constexpr int kPrefetchRows = 16;  // kn: how many rows of W ahead to prefetch
-
-inline v16 load(const float* p) { return *reinterpret_cast<const v16_unaligned*>(p); }
-inline v16 load(const uint16_t* p) {  // bfloat16 -> float32: the 16 bits become the high half
-  u16 bits = __builtin_convertvector(*reinterpret_cast<const h16_unaligned*>(p), u16) << 16;
-  v16 out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-inline void store(float* p, v16 v) { *reinterpret_cast<v16_unaligned*>(p) = v; }
-inline float widen(float v) { return v; }
-inline float widen(uint16_t v) {
-  uint32_t bits = uint32_t(v) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
 
 // kn: y[0:MB, 0:16*NV] (row stride ldy) for W (K, row stride ldw), from x (MB, K).
 template <int MB, int NV, bool kPrefetch, typename W>
@@ -167,45 +137,12 @@ void nk_columns(const float* x, int64_t M, int64_t K, const W* w, int64_t N, flo
   }
 }
 
-struct Chunks {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> finished{0};
-  int64_t count = 0, size = 0, total = 0;
-};
-
-// body(lo, hi) over [0, total) in chunks of a multiple of `align`, about 4 per thread.
-template <typename F>
-void parallel_columns(ffi::ThreadPool& pool, int64_t total, int64_t align, F body) {
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  int64_t size = (total + threads * 4 - 1) / (threads * 4);
-  size = std::max<int64_t>(align, (size + align - 1) / align * align);
-  auto chunks = std::make_shared<Chunks>();
-  chunks->size = size;
-  chunks->total = total;
-  chunks->count = (total + size - 1) / size;
-  auto work = [chunks, body]() {
-    for (;;) {
-      int64_t c = chunks->next.fetch_add(1);
-      if (c >= chunks->count) return;
-      int64_t lo = c * chunks->size;
-      body(lo, std::min(chunks->total, lo + chunks->size));
-      chunks->finished.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 1; t < threads && t < chunks->count; ++t) {
-    auto task = work;
-    pool.Schedule(std::move(task));
-  }
-  work();
-  while (chunks->finished.load(std::memory_order_acquire) < chunks->count) std::this_thread::yield();
-}
-
 template <bool kNK, typename W>
 ffi::Error run(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N) {
   if constexpr (kNK)
-    parallel_columns(pool, N, 4, [=](int64_t lo, int64_t hi) { nk_columns(x, M, K, w, N, y, lo, hi); });
+    parallel_for(pool, N, 4, [=](int64_t lo, int64_t hi) { nk_columns(x, M, K, w, N, y, lo, hi); });
   else
-    parallel_columns(pool, N, 64, [=](int64_t lo, int64_t hi) { kn_columns(x, M, K, w, N, y, lo, hi); });
+    parallel_for(pool, N, 64, [=](int64_t lo, int64_t hi) { kn_columns(x, M, K, w, N, y, lo, hi); });
   return ffi::Error::Success();
 }
 
@@ -234,8 +171,9 @@ constexpr auto binding() {
 }
 
 }  // namespace
+}  // namespace jaxllm
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FewRowMatmulKnF32, (matmul<false, ffi::F32>), binding<ffi::F32>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FewRowMatmulNkF32, (matmul<true, ffi::F32>), binding<ffi::F32>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FewRowMatmulKnBf16, (matmul<false, ffi::BF16>), binding<ffi::BF16>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FewRowMatmulNkBf16, (matmul<true, ffi::BF16>), binding<ffi::BF16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FewRowMatmulKnF32, (jaxllm::matmul<false, xla::ffi::F32>), jaxllm::binding<xla::ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FewRowMatmulNkF32, (jaxllm::matmul<true, xla::ffi::F32>), jaxllm::binding<xla::ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FewRowMatmulKnBf16, (jaxllm::matmul<false, xla::ffi::BF16>), jaxllm::binding<xla::ffi::BF16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FewRowMatmulNkBf16, (jaxllm::matmul<true, xla::ffi::BF16>), jaxllm::binding<xla::ffi::BF16>());

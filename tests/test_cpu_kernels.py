@@ -1,0 +1,73 @@
+"""Building jaxllm's CPU kernel library (jaxllm/cpu_kernels.py): its fallbacks when there is no
+compiler, a failing build or a damaged cached file, and the environment switch."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxllm import cpu_kernels, few_row_matmul
+
+
+def _uses_kernel(fn, *args) -> bool:
+    return 'custom_call_target="FewRowMatmul' in jax.jit(fn).lower(*args).compile().as_text()
+
+
+def test_without_a_compiler_it_warns_once_and_keeps_xla_dots(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    cpu_kernels.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="jaxllm.cpu_kernels"):
+            assert cpu_kernels.library() is None
+            assert not _uses_kernel(lambda x: few_row_matmul.matmul(x, jnp.ones((8, 8)), jnp.float32), jnp.ones((2, 8)))
+        assert "no C++ compiler" in caplog.text and "no-such-compiler" in caplog.text
+    finally:
+        cpu_kernels.library.cache_clear()
+
+
+def test_a_failed_build_leaves_no_library_file(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    # A compiler that fails: nothing (not even a partial file) may be left where the library is looked up.
+    fake = tmp_path / "bad-cxx"
+    fake.write_text("#!/bin/sh\necho 'broken compiler' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cpu_kernels.library.cache_clear()
+    try:
+        assert cpu_kernels.library() is None
+        assert list((tmp_path / "cache" / "jaxllm" / "kernels").iterdir()) == []
+    finally:
+        cpu_kernels.library.cache_clear()
+
+
+def test_a_damaged_cached_library_is_reported_not_loaded(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def damaged_build(compiler: str, out) -> None:
+        out.parent.mkdir(parents=True)
+        out.write_bytes(b"not a shared library")
+
+    monkeypatch.setattr(cpu_kernels, "_build", damaged_build)
+    cpu_kernels.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="jaxllm.cpu_kernels"):
+            assert cpu_kernels.library() is None
+        assert "not loaded" in caplog.text and str(tmp_path / "cache") in caplog.text
+    finally:
+        cpu_kernels.library.cache_clear()
+
+
+def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpu_kernels.SWITCH, "0")
+    cpu_kernels.library.cache_clear()
+    try:
+        assert cpu_kernels.library() is None
+    finally:
+        cpu_kernels.library.cache_clear()
