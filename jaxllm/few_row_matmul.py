@@ -11,8 +11,7 @@ these hold at trace time, and XLA's dot otherwise (the same math; float32 sums i
 - `model.few_row_matmul` is "auto" (the default; "xla" turns it off for that model);
 - `jaxllm.cpu_kernels.active()`: the CPU backend, a program not sharded over several devices, and
   the kernel library built;
-- x has at most `MAX_ROWS` rows, the computation dtype is float32 or bfloat16 (but one row times a
-  float32 (K, N) weight stays on XLA's dot: it reads the weights as fast there).
+- x has at most `MAX_ROWS` rows, and the computation dtype is float32 or bfloat16.
 Gradients are XLA dots (a custom VJP), so a model that uses the kernel is still differentiable.
 
 The kernel is built with the others of `jaxllm/kernels` (`jaxllm.cpu_kernels`: build, cache, and the
@@ -38,16 +37,9 @@ TARGETS = {  # (weight layout transposed, weight dtype) -> FFI target
 }
 
 
-def usable(rows: int, dtype: Any, w_dtype: Any, transposed: bool) -> bool:
-    """Whether `matmul` of `rows` rows, in computation dtype `dtype`, with weights of `w_dtype`
-    ((N, K) when `transposed`), runs the kernel (decided at trace time)."""
-    one_f32_row = rows == 1 and not transposed and jnp.dtype(dtype) == jnp.float32 == jnp.dtype(w_dtype)
-    return (
-        rows <= MAX_ROWS
-        and not one_f32_row  # one row times float32 (K, N) weights: XLA's dot is as fast
-        and jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16)
-        and cpu_kernels.active()
-    )
+def usable(rows: int, dtype: Any) -> bool:
+    """Whether `matmul` of `rows` rows in computation dtype `dtype` runs the kernel (decided at trace time)."""
+    return rows <= MAX_ROWS and jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16) and cpu_kernels.active()
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -78,7 +70,7 @@ def matmul(x_MK: jax.Array, w: jax.Array, dtype: Any, transposed: bool = False, 
     """x_MK @ w (w is (K, N)), or x_MK @ w.T with `transposed` (w is (N, K)), computed in `dtype`:
     both operands are cast to it, as XLA's dot would take them; the result has it too. `enabled`
     False (`model.few_row_matmul=xla`): always XLA's dot."""
-    if not (enabled and usable(x_MK.shape[0], dtype, w.dtype, transposed)):
+    if not (enabled and usable(x_MK.shape[0], dtype)):
         w_cast = w.astype(dtype)
         return x_MK.astype(dtype) @ (w_cast.T if transposed else w_cast)
     w_in = w.astype(jnp.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else w  # float32 or bfloat16

@@ -48,8 +48,7 @@ def test_matmul_uses_the_kernel_only_for_few_rows_unsharded_and_not_switched_off
     mm = lambda x: few_row_matmul.matmul(x, w, jnp.float32)  # noqa: E731
     assert _uses_kernel(mm, jnp.ones((few_row_matmul.MAX_ROWS, 64)))
     assert not _uses_kernel(mm, jnp.ones((few_row_matmul.MAX_ROWS + 1, 64)))
-    # one row: XLA's dot reads float32 (K, N) weights as fast; the kernel keeps the other one-row cases
-    assert not _uses_kernel(mm, jnp.ones((1, 64)))
+    assert _uses_kernel(mm, jnp.ones((1, 64)))
     assert _uses_kernel(lambda x: few_row_matmul.matmul(x, w.astype(jnp.bfloat16), jnp.float32), jnp.ones((1, 64)))
     assert _uses_kernel(lambda x: few_row_matmul.matmul(x, w.T, jnp.float32, transposed=True), jnp.ones((1, 64)))
 
