@@ -233,6 +233,7 @@ def markdown(rows: list[dict], parity: dict, info: dict, run: dict, reps: int) -
     lines += ["", "Roofline: steps/s × weight bytes (of the row's dtype) ÷ bandwidth, the share of the memory-bound "
               "limit a decode step reached (above batch 1 the weights are shared by the rows, so the share falls "
               "while tokens/s rise)."]
+    lines += goals(rows) if run["device"] == "cpu" and run["dtype"] == "float32" else []
     bf16 = [r for r in rows if r["impl"] == BF16_ROW and r["batch"] == 1]
     if bf16:
         hf = next(x for x in rows if x["batch"] == 1 and x["impl"] == "transformers")
@@ -240,6 +241,26 @@ def markdown(rows: list[dict], parity: dict, info: dict, run: dict, reps: int) -
         lines += ["", f"Goal: bfloat16 weights at batch 1 >= 1.5x transformers float32: {speedup:.2f}x "
                   f"({'met' if speedup >= 1.5 else 'NOT met'})."]
     return "\n".join(lines) + "\n"
+
+
+def goals(rows: list[dict]) -> list[str]:
+    """The float32 decode goals on the CPU (issue 15): batch 1 at >= 70% of the memory roofline, batches
+    8 and 32 at >= 2x transformers; one line for each batch that was measured."""
+
+    def row(batch: int, impl: str) -> dict | None:
+        return next((r for r in rows if r["batch"] == batch and r["impl"] == impl), None)
+
+    out = []
+    if (one := row(1, "jaxllm")) is not None:
+        met = "met" if one["roofline_fraction"] >= 0.7 else "NOT met"
+        out.append(f"Goal: float32 batch 1 >= 70% of the memory roofline: {one['roofline_fraction']:.0%} ({met}).")
+    for batch in (8, 32):
+        ours, hf = row(batch, "jaxllm"), row(batch, "transformers")
+        if ours is not None and hf is not None:
+            ratio = ours["tokens_per_s"] / hf["tokens_per_s"]
+            met = "met" if ratio >= 2 else "NOT met"
+            out.append(f"Goal: float32 batch {batch} >= 2x transformers: {ratio:.2f}x ({met}).")
+    return ["", *out] if out else []
 
 
 if __name__ == "__main__":
