@@ -6,13 +6,13 @@ decode loop XLA copies each layer's cache around its update. `kernels/decode_att
 FFI custom call, writes the new keys and values at their positions and attends to the visible
 entries only, with the cache operands aliased to its outputs (updated in place).
 
-`attend` is what the model's cached path calls. It uses the kernel when all of these hold at trace
-time, and the XLA form otherwise (the same math: float32 scores and softmax):
+The model's cached path calls `kernel` when all of these hold at trace time, and the XLA form
+otherwise (the same math: float32 scores and softmax):
 - `model.decode_attention` is "auto" (the default; "xla" turns it off for that model);
 - `jaxllm.cpu_kernels.active()`: the CPU backend, a program not sharded over several devices, and
   the kernel library built;
-- one token per row (a decode step; prefill chunks stay on XLA), head_dim a multiple of 16, and the
-  cache in float32 or bfloat16.
+- `usable`: one token per row (a decode step; prefill chunks stay on XLA), head_dim a multiple of
+  16, and the cache in float32 or bfloat16.
 The kernel has no gradient: the cached path is for inference.
 """
 
@@ -30,7 +30,7 @@ TARGETS = {"float32": "DecodeAttentionF32", "bfloat16": "DecodeAttentionBf16"}  
 
 
 def usable(tokens_per_row: int, head_dim: int, cache_dtype: Any) -> bool:
-    """Whether `attend` runs the kernel for these shapes (decided at trace time)."""
+    """Whether the model's cached path runs the kernel for these shapes (decided at trace time)."""
     return (
         tokens_per_row == 1 and head_dim % 16 == 0 and jnp.dtype(cache_dtype).name in TARGETS and cpu_kernels.active()
     )
@@ -45,7 +45,10 @@ def kernel(
     positions_BT: jax.Array,
     sliding_window: int | None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(float32 attention output (B, T, N, H), updated key cache, updated value cache)."""
+    """(float32 attention output (B, T, N, H), updated key cache, updated value cache): each row's new
+    keys/values written at its positions (dropped outside the cache), then each query attends to the
+    entries at positions <= its own (> its own - `sliding_window`, if given). The caches are updated
+    in place when XLA can donate them (inside a jitted loop)."""
     cpu_kernels.require()
     outs = (
         jax.ShapeDtypeStruct(q_BTNH.shape, jnp.float32),

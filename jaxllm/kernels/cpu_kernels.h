@@ -148,7 +148,8 @@ void parallel_for(ffi::ThreadPool& pool, int64_t total, int64_t align, F body, i
   };
   if (chunks->count > 1 && threads > 1) helpers.launch(std::make_shared<std::function<void()>>(work));
   work();
-  while (chunks->finished.load(std::memory_order_acquire) < chunks->count) cpu_relax();
+  // yield, not spin: on a loaded machine the helper that holds a chunk may need this core
+  while (chunks->finished.load(std::memory_order_acquire) < chunks->count) std::this_thread::yield();
 }
 
 }  // namespace jaxllm
