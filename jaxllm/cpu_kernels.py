@@ -41,15 +41,8 @@ FOLDER = Path(__file__).parent / "kernels"
 SOURCES = (FOLDER / "few_row_matmul.cc", FOLDER / "decode_attention.cc")
 HEADERS = (FOLDER / "cpu_kernels.h",)
 SWITCH = "JAXLLM_CPU_KERNELS"
-FFI_TARGETS = (
-    "FewRowMatmulKnF32",
-    "FewRowMatmulNkF32",
-    "FewRowMatmulKnBf16",
-    "FewRowMatmulNkBf16",
-    "DecodeAttentionF32",
-    "DecodeAttentionBf16",
-)
 
+_loaded: dict[Path, ctypes.CDLL] = {}  # libraries loaded in this process, by path
 _registered: set[str] = set()  # FFI targets registered with XLA in this process (once each)
 _off: contextvars.ContextVar[bool] = contextvars.ContextVar("cpu_kernels_off", default=False)
 
@@ -96,8 +89,8 @@ def _build(compiler: str, out: Path) -> None:
 
 @functools.cache
 def library() -> Path | None:
-    """The kernel library, built on first use and registered with XLA; None (one warning logged) when
-    it is switched off or cannot be built."""
+    """The kernel library, built on first use and loaded; None (one warning logged) when it is switched
+    off or cannot be built."""
     if os.environ.get(SWITCH, "1") == "0":
         return None
     compiler = os.environ.get("CXX", "g++")
@@ -117,20 +110,23 @@ def library() -> Path | None:
             log.warning("jaxllm's CPU kernels not built (%s); using XLA's ops", detail.strip()[-500:])
             return None
     try:
-        lib = ctypes.CDLL(str(path))
+        _loaded[path] = ctypes.CDLL(str(path))
     except OSError as e:  # e.g. a damaged file in the cache: delete it and it is rebuilt
         log.warning("jaxllm's CPU kernels %s not loaded (%s); using XLA's ops", path, e)
         return None
-    for target in set(FFI_TARGETS) - _registered:
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
-        _registered.add(target)
     return path
 
 
-def require() -> None:
-    """Raise `RuntimeError` when the library is not available (for callers of a kernel itself)."""
-    if library() is None:
+def target(name: str) -> str:
+    """`name`, an FFI target of the library, registered with XLA (once per process), for
+    `jax.ffi.ffi_call`; `RuntimeError` when the library is not available."""
+    path = library()
+    if path is None:
         raise RuntimeError(f"jaxllm's CPU kernels are not available (switched off by {SWITCH}=0, or not built)")
+    if name not in _registered:
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(_loaded[path], name)), platform="cpu")
+        _registered.add(name)
+    return name
 
 
 def _single_device_program() -> bool:

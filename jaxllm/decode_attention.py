@@ -49,12 +49,12 @@ def kernel(
     keys/values written at its positions (dropped outside the cache), then each query attends to the
     entries at positions <= its own (> its own - `sliding_window`, if given). The caches are updated
     in place when XLA can donate them (inside a jitted loop)."""
-    cpu_kernels.require()
     outs = (
         jax.ShapeDtypeStruct(q_BTNH.shape, jnp.float32),
         jax.ShapeDtypeStruct(k_cache_BKSH.shape, k_cache_BKSH.dtype),
         jax.ShapeDtypeStruct(v_cache_BKSH.shape, v_cache_BKSH.dtype),
     )
-    call = jax.ffi.ffi_call(TARGETS[jnp.dtype(k_cache_BKSH.dtype).name], outs, input_output_aliases={3: 1, 4: 2})
+    name = cpu_kernels.target(TARGETS[jnp.dtype(k_cache_BKSH.dtype).name])
+    call = jax.ffi.ffi_call(name, outs, input_output_aliases={3: 1, 4: 2})
     f32 = [x.astype(jnp.float32) for x in (q_BTNH, k_BTKH, v_BTKH)]
     return call(*f32, k_cache_BKSH, v_cache_BKSH, positions_BT.astype(jnp.int32), window=np.int64(sliding_window or 0))

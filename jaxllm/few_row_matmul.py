@@ -44,10 +44,9 @@ def usable(rows: int, dtype: Any) -> bool:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def kernel(x_MK: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
-    cpu_kernels.require()
     n = w.shape[0] if transposed else w.shape[1]
     out = jax.ShapeDtypeStruct((x_MK.shape[0], n), jnp.float32)
-    call = jax.ffi.ffi_call(TARGETS[transposed, jnp.dtype(w.dtype).name], out)
+    call = jax.ffi.ffi_call(cpu_kernels.target(TARGETS[transposed, jnp.dtype(w.dtype).name]), out)
     return call(x_MK, w)
 
 

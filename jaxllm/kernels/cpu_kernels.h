@@ -4,16 +4,14 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdint>
 #include <chrono>
 #include <condition_variable>
-#include <cstdlib>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <thread>
-#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -59,7 +57,6 @@ struct Chunks {
   std::atomic<int64_t> finished{0};
   int64_t count = 0, size = 0, total = 0;
 };
-
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)

@@ -7,7 +7,7 @@
 //
 //   "kn" layout: W is (K, N), a Dense kernel (in, out). Tiles of 4 rows x 64 columns accumulate in
 //                registers over k; the next rows of W are prefetched (a tile walks down a column strip).
-//                One float32 row: row panels instead (kn_panel_rows), each thread reading long
+//                One float32 row: row panels instead (kn_panel_row), each thread reading long
 //                contiguous row segments, 8 rows at a time: 20% faster in a decode step's chain.
 //   "nk" layout: W is (N, K), a tied embedding used as the output head (y = x @ E^T). Tiles of 4 rows x
 //                4 outputs accumulate 16-wide partial dot products over k, then reduce.
@@ -98,41 +98,31 @@ void kn_columns(const float* x, int64_t M, int64_t K, const W* w, int64_t N, flo
     }
 }
 
-// Row panels: y[0:MB, lo:hi] walked P rows of W at a time, each row's segment [lo, hi) read
+// Row panels, for one row: y[lo:hi] walked P rows of W at a time, each row's segment [lo, hi) read
 // contiguously (P streams at once, which the hardware prefetchers follow), the sums kept in y
-// between panels (L1-resident for one row). Measured faster than column strips for one float32 row
-// only (for more rows, or bfloat16 W, slower).
-template <int P, int MB, typename W>
-inline void kn_panel_rows(const float* x, int64_t K, const W* w, int64_t N, float* y, int64_t lo, int64_t hi) {
+// between panels (L1-resident). Measured faster than column strips for one float32 row only (for
+// more rows, or bfloat16 W, slower).
+template <int P, typename W>
+inline void kn_panel_row(const float* x, int64_t K, const W* w, float* y, int64_t N, int64_t lo, int64_t hi) {
   for (int64_t k0 = 0; k0 < K; k0 += P) {
     const int kc = int(std::min<int64_t>(P, K - k0));
-    float xv[MB][P];
-    for (int m = 0; m < MB; ++m)
-      for (int kk = 0; kk < P; ++kk) xv[m][kk] = kk < kc ? x[m * K + k0 + kk] : 0.0f;
+    float xv[P];
+    for (int kk = 0; kk < P; ++kk) xv[kk] = kk < kc ? x[k0 + kk] : 0.0f;
     const W* wk = w + k0 * N;
     int64_t n = lo;
     for (; n + 16 <= hi; n += 16) {
-      v16 acc[MB];
-      for (int m = 0; m < MB; ++m) acc[m] = k0 ? load(y + m * N + n) : v16{};
-      if (kc == P) {
-        for (int kk = 0; kk < P; ++kk) {
-          v16 wv = load(wk + kk * N + n);
-          for (int m = 0; m < MB; ++m) acc[m] += xv[m][kk] * wv;
-        }
-      } else {
-        for (int kk = 0; kk < kc; ++kk) {
-          v16 wv = load(wk + kk * N + n);
-          for (int m = 0; m < MB; ++m) acc[m] += xv[m][kk] * wv;
-        }
-      }
-      for (int m = 0; m < MB; ++m) store(y + m * N + n, acc[m]);
+      v16 acc = k0 ? load(y + n) : v16{};
+      if (kc == P)  // a full panel: a constant trip count the compiler unrolls
+        for (int kk = 0; kk < P; ++kk) acc += xv[kk] * load(wk + kk * N + n);
+      else
+        for (int kk = 0; kk < kc; ++kk) acc += xv[kk] * load(wk + kk * N + n);
+      store(y + n, acc);
     }
-    for (; n < hi; ++n)
-      for (int m = 0; m < MB; ++m) {
-        float sum = k0 ? y[m * N + n] : 0.0f;
-        for (int kk = 0; kk < kc; ++kk) sum += xv[m][kk] * widen(wk[kk * N + n]);
-        y[m * N + n] = sum;
-      }
+    for (; n < hi; ++n) {
+      float sum = k0 ? y[n] : 0.0f;
+      for (int kk = 0; kk < kc; ++kk) sum += xv[kk] * widen(wk[kk * N + n]);
+      y[n] = sum;
+    }
   }
 }
 
@@ -201,7 +191,7 @@ ffi::Error run(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int6
   if constexpr (kNK)
     parallel_for(pool, N, 4, [=](int64_t lo, int64_t hi) { nk_columns(x, M, K, w, N, y, lo, hi); });
   else if (sizeof(W) == 4 && M == 1)  // row panels, one chunk of columns per thread
-    parallel_for(pool, N, 16, [=](int64_t lo, int64_t hi) { kn_panel_rows<8, 1>(x, K, w, N, y, lo, hi); }, 1);
+    parallel_for(pool, N, 16, [=](int64_t lo, int64_t hi) { kn_panel_row<8>(x, K, w, y, N, lo, hi); }, 1);
   else
     parallel_for(pool, N, 64, [=](int64_t lo, int64_t hi) { kn_columns(x, M, K, w, N, y, lo, hi); });
   return ffi::Error::Success();
