@@ -6,10 +6,7 @@ op (about 1-2 minutes on 2 cores, cached in ~/.cache/torch_extensions afterwards
 here. Tolerances: parity_helpers.py, except the bf16 one below.
 """
 
-import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -24,6 +21,7 @@ from jaxllm.parity import compare_runs, step_losses
 from jaxllm.train import train as jax_train
 
 from parity_helpers import LOSS_RTOL, assert_params_agree, export_init, made_once
+from torchrun_helpers import torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -33,15 +31,16 @@ OVERRIDES = ["model.vocab_size=257", "model.n_layers=2", "train.batch_size=16", 
              "train.eval_batches=2", "train.checkpoint_every=5", "mesh.data=1", "mesh.fsdp=-1"]  # fmt: skip
 
 
-def deepspeed_run(data, out, stage: int, *extra: str, ranks: int = 2, init=None, resume: bool = False):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-           "-m", "torch_ref.train_deepspeed", "--config", "mini", "--data", str(data), "--out", str(out),
-           "--deepspeed", f"zero{stage}", "--no-progress", *(["--init", str(init)] if init else []),
-           *(["--resume"] if resume else []), *OVERRIDES, *extra]  # fmt: skip
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    return out
+def fresh(out):
+    """A `prepare` for torchrun: the run directory starts empty."""
+    return lambda: shutil.rmtree(out, ignore_errors=True)
+
+
+def deepspeed_run(data, out, stage: int, *extra: str, ranks: int = 2, init=None, resume: bool = False, prepare=None):
+    args = ["-m", "torch_ref.train_deepspeed", "--config", "mini", "--data", str(data), "--out", str(out),
+            "--deepspeed", f"zero{stage}", "--no-progress", *(["--init", str(init)] if init else []),
+            *(["--resume"] if resume else []), *OVERRIDES, *extra]  # fmt: skip
+    return torchrun(args, nproc=ranks, prepare=prepare or fresh(out))
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +73,15 @@ def test_deepspeed_checkpoint_resumes_to_the_same_losses_and_weights(zero3, byte
     tmp = zero3[0]
     # The run as if it had died between steps 5 and 10: DeepSpeed's `latest` names step 5.
     cut = tmp_path / "cut"
-    shutil.copytree(tmp / "ds", cut)
-    shutil.rmtree(cut / "checkpoints" / "10")
-    shutil.rmtree(cut / "final")
-    (cut / "checkpoints" / "latest").write_text("5")
-    deepspeed_run(byte_dataset, cut, 3, resume=True)
+
+    def make_cut():
+        shutil.rmtree(cut, ignore_errors=True)
+        shutil.copytree(tmp / "ds", cut)
+        shutil.rmtree(cut / "checkpoints" / "10")
+        shutil.rmtree(cut / "final")
+        (cut / "checkpoints" / "latest").write_text("5")
+
+    deepspeed_run(byte_dataset, cut, 3, resume=True, prepare=make_cut)
     full, resumed = step_losses(tmp / "ds"), step_losses(cut)
     assert sorted(resumed) == list(range(1, 11))
     # Same ranks, same partitions, same reduction order: the continuation is exact.

@@ -24,6 +24,7 @@ from torch_ref import train as torch_train
 from torch_ref.train_deepspeed import load_deepspeed_config, resolve_deepspeed_config
 
 from parity_helpers import LOSS_RTOL, PARAM_ATOL, assert_params_agree, export_init, made_once
+from torchrun_helpers import torchrun
 
 TINY = ["model.vocab_size=257", "model.n_layers=2", "train.batch_size=8", "train.warmup_steps=2"]
 QUIET = ["train.log_every=1", "train.eval_every=0", "train.checkpoint_every=0"]
@@ -144,11 +145,9 @@ def test_two_ddp_ranks_match_one_process(byte_dataset, tmp_path):
     overrides = [*TINY, *QUIET, "mesh.data=1", "train.steps=4", "train.grad_accum=2"]
     cfg = config(byte_dataset, "train.steps=4", "train.grad_accum=2")
     torch_train.train(cfg, tmp_path / "one", progress=False)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "torch_ref.train", "--config", "mini", "--data", str(byte_dataset), "--out", str(tmp_path / "ddp"),
-           "--no-progress", *overrides]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    args = ["-m", "torch_ref.train", "--config", "mini", "--data", str(byte_dataset), "--out", str(tmp_path / "ddp"),
+            "--no-progress", *overrides]  # fmt: skip
+    out = torchrun(args, nproc=2, prepare=lambda: shutil.rmtree(tmp_path / "ddp", ignore_errors=True), timeout=300)
     assert out.stdout.count("trained steps 1-4") == 1  # rank 0 reports
     one, ddp = step_losses(tmp_path / "one"), step_losses(tmp_path / "ddp")
     # Each rank averages its 4 rows, DDP averages the ranks: the same mean in another order.
