@@ -12,7 +12,9 @@ inside one jitted function, every layer's q, o, gate, up and down matmul of Smol
 - `x @ W` with W stored (in, out), as jaxllm's Dense keeps its kernels;
 - `(W @ x.T).T` with W stored (out, in), as PyTorch keeps them;
 - jaxllm's few-row kernel (`jaxllm.few_row_matmul`, what the model uses on the CPU for up to 32 rows)
-  on the (in, out) weights, in float32 and with bfloat16 weights (half the bytes).
+  on the (in, out) weights, in float32 and with bfloat16 weights (half the bytes);
+- the same kernel on the weights in the strips layout that `jaxllm generate` and `serve` hold them in
+  (`jaxllm.decode_layout`: each 64-column strip contiguous, on huge pages where the OS grants them).
 
 Batches are timed in turn (median of `--reps`), and the weight bytes / time is set beside a jitted JAX
 sum's read bandwidth in the same run. Writes benchmarks/results/decode_matmul_<cpu>.json and .md.
@@ -32,7 +34,7 @@ import numpy as np
 
 from benchmarks.machine import RESULTS, cpu_slug, describe, machine_info, write_results
 from benchmarks.real_model import memory_bandwidth
-from jaxllm import cpu_kernels, few_row_matmul
+from jaxllm import cpu_kernels, decode_layout, few_row_matmul
 
 D, F = 576, 1536  # SmolLM2-135M's d_model and MLP width
 SHAPES = [(D, D), (D, D), (D, F), (D, F), (F, D)]  # q, o, gate, up, down (in, out)
@@ -42,6 +44,8 @@ VARIANTS = {
     "XLA (W @ x.T).T (out, in)": ("out_in", "xla", "float32"),
     "jaxllm kernel (in, out)": ("in_out", "kernel", "float32"),
     "jaxllm kernel, bfloat16 W": ("in_out", "kernel", "bfloat16"),
+    "jaxllm kernel, strips": ("strips", "kernel", "float32"),
+    "jaxllm kernel, strips, bfloat16 W": ("strips", "kernel", "bfloat16"),
 }
 
 
@@ -51,8 +55,8 @@ def weights(layers: int, layout: str, dtype: str) -> list[jax.Array]:
     for _ in range(layers):
         for k, n in SHAPES:
             w = rng.standard_normal((k, n), np.float32) * 0.02
-            out.append(jnp.asarray(w if layout == "in_out" else np.ascontiguousarray(w.T)).astype(dtype))
-    return out
+            out.append(jnp.asarray(w if layout != "out_in" else np.ascontiguousarray(w.T)).astype(dtype))
+    return decode_layout.to_strips([(w, w.shape[0]) for w in out]) if layout == "strips" else out
 
 
 def step_fn(layout: str, matmul: str):
@@ -64,7 +68,9 @@ def step_fn(layout: str, matmul: str):
         for w in ws:
             k = w.shape[0] if layout == "in_out" else w.shape[1]
             x = x_BD if k == D else x_BF
-            if matmul == "kernel":
+            if layout == "strips":
+                y = few_row_matmul.matmul_strips(x, w, jnp.float32)
+            elif matmul == "kernel":
                 y = few_row_matmul.kernel(x, w, False)
             else:
                 y = x @ w if layout == "in_out" else (w @ x.T).T

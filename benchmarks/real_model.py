@@ -43,6 +43,7 @@ import torch
 import jaxllm
 from benchmarks.decode_speed import decode_rates, hf_runner
 from benchmarks.machine import describe, machine_info, write_results
+from jaxllm import decode_layout
 from jaxllm.checkpoint import with_dtype
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -156,12 +157,13 @@ def main() -> None:
 
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     bandwidth = memory_bandwidth()
-    models = {"jaxllm": with_dtype(cfg, params, args.dtype)}
+    # as `jaxllm generate` and `serve` hold a model: Dense kernels in the decode kernel's strips layout
+    models = {"jaxllm": decode_layout.prepare(*with_dtype(cfg, params, args.dtype))}
     if args.xla_row:
-        xla_cfg, xla_params = models["jaxllm"]
+        xla_cfg, xla_params = with_dtype(cfg, params, args.dtype)
         models[XLA_ROW] = (xla_cfg.replace(few_row_matmul="xla", decode_attention="xla"), xla_params)
     if args.dtype == "float32" and not args.no_bf16_row:
-        models[BF16_ROW] = with_dtype(cfg, params, "bfloat16")
+        models[BF16_ROW] = decode_layout.prepare(*with_dtype(cfg, params, "bfloat16"))
     if args.dtype == "bfloat16":
         hf = hf.to(torch.bfloat16)
     rows = []

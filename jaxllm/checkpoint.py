@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 import yaml
 
 from jaxllm.config import Config, ModelConfig
+from jaxllm.decode_layout import require_dense
 from jaxllm.errors import ConfigError, InputError
 from jaxllm.model import Params, abstract_params, to_layout, to_per_layer
 
@@ -42,6 +43,7 @@ def save_params(
     `extra_files` (e.g. the tokenizer.json) are copied in before the directory is renamed into place.
     Every JAX process must call it (orbax writes sharded arrays collectively).
     """
+    require_dense(cfg, "saved")
     path = Path(path).absolute()
     if path.exists() and not overwrite:
         raise InputError(f"{path} already exists (pass overwrite=True to replace it)")

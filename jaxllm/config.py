@@ -105,6 +105,10 @@ class ModelConfig(BaseModel):
     # reads only the visible cache entries and updates the cache in place (jaxllm/decode_attention.py);
     # "xla": always the XLA form. Numerics are float32 scores and softmax either way.
     decode_attention: Literal["auto", "xla"] = "auto"
+    # "strips": for inference only, set by `jaxllm.decode_layout.prepare` and never saved: each Dense
+    # kernel with a multiple of 64 outputs is held as (outputs/64, inputs, 64) column strips, which
+    # the CPU decode kernel reads contiguously. "dense": the kernels as trained and saved.
+    kernel_layout: Literal["dense", "strips"] = "dense"
     # Activation checkpointing per block: "none", "full" (recompute everything in the backward
     # pass) or "save_dots" (keep matmul outputs, recompute the rest). Numerics are unchanged.
     remat: Literal["none", "full", "save_dots"] = "none"

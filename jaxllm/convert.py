@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig
+from jaxllm.decode_layout import require_dense
 from jaxllm.errors import InputError
 from jaxllm.model import Params, abstract_params, to_layout, to_per_layer
 
@@ -53,6 +54,7 @@ def _per_layer_abstract(cfg: ModelConfig) -> dict[tuple[str, ...], Any]:
 
 def to_numpy_state_dict(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
     """torch_ref state-dict layout as float32 numpy arrays (tied head listed under both names)."""
+    require_dense(cfg, "converted")
     abstract = _per_layer_abstract(cfg)
     flat = _flat(to_per_layer(params))
     _check_same_keys(set(flat), set(abstract), "params")

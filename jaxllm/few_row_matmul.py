@@ -14,6 +14,10 @@ these hold at trace time, and XLA's dot otherwise (the same math; float32 sums i
 - x has at most `MAX_ROWS` rows, and the computation dtype is float32 or bfloat16.
 Gradients are XLA dots (a custom VJP), so a model that uses the kernel is still differentiable.
 
+`matmul_strips` takes a kernel in the inference-only "strips" layout (`jaxllm.decode_layout`):
+(N/64, K, 64), each 64-column strip of W stored contiguously. Few rows run the kernel's strip loop;
+more rows (a prefill), or the kernel unusable, an XLA dot on the strips unpacked in the graph.
+
 The kernel is built with the others of `jaxllm/kernels` (`jaxllm.cpu_kernels`: build, cache, and the
 shared gate, `active()`).
 """
@@ -35,6 +39,8 @@ TARGETS = {  # (weight layout transposed, weight dtype) -> FFI target
     (False, "bfloat16"): "FewRowMatmulKnBf16",
     (True, "bfloat16"): "FewRowMatmulNkBf16",
 }
+STRIP = 64  # columns per strip of the "strips" layout (the kernel's tile width)
+STRIP_TARGETS = {"float32": "FewRowMatmulStripsF32", "bfloat16": "FewRowMatmulStripsBf16"}
 
 
 def usable(rows: int, dtype: Any) -> bool:
@@ -77,3 +83,18 @@ def matmul(x_MK: jax.Array, w: jax.Array, dtype: Any, transposed: bool = False, 
         w_in = w_in.astype(jnp.float32)
     x_f32 = x_MK.astype(dtype).astype(jnp.float32)
     return kernel(x_f32, w_in, transposed).astype(dtype)
+
+
+def matmul_strips(x_MK: jax.Array, w_SKC: jax.Array, dtype: Any, enabled: bool = True) -> jax.Array:
+    """x_MK @ W computed in `dtype`, for W (K, N) given as strips w_SKC (N/64, K, 64): w_SKC[s, k, c] =
+    W[k, 64 s + c]. Inference only (no gradient through the kernel)."""
+    s, _, c = w_SKC.shape
+    if not (enabled and usable(x_MK.shape[0], dtype)):
+        y_MSC = jnp.einsum("mk,skc->msc", x_MK.astype(dtype), w_SKC.astype(dtype))
+        return y_MSC.reshape(x_MK.shape[0], s * c)
+    w_in = w_SKC.astype(jnp.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else w_SKC
+    if jnp.dtype(w_in.dtype) not in (jnp.float32, jnp.bfloat16):
+        w_in = w_in.astype(jnp.float32)
+    out = jax.ShapeDtypeStruct((x_MK.shape[0], s * c), jnp.float32)
+    call = jax.ffi.ffi_call(cpu_kernels.target(STRIP_TARGETS[jnp.dtype(w_in.dtype).name]), out)
+    return call(x_MK.astype(dtype).astype(jnp.float32), w_in).astype(dtype)

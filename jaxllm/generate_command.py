@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jaxllm import decode_layout
 from jaxllm.checkpoint import load_params_on_mesh
 from jaxllm.errors import InputError
 from jaxllm.generation import complete_text, precompile, with_text_stops
@@ -56,7 +57,7 @@ def sample_checkpoint(
     the generation (compilation excluded) into that directory. `options`: the other `Sampling` fields.
     """
     out = out or sys.stdout
-    cfg, params = load_params_on_mesh(checkpoint, mesh_overrides, dtype)
+    cfg, params = decode_layout.prepare(*load_params_on_mesh(checkpoint, mesh_overrides, dtype))
     codec = load_codec(checkpoint, cfg.vocab_size, tokenizer_path)
     num_samples = as_int(num_samples, "num_samples")
     if num_samples < 1:

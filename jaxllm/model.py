@@ -92,10 +92,18 @@ class Dense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         in_shape = x.shape[-self.n_in :]
         batch_shape = x.shape[: -self.n_in]
-        kernel = _param(self, "kernel", nn.initializers.normal(self.std), (*in_shape, *self.features), self.axes)
-        x_2d = x.reshape(-1, math.prod(in_shape))
-        kernel_2d = kernel.reshape(math.prod(in_shape), -1)
-        y_2d = few_row_matmul.matmul(x_2d, kernel_2d, self.dtype, enabled=_cfg(self).few_row_matmul == "auto")
+        cfg = _cfg(self)
+        n_in, n_out = math.prod(in_shape), math.prod(self.features)
+        init = nn.initializers.normal(self.std)
+        x_2d = x.reshape(-1, n_in)
+        enabled = cfg.few_row_matmul == "auto"
+        if cfg.kernel_layout == "strips" and n_out % few_row_matmul.STRIP == 0:  # jaxllm.decode_layout
+            shape = (n_out // few_row_matmul.STRIP, n_in, few_row_matmul.STRIP)
+            kernel_SKC = _param(self, "kernel", init, shape, (None, None, None))
+            y_2d = few_row_matmul.matmul_strips(x_2d, kernel_SKC, self.dtype, enabled=enabled)
+        else:
+            kernel = _param(self, "kernel", init, (*in_shape, *self.features), self.axes)
+            y_2d = few_row_matmul.matmul(x_2d, kernel.reshape(n_in, n_out), self.dtype, enabled=enabled)
         if self.use_bias:
             bias = _param(self, "bias", nn.initializers.zeros, self.features, self.axes[self.n_in :])
             y_2d = y_2d + bias.reshape(-1).astype(self.dtype)

@@ -101,11 +101,13 @@ def load_engine(
 ) -> Engine:
     """A started engine (warming up in its thread) over a checkpoint and its tokenizer, sharded over the
     mesh of `mesh_overrides` (`mesh.tensor=2`, as `jaxllm train`'s) when given; `dtype`: weights and
-    computation in that dtype (`jaxllm.checkpoint.with_dtype`)."""
+    computation in that dtype (`jaxllm.checkpoint.with_dtype`). On one CPU device the Dense kernels are
+    held in the decode kernel's strips layout (`jaxllm.decode_layout`)."""
+    from jaxllm import decode_layout
     from jaxllm.checkpoint import load_params_on_mesh
     from jaxllm.text import load_codec
 
-    cfg, params = load_params_on_mesh(checkpoint, mesh_overrides, dtype)
+    cfg, params = decode_layout.prepare(*load_params_on_mesh(checkpoint, mesh_overrides, dtype))
     tokenizer = load_codec(checkpoint, cfg.vocab_size, tokenizer_path)
     return Engine(cfg, params, tokenizer, settings).start()
 

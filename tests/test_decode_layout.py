@@ -1,0 +1,113 @@
+"""The inference-only strips layout (jaxllm/decode_layout.py) and the kernel loop that reads it: exact
+sums, the same logits and greedy tokens as the dense layout, and never saved."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxllm
+from jaxllm import ConfigError, cpu_kernels, decode_layout, few_row_matmul
+from jaxllm.config import ModelConfig
+from jaxllm.convert import to_numpy_state_dict
+
+from conftest import random_tokens
+
+pytestmark = pytest.mark.skipif(
+    cpu_kernels.library() is None, reason="the kernel library could not be built here (no C++ compiler?)"
+)
+
+
+def _strips(w_KN: np.ndarray) -> np.ndarray:
+    k, n = w_KN.shape
+    return np.ascontiguousarray(w_KN.reshape(k, n // 64, 64).transpose(1, 0, 2))
+
+
+def _hlo(fn, *args) -> str:
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+@pytest.mark.parametrize("w_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 576, 1536), (1, 37, 64), (3, 70, 192), (8, 160, 128), (32, 48, 576)])
+def test_strips_kernel_sums_match_float64(m: int, k: int, n: int, w_dtype: str) -> None:
+    rng = np.random.default_rng(m * 1000 + n)
+    x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
+    w = np.asarray(jnp.asarray(rng.standard_normal((k, n), dtype=np.float32)).astype(w_dtype))
+    mm = lambda x, w_SKC: few_row_matmul.matmul_strips(x, w_SKC, jnp.float32)  # noqa: E731
+    w_SKC = jnp.asarray(_strips(w))
+    assert 'custom_call_target="FewRowMatmulStrips' in _hlo(mm, x, w_SKC)
+    got = np.asarray(jax.jit(mm)(x, w_SKC))
+    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    assert got.shape == (m, n) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.sqrt(k) * np.abs(want).max())
+    # more rows than the kernel takes, or the kernel off: XLA's dot on the strips unpacked in the graph
+    x_many = jnp.tile(x, (few_row_matmul.MAX_ROWS // m + 1, 1))
+    assert "FewRowMatmulStrips" not in _hlo(mm, x_many, w_SKC)
+    np.testing.assert_allclose(np.asarray(jax.jit(mm)(x_many, w_SKC))[:m], want, rtol=1e-5, atol=1e-4)
+
+
+def _small_llama(**kw) -> ModelConfig:
+    # q/o/gate/up/down outputs and k/v (2 x 32) are multiples of 64: all 7 kernels per layer take strips
+    return ModelConfig(
+        family="llama", vocab_size=300, context_length=96, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2,
+        d_ff=192, tie_embeddings=True, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_prepared_params_give_the_same_logits_and_greedy_tokens(param_dtype: str) -> None:
+    cfg = _small_llama(param_dtype=param_dtype)
+    params = jaxllm.init_params(cfg, seed=3)
+    strips_cfg, strips = decode_layout.prepare(cfg, params)
+    assert strips_cfg == cfg.replace(kernel_layout="strips")
+
+    # every Dense kernel changed shape to (N/64, K, 64) and holds the same numbers; other leaves kept
+    flat, flat_strips = jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(strips)
+    changed = 0
+    for (path, w), s in zip(flat, flat_strips, strict=True):
+        if "kernel" in jax.tree_util.keystr(path):
+            w_np = np.asarray(w)
+            k = w_np.size // (s.shape[0] * 64)
+            np.testing.assert_array_equal(np.asarray(s), _strips(w_np.reshape(k, -1)))
+            assert s.dtype == w.dtype
+            changed += 1
+        else:
+            assert s is w
+    assert changed == 7 * cfg.n_layers
+
+    tokens_BT = jnp.asarray(random_tokens(cfg.vocab_size, 3, 5, seed=2), jnp.int32)  # 15 rows: the kernel
+    long_BT = jnp.asarray(random_tokens(cfg.vocab_size, 2, 40, seed=4), jnp.int32)  # 80 rows: XLA's dot
+    for toks in (tokens_BT, long_BT):
+        dense = jax.jit(lambda p, t: jaxllm.forward(cfg, p, t))(params, toks)
+        got = jax.jit(lambda p, t: jaxllm.forward(strips_cfg, p, t))(strips, toks)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(dense), rtol=1e-5, atol=1e-5)
+
+    prompts = [list(map(int, row)) for row in np.asarray(tokens_BT)]
+    want = jaxllm.generate(cfg, params, prompts, max_new_tokens=12, ignore_eos=True)
+    assert jaxllm.generate(strips_cfg, strips, prompts, max_new_tokens=12, ignore_eos=True) == want
+
+
+def test_prepare_keeps_the_dense_layout_where_the_kernel_is_not_used() -> None:
+    cfg = _small_llama()
+    params = jaxllm.init_params(cfg, seed=0)
+    xla_cfg = cfg.replace(few_row_matmul="xla")
+    assert decode_layout.prepare(xla_cfg, params) == (xla_cfg, params)
+    with cpu_kernels.off():
+        assert decode_layout.prepare(cfg, params) == (cfg, params)
+    # an odd output width (100) stays dense beside the strips of the others
+    odd_cfg = cfg.replace(d_ff=100)
+    _, odd = decode_layout.prepare(odd_cfg, jaxllm.init_params(odd_cfg, seed=0))
+    mlp = odd["blocks_0"]["mlp"]
+    assert mlp["up"]["kernel"].shape == (128, 100) and mlp["down"]["kernel"].shape == (2, 100, 64)
+
+
+def test_the_strips_layout_is_never_saved_or_converted(tmp_path) -> None:
+    cfg = _small_llama()
+    strips_cfg, strips = decode_layout.prepare(cfg, jaxllm.init_params(cfg, seed=0))
+    with pytest.raises(ConfigError, match="kernel_layout=strips is an inference-only layout"):
+        jaxllm.save_params(tmp_path / "ckpt", strips_cfg, strips)
+    assert not (tmp_path / "ckpt").exists()
+    with pytest.raises(ConfigError, match="kernel_layout=strips"):
+        to_numpy_state_dict(strips_cfg, strips)
