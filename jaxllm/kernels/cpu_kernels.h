@@ -46,10 +46,43 @@ inline uint16_t narrow(float v, uint16_t*) {  // float32 -> bfloat16, rounded to
   if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40);  // NaN stays NaN
   return uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
-inline float sum(v16 v) {
-  float out = 0;
-  for (int l = 0; l < 16; ++l) out += v[l];
-  return out;
+// out[i] = the sum of a[i]'s 16 lanes, for 16 vectors at once: four rounds of adding the halves of
+// pairs (15 vector adds, no scalar lane loops).
+inline v16 lane_sums(const v16 (&a)[16]) {
+  v16 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    d[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// e^x for x <= 0 (softmax's shifted scores), within a few float32 ulps: 2^(x log2 e) split into 2^k,
+// built in the exponent bits, and 2^f for f in [-1/2, 1/2] from Cephes' exp2f polynomial. Below
+// -87.3 it gives about 1e-38 instead of a smaller number or 0.
+inline v16 exp_nonpositive(v16 x) {
+  typedef int32_t i16 __attribute__((vector_size(64)));
+  const v16 lo = v16{} - 87.3f;
+  x = x < lo ? lo : x;
+  v16 t = x * 1.44269504088896341f;
+  i16 k = __builtin_convertvector(t - 0.5f, i16);  // truncation toward 0 of t - 1/2: round(t) for t <= 0
+  v16 f = t - __builtin_convertvector(k, v16);
+  v16 p = v16{} + 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  i16 bits = (k + 127) << 23;
+  v16 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return (1.0f + f * p) * scale;
 }
 
 struct Chunks {
