@@ -14,8 +14,10 @@ measured at `highest` matmul precision (no TF32), decode in `--dtype`.
 - Decode: greedy, in `--dtype` (float32; bfloat16: weights and computation, as `jaxllm generate
   --dtype bfloat16`, and transformers cast to bfloat16), the chat prompt repeated `batch` times, end
   tokens ignored; decode tokens/s = batch x (N-1) / (t(N) - t(1)) from interleaved timings
-  (`benchmarks.decode_speed`). In a float32 run a third row per batch, "jaxllm, bfloat16 weights",
-  is timed against the same float32 transformers (`--no-bf16-row`: not). `--xla-row` adds "jaxllm,
+  (`benchmarks.decode_speed`). jaxllm's model is held as `jaxllm generate` holds it
+  (`jaxllm.decode_layout.prepare`: on one CPU device, Dense kernels in the strips layout). In a
+  float32 run a third row per batch, "jaxllm, bfloat16 weights", is timed against the same float32
+  transformers (`--no-bf16-row`: not). `--xla-row` adds "jaxllm,
   XLA ops": `model.few_row_matmul=xla` and `model.decode_attention=xla`, decode without jaxllm's CPU
   kernels (XLA's dots and attention).
 - Roofline: a decode step reads every weight once, so steps/s x weight bytes (of that row's
@@ -221,7 +223,8 @@ def markdown(rows: list[dict], parity: dict, info: dict, run: dict, reps: int) -
         f"decode is bounded near {run['memory_bandwidth_gb_s'] * 1e9 / run['weight_bytes']:.0f} steps/s.",
         "",
         f"Greedy decode, {run['dtype']}, end tokens ignored; tokens/s = batch × (N−1) / (t(N) − t(1)), "
-        f"medians of {reps}.",
+        f"medians of {reps}. The jaxllm rows hold the model as `jaxllm generate` does: on one CPU device, the "
+        "Dense kernels in the decode kernel's strips layout (`jaxllm.decode_layout`).",
         "",
         "| batch | prompt | new tokens | implementation | decode tokens/s | vs transformers | roofline |",
         "|---:|---:|---:|---|---:|---:|---:|",

@@ -14,7 +14,8 @@
 //   "strips":    W is (N/64, K, 64): the kn layout cut into 64-column strips, each stored contiguously
 //                (jaxllm/decode_layout.py packs a model's kernels so once, for inference). The kn tiles
 //                then walk one contiguous block per strip, which the hardware prefetchers follow and
-//                which spans few pages: 15-25% faster than kn at 1, 8 and 32 rows, more on huge pages.
+//                which spans few pages: 20-35% faster than kn at 1, 8 and 32 rows (on huge pages,
+//                benchmarks/decode_matmul.py).
 //
 // Columns are split over the kernels' helper threads (cpu_kernels.h: parallel_for).
 //
@@ -173,12 +174,19 @@ void nk_columns(const float* x, int64_t M, int64_t K, const W* w, int64_t N, flo
   }
 }
 
-// Strips [lo, hi) / 64 of a (N/64, K, 64) W. One row: no software prefetch (measured faster).
+// Strips [lo, hi) / 64 of a (N/64, K, 64) W. One row: no software prefetch (measured faster). bfloat16
+// W with more than 8 rows: each strip widened once into a float32 buffer that the row tiles read, as
+// kn_columns does.
 template <typename W>
 void strip_columns(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y, int64_t lo, int64_t hi) {
+  thread_local std::vector<float> widened;
   for (int64_t n = lo; n < hi; n += 64) {
     const W* strip = w + n * K;
-    if (M == 1)
+    if (sizeof(W) == 2 && M > 8) {
+      widened.resize(size_t(K) * 64);
+      for (int64_t i = 0; i < K * 64; i += 16) store(widened.data() + i, load(strip + i));
+      kn_strip<4, false>(x, M, K, widened.data(), 64, y + n, N);
+    } else if (M == 1)
       kn_tile<1, 4, false>(x, K, strip, 64, y + n, N);
     else
       kn_strip<4, true>(x, M, K, strip, 64, y + n, N);
