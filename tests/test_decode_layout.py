@@ -30,7 +30,9 @@ def _hlo(fn, *args) -> str:
 
 
 @pytest.mark.parametrize("w_dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize(("m", "k", "n"), [(1, 576, 1536), (1, 37, 64), (3, 70, 192), (8, 160, 128), (32, 48, 576)])
+@pytest.mark.parametrize(
+    ("m", "k", "n"), [(1, 576, 1536), (1, 37, 64), (3, 70, 192), (8, 160, 128), (13, 130, 192), (32, 48, 576)]
+)
 def test_strips_kernel_sums_match_float64(m: int, k: int, n: int, w_dtype: str) -> None:
     rng = np.random.default_rng(m * 1000 + n)
     x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
