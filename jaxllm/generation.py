@@ -73,7 +73,9 @@ def generate(
     - `steps_per_call`: decode steps per jitted call between host checks (default: all of them in
       one call, or 8 when a callback or stop strings need the host).
 
-    Bad input raises `InputError` (see `jaxllm.request.check_request`).
+    Bad input raises `InputError` (see `jaxllm.request.check_request`). On the CPU, decode runs
+    faster on params held as `jaxllm generate` holds them: `cfg, params = decode_layout.prepare(cfg,
+    params)` once (`jaxllm.decode_layout`), then generate with those.
     """
     done = complete(
         cfg, params, prompts, sampling, tokenizer=tokenizer, callback=callback, steps_per_call=steps_per_call, **options
