@@ -78,11 +78,17 @@ def matmul(x_MK: jax.Array, w: jax.Array, dtype: Any, transposed: bool = False, 
     if not (enabled and usable(x_MK.shape[0], dtype)):
         w_cast = w.astype(dtype)
         return x_MK.astype(dtype) @ (w_cast.T if transposed else w_cast)
-    w_in = w.astype(jnp.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else w  # float32 or bfloat16
+    x_f32, w_in = _kernel_operands(x_MK, w, dtype)
+    return kernel(x_f32, w_in, transposed).astype(dtype)
+
+
+def _kernel_operands(x_MK: jax.Array, w: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """(x rounded to `dtype` and held in float32, w in float32 or bfloat16) as the kernels take them:
+    the numbers XLA's dot would multiply in `dtype`, with float32 sums."""
+    w_in = w.astype(jnp.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else w
     if jnp.dtype(w_in.dtype) not in (jnp.float32, jnp.bfloat16):
         w_in = w_in.astype(jnp.float32)
-    x_f32 = x_MK.astype(dtype).astype(jnp.float32)
-    return kernel(x_f32, w_in, transposed).astype(dtype)
+    return x_MK.astype(dtype).astype(jnp.float32), w_in
 
 
 def matmul_strips(x_MK: jax.Array, w_SKC: jax.Array, dtype: Any, enabled: bool = True) -> jax.Array:
@@ -92,9 +98,7 @@ def matmul_strips(x_MK: jax.Array, w_SKC: jax.Array, dtype: Any, enabled: bool =
     if not (enabled and usable(x_MK.shape[0], dtype)):
         y_MSC = jnp.einsum("mk,skc->msc", x_MK.astype(dtype), w_SKC.astype(dtype))
         return y_MSC.reshape(x_MK.shape[0], s * c)
-    w_in = w_SKC.astype(jnp.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else w_SKC
-    if jnp.dtype(w_in.dtype) not in (jnp.float32, jnp.bfloat16):
-        w_in = w_in.astype(jnp.float32)
+    x_f32, w_in = _kernel_operands(x_MK, w_SKC, dtype)
     out = jax.ShapeDtypeStruct((x_MK.shape[0], s * c), jnp.float32)
     call = jax.ffi.ffi_call(cpu_kernels.target(STRIP_TARGETS[jnp.dtype(w_in.dtype).name]), out)
-    return call(x_MK.astype(dtype).astype(jnp.float32), w_in).astype(dtype)
+    return call(x_f32, w_in).astype(dtype)

@@ -45,6 +45,15 @@ def random_tokens(vocab_size: int, batch: int, time: int, seed: int = 0) -> np.n
     return np.random.default_rng(seed).integers(0, vocab_size, (batch, time), dtype=np.int64)
 
 
+def small_llama(**overrides):
+    """A tiny tied llama-family `ModelConfig` for the CPU kernels' tests; `overrides`: any field."""
+    from jaxllm.config import ModelConfig
+
+    fields = dict(family="llama", vocab_size=300, context_length=64, d_model=64, n_layers=2, n_heads=4,
+                  n_kv_heads=2, d_ff=96, tie_embeddings=True)  # fmt: skip
+    return ModelConfig(**{**fields, **overrides})
+
+
 @pytest.fixture(scope="session")
 def byte_dataset(tmp_path_factory):
     """A small dataset (byte tokenizer, vocab 257) from a few standard-library packages: ~0.5M tokens."""

@@ -19,7 +19,7 @@ from jaxllm.request import Sampling, check_request
 from jaxllm.sharding import mesh_of
 from jaxllm.slots import decode_jit
 
-from conftest import random_tokens
+from conftest import random_tokens, small_llama
 
 pytestmark = pytest.mark.skipif(
     cpu_kernels.library() is None, reason="the kernel library could not be built here (no C++ compiler?)"
@@ -54,13 +54,6 @@ def test_kernel_matches_the_xla_form(n: int, k: int, h: int, window: int | None,
         np.testing.assert_array_equal(np.asarray(got_cache, np.float32), np.asarray(want_cache, np.float32))
 
 
-def _small_llama(**kw) -> ModelConfig:
-    return ModelConfig(
-        family="llama", vocab_size=300, context_length=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-        d_ff=96, tie_embeddings=True, **kw,
-    )  # fmt: skip
-
-
 def _uses_kernel(cfg: ModelConfig, params, tokens_BT: jax.Array) -> bool:
     cache = init_cache(cfg, tokens_BT.shape[0], 16)
     positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
@@ -69,7 +62,7 @@ def _uses_kernel(cfg: ModelConfig, params, tokens_BT: jax.Array) -> bool:
 
 
 def test_used_for_one_token_per_row_unsharded_and_auto_only() -> None:
-    cfg = _small_llama()
+    cfg = small_llama()
     params = jaxllm.init_params(cfg)
     one, three = jnp.ones((2, 1), jnp.int32), jnp.ones((2, 3), jnp.int32)
     assert _uses_kernel(cfg, params, one)
@@ -85,7 +78,7 @@ def test_used_for_one_token_per_row_unsharded_and_auto_only() -> None:
 def test_decode_loop_updates_the_cache_in_place() -> None:
     # The kernel's cache operands are aliased to its outputs: the compiled decode loop has no copy of a
     # cache-sized array (the XLA form's scatter made XLA copy each layer's cache every step).
-    cfg = _small_llama()
+    cfg = small_llama()
     params = jaxllm.init_params(cfg)
     req = check_request(cfg, [[5, 6, 7]], Sampling.make(None, {"max_new_tokens": 20, "ignore_eos": True}), None)
     from jaxllm.generation import _prefilled
@@ -100,7 +93,7 @@ def test_decode_loop_updates_the_cache_in_place() -> None:
 
 @pytest.mark.parametrize("window", [None, 5])
 def test_greedy_tokens_unchanged_by_the_kernel(window: int | None) -> None:
-    cfg = _small_llama(sliding_window=window)
+    cfg = small_llama(sliding_window=window)
     params = jaxllm.init_params(cfg, seed=3)
     prompts = [list(map(int, row)) for row in random_tokens(cfg.vocab_size, 3, 6, seed=2)]
     prompts[1] = prompts[1][:2]  # rows at different positions
@@ -110,7 +103,7 @@ def test_greedy_tokens_unchanged_by_the_kernel(window: int | None) -> None:
 
 
 def test_bfloat16_cache_logits_close_to_the_xla_form() -> None:
-    cfg = _small_llama(dtype="bfloat16")
+    cfg = small_llama(dtype="bfloat16")
     params = jaxllm.init_params(cfg, seed=1)
     tokens_BT = jnp.asarray(random_tokens(cfg.vocab_size, 2, 9, seed=4), jnp.int32)
 

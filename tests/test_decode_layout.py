@@ -13,7 +13,7 @@ from jaxllm import ConfigError, cpu_kernels, decode_layout, few_row_matmul
 from jaxllm.config import ModelConfig
 from jaxllm.convert import to_numpy_state_dict
 
-from conftest import random_tokens
+from conftest import random_tokens, small_llama
 
 pytestmark = pytest.mark.skipif(
     cpu_kernels.library() is None, reason="the kernel library could not be built here (no C++ compiler?)"
@@ -52,10 +52,7 @@ def test_strips_kernel_sums_match_float64(m: int, k: int, n: int, w_dtype: str) 
 
 def _small_llama(**kw) -> ModelConfig:
     # q/o/gate/up/down outputs and k/v (2 x 32) are multiples of 64: all 7 kernels per layer take strips
-    return ModelConfig(
-        family="llama", vocab_size=300, context_length=96, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2,
-        d_ff=192, tie_embeddings=True, **kw,
-    )  # fmt: skip
+    return small_llama(context_length=96, d_model=128, d_ff=192, **kw)
 
 
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])

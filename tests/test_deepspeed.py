@@ -21,7 +21,7 @@ from jaxllm.parity import compare_runs, step_losses
 from jaxllm.train import train as jax_train
 
 from parity_helpers import LOSS_RTOL, assert_params_agree, export_init, made_once
-from torchrun_helpers import torchrun
+from torchrun_helpers import fresh, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -29,11 +29,6 @@ pytestmark = pytest.mark.slow
 OVERRIDES = ["model.vocab_size=257", "model.n_layers=2", "train.batch_size=16", "train.grad_accum=2",
              "train.warmup_steps=2", "train.steps=10", "train.log_every=1", "train.eval_every=5",
              "train.eval_batches=2", "train.checkpoint_every=5", "mesh.data=1", "mesh.fsdp=-1"]  # fmt: skip
-
-
-def fresh(out):
-    """A `prepare` for torchrun: the run directory starts empty."""
-    return lambda: shutil.rmtree(out, ignore_errors=True)
 
 
 def deepspeed_run(data, out, stage: int, *extra: str, ranks: int = 2, init=None, resume: bool = False, prepare=None):

@@ -13,7 +13,7 @@ import jaxllm
 from jaxllm import cpu_kernels, few_row_matmul
 from jaxllm.config import ModelConfig
 
-from conftest import random_tokens
+from conftest import random_tokens, small_llama
 
 pytestmark = pytest.mark.skipif(
     cpu_kernels.library() is None, reason="the kernel library could not be built here (no C++ compiler?)"
@@ -97,16 +97,9 @@ def test_gradient_through_the_kernel_equals_xla_dots(transposed: bool) -> None:
         np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-5, atol=1e-5)
 
 
-def _small_llama(**kw) -> ModelConfig:
-    return ModelConfig(
-        family="llama", vocab_size=300, context_length=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-        d_ff=96, tie_embeddings=True, **kw,
-    )  # fmt: skip
-
-
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
 def test_logits_and_greedy_tokens_unchanged_by_the_kernel(param_dtype: str) -> None:
-    cfg = _small_llama(param_dtype=param_dtype)
+    cfg = small_llama(param_dtype=param_dtype)
     xla_cfg = cfg.replace(few_row_matmul="xla")
     params = jaxllm.init_params(cfg, seed=3)
     tokens_BT = jnp.asarray(random_tokens(cfg.vocab_size, 3, 5, seed=2), jnp.int32)

@@ -413,16 +413,14 @@ def test_torch_ref_starts_from_jaxllm_init_by_default_and_from_its_own_with_init
 
 def test_two_ddp_ranks_weight_masked_tokens_as_one_process(chat_ckpt, chat_data, tmp_path):
     """The ranks' rows hold different numbers of loss tokens: a mean of per-rank means would differ."""
-    import shutil
-
-    from torchrun_helpers import torchrun
+    from torchrun_helpers import fresh, torchrun
 
     overrides = ["train.steps=3", "train.batch_size=8", "train.grad_accum=2", *QUIET]
     cfg = config_from_checkpoint(chat_ckpt, None, [f"data.path={chat_data}", *overrides])
     torch_train.train(cfg, tmp_path / "one", init=chat_ckpt, progress=False)
     args = ["-m", "torch_ref.train", "--init", str(chat_ckpt), "--data", str(chat_data), "--out", str(tmp_path / "ddp"),
             "--no-progress", *overrides]  # fmt: skip
-    torchrun(args, nproc=2, prepare=lambda: shutil.rmtree(tmp_path / "ddp", ignore_errors=True), timeout=300)
+    torchrun(args, nproc=2, prepare=fresh(tmp_path / "ddp"), timeout=300)
     one, ddp = step_losses(tmp_path / "one"), step_losses(tmp_path / "ddp")
     assert sorted(ddp) == [1, 2, 3]
     np.testing.assert_allclose(list(ddp.values()), list(one.values()), rtol=1e-5)

@@ -24,7 +24,7 @@ from torch_ref import train as torch_train
 from torch_ref.train_deepspeed import load_deepspeed_config, resolve_deepspeed_config
 
 from parity_helpers import LOSS_RTOL, PARAM_ATOL, assert_params_agree, export_init, made_once
-from torchrun_helpers import torchrun
+from torchrun_helpers import fresh, torchrun
 
 TINY = ["model.vocab_size=257", "model.n_layers=2", "train.batch_size=8", "train.warmup_steps=2"]
 QUIET = ["train.log_every=1", "train.eval_every=0", "train.checkpoint_every=0"]
@@ -147,7 +147,7 @@ def test_two_ddp_ranks_match_one_process(byte_dataset, tmp_path):
     torch_train.train(cfg, tmp_path / "one", progress=False)
     args = ["-m", "torch_ref.train", "--config", "mini", "--data", str(byte_dataset), "--out", str(tmp_path / "ddp"),
             "--no-progress", *overrides]  # fmt: skip
-    out = torchrun(args, nproc=2, prepare=lambda: shutil.rmtree(tmp_path / "ddp", ignore_errors=True), timeout=300)
+    out = torchrun(args, nproc=2, prepare=fresh(tmp_path / "ddp"), timeout=300)
     assert out.stdout.count("trained steps 1-4") == 1  # rank 0 reports
     one, ddp = step_losses(tmp_path / "one"), step_losses(tmp_path / "ddp")
     # Each rank averages its 4 rows, DDP averages the ranks: the same mean in another order.

@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -10,6 +11,11 @@ from collections.abc import Callable
 # The launcher's summary names each failed rank's exit code; a negative one is the signal that killed it.
 _EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
 _ERROR_LINE = re.compile(r"error|abort|terminate|fatal|signal|killed", re.IGNORECASE)
+
+
+def fresh(run_dir) -> Callable[[], None]:
+    """A `prepare` for `torchrun`: the run directory starts empty."""
+    return lambda: shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def crashed_by_signal(stderr: str) -> bool:

@@ -21,6 +21,7 @@
 //
 // Built on first use by jaxllm/cpu_kernels.py (g++ -O3 -march=native) into one library with the
 // other kernels of this folder.
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -204,6 +205,13 @@ ffi::Error run(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int6
   return ffi::Error::Success();
 }
 
+// W's elements as the loops read them: float, or bfloat16 as its 16 bits.
+template <ffi::DataType T>
+auto* weights(ffi::Buffer<T>& w) {
+  using W = std::conditional_t<T == ffi::BF16, uint16_t, float>;
+  return reinterpret_cast<const W*>(w.untyped_data());
+}
+
 template <bool kNK, ffi::DataType T>
 ffi::Error matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
@@ -211,12 +219,7 @@ ffi::Error matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   if (xd.size() != 2 || wd.size() != 2 || wd[kNK ? 1 : 0] != xd[1])
     return ffi::Error::InvalidArgument("few_row_matmul: x must be (M, K) and W (K, N), or (N, K) for nk");
   int64_t M = xd[0], K = xd[1], N = kNK ? wd[0] : wd[1];
-  if constexpr (T == ffi::BF16) {
-    auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
-    return run<kNK>(pool, x.typed_data(), wp, y->typed_data(), M, K, N);
-  } else {
-    return run<kNK>(pool, x.typed_data(), w.typed_data(), y->typed_data(), M, K, N);
-  }
+  return run<kNK>(pool, x.typed_data(), weights(w), y->typed_data(), M, K, N);
 }
 
 template <ffi::DataType T>
@@ -226,15 +229,10 @@ ffi::Error strips(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   if (xd.size() != 2 || wd.size() != 3 || wd[1] != xd[1] || wd[2] != 64)
     return ffi::Error::InvalidArgument("few_row_matmul strips: x must be (M, K) and W (N/64, K, 64)");
   int64_t M = xd[0], K = xd[1], N = wd[0] * 64;
-  float* yp = y->typed_data();
   const float* xp = x.typed_data();
-  if constexpr (T == ffi::BF16) {
-    auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
-    parallel_for(pool, N, 64, [=](int64_t lo, int64_t hi) { strip_columns(xp, M, K, wp, N, yp, lo, hi); });
-  } else {
-    const float* wp = w.typed_data();
-    parallel_for(pool, N, 64, [=](int64_t lo, int64_t hi) { strip_columns(xp, M, K, wp, N, yp, lo, hi); });
-  }
+  auto* wp = weights(w);
+  float* yp = y->typed_data();
+  parallel_for(pool, N, 64, [=](int64_t lo, int64_t hi) { strip_columns(xp, M, K, wp, N, yp, lo, hi); });
   return ffi::Error::Success();
 }
 
