@@ -14,7 +14,7 @@ inside one jitted function, every layer's q, o, gate, up and down matmul of Smol
 - jaxllm's few-row kernel (`jaxllm.few_row_matmul`, what the model uses on the CPU for up to 32 rows)
   on the (in, out) weights, in float32 and with bfloat16 weights (half the bytes);
 - the same kernel on the weights in the strips layout that `jaxllm generate` and `serve` hold them in
-  (`jaxllm.decode_layout`: each 64-column strip contiguous, on huge pages where the OS grants them).
+  (`jaxllm.decode_layout`: each 16-column strip contiguous (32 in bfloat16), on huge pages where the OS grants them).
 
 Batches are timed in turn (median of `--reps`), and the weight bytes / time is set beside a jitted JAX
 sum's read bandwidth in the same run. Writes benchmarks/results/decode_matmul_<cpu>.json and .md.

@@ -106,8 +106,9 @@ class ModelConfig(BaseModel):
     # "xla": always the XLA form. Numerics are float32 scores and softmax either way.
     decode_attention: Literal["auto", "xla"] = "auto"
     # "strips": for inference only, set by `jaxllm.decode_layout.prepare` and never saved: each Dense
-    # kernel with a multiple of 64 outputs is held as (outputs/64, inputs, 64) column strips, which
-    # the CPU decode kernel reads contiguously. "dense": the kernels as trained and saved.
+    # kernel with a multiple of S outputs is held as (outputs/S, inputs, S) column strips (S: 64
+    # bytes a row, 16 float32 or 32 bfloat16 columns), which the CPU decode kernel reads
+    # contiguously. "dense": the kernels as trained and saved.
     kernel_layout: Literal["dense", "strips"] = "dense"
     # Activation checkpointing per block: "none", "full" (recompute everything in the backward
     # pass) or "save_dots" (keep matmul outputs, recompute the rest). Numerics are unchanged.

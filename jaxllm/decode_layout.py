@@ -1,11 +1,12 @@
 """The inference-only "strips" layout of a model's Dense kernels, read by the CPU decode kernel.
 
 A decode step reads every weight once. The few-row kernel (`jaxllm.few_row_matmul`) walks a (K, N)
-kernel in 64-column strips; stored as trained, a strip's rows lie N * 4 bytes apart, so its reads jump
-to a new page every row and the hardware prefetchers cannot follow them. `prepare` copies each Dense
-kernel with a multiple of 64 outputs into (N/64, K, 64), every strip one contiguous block, on huge
-pages where the OS grants them (`madvise`), and sets `model.kernel_layout="strips"`, which the
-model's Dense layers read (prefill chunks unpack the strips in the graph for XLA's dot).
+kernel in strips of S columns (64 bytes: 16 float32 or 32 bfloat16); stored as trained, a strip's
+rows lie N * 4 bytes apart, so its reads jump to a new page every row and the hardware prefetchers
+cannot follow them. `prepare` copies each Dense kernel with a multiple of S outputs into (N/S, K, S),
+every strip one contiguous block, on huge pages where the OS grants them (`madvise`), and sets
+`model.kernel_layout="strips"`, which the model's Dense layers read (prefill chunks unpack the strips
+in the graph for XLA's dot).
 
 `jaxllm generate` and `jaxllm serve` call it on the CPU. It returns its input unchanged where the
 kernel is not used: another backend, a sharded model, `model.few_row_matmul=xla`, scanned layers,
@@ -24,7 +25,7 @@ import numpy as np
 from jaxllm import cpu_kernels
 from jaxllm.config import ModelConfig
 from jaxllm.errors import ConfigError
-from jaxllm.few_row_matmul import STRIP
+from jaxllm.few_row_matmul import strip_width
 from jaxllm.model import Params, abstract_params
 
 HUGE_PAGE = 2 << 20  # bytes: the arena starts on a huge-page boundary
@@ -52,22 +53,22 @@ def prepare(cfg: ModelConfig, params: Params) -> tuple[ModelConfig, Params]:
     strips_cfg = cfg.replace(kernel_layout="strips")
     target = abstract_params(strips_cfg)
     pairs = zip(jax.tree.leaves(params), jax.tree.leaves(target), strict=True)
-    changed = [(w, t.shape[1]) for w, t in pairs if w.shape != t.shape]  # t: (N/64, K, 64)
+    changed = [(w, t.shape[1]) for w, t in pairs if w.shape != t.shape]  # t: (N/S, K, S)
     packed = dict(zip((id(w) for w, _ in changed), to_strips(changed), strict=True))
     return strips_cfg, jax.tree.map(lambda w: packed.get(id(w), w), params)
 
 
 def to_strips(kernels: Sequence[tuple[jax.Array, int]]) -> list[jax.Array]:
     """(kernel, K) pairs, each kernel a (K, N) matrix (its leading axes holding the K inputs, N a
-    multiple of 64), as (N/64, K, 64) strips on the kernel's device, all in one huge-page arena of host
-    memory (on the CPU, the arrays use it without a copy)."""
+    multiple of S = `strip_width(dtype)`), as (N/S, K, S) strips on the kernel's device, all in one
+    huge-page arena of host memory (on the CPU, the arrays use it without a copy)."""
     arena = _arena(sum(_padded(w.shape, w.dtype) for w, _ in kernels))
     out, offset = [], 0
     for w, k in kernels:
         w_np = np.asarray(w).reshape(k, -1)
-        n = w_np.shape[1]
-        view = arena[offset : offset + w_np.nbytes].view(w_np.dtype).reshape(n // STRIP, k, STRIP)
-        view[...] = w_np.reshape(k, n // STRIP, STRIP).transpose(1, 0, 2)
+        n, s = w_np.shape[1], strip_width(w_np.dtype)
+        view = arena[offset : offset + w_np.nbytes].view(w_np.dtype).reshape(n // s, k, s)
+        view[...] = w_np.reshape(k, n // s, s).transpose(1, 0, 2)
         out.append(jax.device_put(view, w.sharding))
         offset += _padded(w.shape, w.dtype)
     return out

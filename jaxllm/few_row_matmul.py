@@ -15,7 +15,8 @@ these hold at trace time, and XLA's dot otherwise (the same math; float32 sums i
 Gradients are XLA dots (a custom VJP), so a model that uses the kernel is still differentiable.
 
 `matmul_strips` takes a kernel in the inference-only "strips" layout (`jaxllm.decode_layout`):
-(N/64, K, 64), each 64-column strip of W stored contiguously. Few rows run the kernel's strip loop;
+(N/S, K, S), each strip of S columns of W stored contiguously, S = `strip_width(dtype)` (a 64-byte
+row: 16 float32 or 32 bfloat16 columns). Few rows run the kernel's strip loop;
 more rows (a prefill), or the kernel unusable, an XLA dot on the strips unpacked in the graph.
 
 The kernel is built with the others of `jaxllm/kernels` (`jaxllm.cpu_kernels`: build, cache, and the
@@ -39,8 +40,13 @@ TARGETS = {  # (weight layout transposed, weight dtype) -> FFI target
     (False, "bfloat16"): "FewRowMatmulKnBf16",
     (True, "bfloat16"): "FewRowMatmulNkBf16",
 }
-STRIP = 64  # columns per strip of the "strips" layout (the kernel's tile width)
+STRIP_BYTES = 64  # bytes per row of a strip of the "strips" layout: one cache line
 STRIP_TARGETS = {"float32": "FewRowMatmulStripsF32", "bfloat16": "FewRowMatmulStripsBf16"}
+
+
+def strip_width(dtype: Any) -> int:
+    """Columns per strip of the "strips" layout for weights of `dtype`: 16 float32, 32 bfloat16."""
+    return STRIP_BYTES // jnp.dtype(dtype).itemsize
 
 
 def usable(rows: int, dtype: Any) -> bool:
@@ -92,8 +98,8 @@ def _kernel_operands(x_MK: jax.Array, w: jax.Array, dtype: Any) -> tuple[jax.Arr
 
 
 def matmul_strips(x_MK: jax.Array, w_SKC: jax.Array, dtype: Any, enabled: bool = True) -> jax.Array:
-    """x_MK @ W computed in `dtype`, for W (K, N) given as strips w_SKC (N/64, K, 64): w_SKC[s, k, c] =
-    W[k, 64 s + c]. Inference only (no gradient through the kernel)."""
+    """x_MK @ W computed in `dtype`, for W (K, N) given as strips w_SKC (N/S, K, S): w_SKC[s, k, c] =
+    W[k, S s + c]. Inference only (no gradient through the kernel)."""
     s, _, c = w_SKC.shape
     if not (enabled and usable(x_MK.shape[0], dtype)):
         y_MSC = jnp.einsum("mk,skc->msc", x_MK.astype(dtype), w_SKC.astype(dtype))

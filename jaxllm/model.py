@@ -97,8 +97,9 @@ class Dense(nn.Module):
         init = nn.initializers.normal(self.std)
         x_2d = x.reshape(-1, n_in)
         enabled = cfg.few_row_matmul == "auto"
-        if cfg.kernel_layout == "strips" and n_out % few_row_matmul.STRIP == 0:  # jaxllm.decode_layout
-            shape = (n_out // few_row_matmul.STRIP, n_in, few_row_matmul.STRIP)
+        strip = few_row_matmul.strip_width(cfg.param_dtype)
+        if cfg.kernel_layout == "strips" and n_out % strip == 0:  # jaxllm.decode_layout
+            shape = (n_out // strip, n_in, strip)
             kernel_SKC = _param(self, "kernel", init, shape, (None, None, None))
             y_2d = few_row_matmul.matmul_strips(x_2d, kernel_SKC, self.dtype, enabled=enabled)
         else:

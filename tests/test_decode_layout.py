@@ -20,25 +20,39 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _strips(w_KN: np.ndarray) -> np.ndarray:
+def _strips(w_KN: np.ndarray, s: int) -> np.ndarray:
     k, n = w_KN.shape
-    return np.ascontiguousarray(w_KN.reshape(k, n // 64, 64).transpose(1, 0, 2))
+    return np.ascontiguousarray(w_KN.reshape(k, n // s, s).transpose(1, 0, 2))
 
 
 def _hlo(fn, *args) -> str:
     return jax.jit(fn).lower(*args).compile().as_text()
 
 
-@pytest.mark.parametrize("w_dtype", ["float32", "bfloat16"])
+# (weight dtype, strip width): each dtype's own width (64 bytes a row), and bfloat16 in float32's
+# width (float32 params computed in bfloat16)
+@pytest.mark.parametrize(("w_dtype", "s"), [("float32", 16), ("bfloat16", 32), ("bfloat16", 16)])
 @pytest.mark.parametrize(
-    ("m", "k", "n"), [(1, 576, 1536), (1, 37, 64), (3, 70, 192), (8, 160, 128), (13, 130, 192), (32, 48, 576)]
+    ("m", "k", "n"),
+    # one tile of rows; several tiles taking turns over blocks of 64 rows of W (31 and 32 float32
+    # rows, over 14 bfloat16 ones), with a last partial block
+    [
+        (1, 576, 1536),
+        (1, 37, 64),
+        (3, 70, 192),
+        (8, 160, 128),
+        (13, 130, 192),
+        (20, 150, 96),
+        (31, 200, 96),
+        (32, 48, 576),
+    ],
 )
-def test_strips_kernel_sums_match_float64(m: int, k: int, n: int, w_dtype: str) -> None:
+def test_strips_kernel_sums_match_float64(m: int, k: int, n: int, w_dtype: str, s: int) -> None:
     rng = np.random.default_rng(m * 1000 + n)
     x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
     w = np.asarray(jnp.asarray(rng.standard_normal((k, n), dtype=np.float32)).astype(w_dtype))
     mm = lambda x, w_SKC: few_row_matmul.matmul_strips(x, w_SKC, jnp.float32)  # noqa: E731
-    w_SKC = jnp.asarray(_strips(w))
+    w_SKC = jnp.asarray(_strips(w, s))
     assert 'custom_call_target="FewRowMatmulStrips' in _hlo(mm, x, w_SKC)
     got = np.asarray(jax.jit(mm)(x, w_SKC))
     want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
@@ -51,7 +65,7 @@ def test_strips_kernel_sums_match_float64(m: int, k: int, n: int, w_dtype: str) 
 
 
 def _small_llama(**kw) -> ModelConfig:
-    # q/o/gate/up/down outputs and k/v (2 x 32) are multiples of 64: all 7 kernels per layer take strips
+    # q/o/gate/up/down outputs and k/v (2 x 32) are multiples of 32: all 7 kernels per layer take strips
     return small_llama(context_length=96, d_model=128, d_ff=192, **kw)
 
 
@@ -62,14 +76,16 @@ def test_prepared_params_give_the_same_logits_and_greedy_tokens(param_dtype: str
     strips_cfg, strips = decode_layout.prepare(cfg, params)
     assert strips_cfg == cfg.replace(kernel_layout="strips")
 
-    # every Dense kernel changed shape to (N/64, K, 64) and holds the same numbers; other leaves kept
+    # every Dense kernel changed shape to (N/S, K, S) and holds the same numbers; other leaves kept
+    width = few_row_matmul.strip_width(param_dtype)
     flat, flat_strips = jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(strips)
     changed = 0
     for (path, w), s in zip(flat, flat_strips, strict=True):
         if "kernel" in jax.tree_util.keystr(path):
             w_np = np.asarray(w)
-            k = w_np.size // (s.shape[0] * 64)
-            np.testing.assert_array_equal(np.asarray(s), _strips(w_np.reshape(k, -1)))
+            k = w_np.size // (s.shape[0] * width)
+            assert s.shape[2] == width
+            np.testing.assert_array_equal(np.asarray(s), _strips(w_np.reshape(k, -1), width))
             assert s.dtype == w.dtype
             changed += 1
         else:
@@ -95,11 +111,11 @@ def test_prepare_keeps_the_dense_layout_where_the_kernel_is_not_used() -> None:
     assert decode_layout.prepare(xla_cfg, params) == (xla_cfg, params)
     with cpu_kernels.off():
         assert decode_layout.prepare(cfg, params) == (cfg, params)
-    # an odd output width (100) stays dense beside the strips of the others
+    # an output width (100) that is no multiple of 16 stays dense beside the strips of the others
     odd_cfg = cfg.replace(d_ff=100)
     _, odd = decode_layout.prepare(odd_cfg, jaxllm.init_params(odd_cfg, seed=0))
     mlp = odd["blocks_0"]["mlp"]
-    assert mlp["up"]["kernel"].shape == (128, 100) and mlp["down"]["kernel"].shape == (2, 100, 64)
+    assert mlp["up"]["kernel"].shape == (128, 100) and mlp["down"]["kernel"].shape == (8, 100, 16)
 
 
 def test_the_strips_layout_is_never_saved_or_converted(tmp_path) -> None:

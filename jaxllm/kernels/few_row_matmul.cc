@@ -11,17 +11,19 @@
 //                contiguous row segments, 8 rows at a time: 20% faster in a decode step's chain.
 //   "nk" layout: W is (N, K), a tied embedding used as the output head (y = x @ E^T). Tiles of 4 rows x
 //                4 outputs accumulate 16-wide partial dot products over k, then reduce.
-//   "strips":    W is (N/64, K, 64): the kn layout cut into 64-column strips, each stored contiguously
-//                (jaxllm/decode_layout.py packs a model's kernels so once, for inference). The kn tiles
-//                then walk one contiguous block per strip, which the hardware prefetchers follow and
-//                which spans few pages: 20-35% faster than kn at 1, 8 and 32 rows (on huge pages,
-//                benchmarks/decode_matmul.py).
+//   "strips":    W is (N/S, K, S): the kn layout cut into strips of S columns (64 bytes a row: 16
+//                float32 or 32 bfloat16), each stored contiguously (jaxllm/decode_layout.py packs a
+//                model's kernels so once, for inference). A tile of up to 30 rows walks a strip once,
+//                reading one contiguous stream that the prefetchers follow, and each weight vector
+//                feeds every row as it arrives (benchmarks/decode_matmul.py).
 //
 // Columns are split over the kernels' helper threads (cpu_kernels.h: parallel_for).
 //
 // Built on first use by jaxllm/cpu_kernels.py (g++ -O3 -march=native) into one library with the
 // other kernels of this folder.
+#include <array>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -31,6 +33,11 @@ namespace {
 
 constexpr int kRows = 4;         // rows per register tile (both layouts)
 constexpr int kPrefetchRows = 16;  // kn: how many rows of W ahead to prefetch
+// strips: the most rows per register tile, by vectors per strip row (NV): NV x rows sums and NV
+// weight vectors within the 32 vector registers
+constexpr int kStripTileRows[3] = {0, 30, 14};
+constexpr int kStripPrefetchRows = 64;  // strips: how many rows of the strip ahead to prefetch (4 KiB)
+constexpr int64_t kStripBlock = 64;     // strips: rows of W per turn when the rows take several tiles
 
 // kn: y[0:MB, 0:16*NV] (row stride ldy) for W (K, row stride ldw), from x (MB, K).
 template <int MB, int NV, bool kPrefetch, typename W>
@@ -175,22 +182,61 @@ void nk_columns(const float* x, int64_t M, int64_t K, const W* w, int64_t N, flo
   }
 }
 
-// Strips [lo, hi) / 64 of a (N/64, K, 64) W. One row: no software prefetch (measured faster). bfloat16
-// W with more than 8 rows: each strip widened once into a float32 buffer that the row tiles read, as
-// kn_columns does.
-template <typename W>
+// Strips: y[0:R, 0:16 NV] (+)= x[0:R, 0:kb] (rows ldx apart) times kb rows of one strip (16 NV
+// columns, rows 16 NV apart). R rows x NV vectors of sums stay in registers, so each W vector
+// loaded feeds R FMAs at once, and a tile's reads stream through the strip.
+template <int R, int NV, bool kPrefetch, typename W>
+void strip_tile(const float* x, int64_t ldx, int64_t kb, const W* w, float* y, int64_t ldy, bool accumulate) {
+  v16 acc[R][NV];
+#pragma GCC unroll 32
+  for (int m = 0; m < R; ++m)
+    for (int j = 0; j < NV; ++j) acc[m][j] = accumulate ? load(y + m * ldy + 16 * j) : v16{};
+  for (int64_t k = 0; k < kb; ++k, w += 16 * NV) {
+    v16 wv[NV];
+    for (int j = 0; j < NV; ++j) wv[j] = load(w + 16 * j);
+    if (kPrefetch)
+      for (int b = 0; b < 16 * NV * int(sizeof(W)); b += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(w + kStripPrefetchRows * 16 * NV) + b);
+#pragma GCC unroll 32
+    for (int m = 0; m < R; ++m) {
+      float xv = x[m * ldx + k];
+      for (int j = 0; j < NV; ++j) acc[m][j] += xv * wv[j];
+    }
+  }
+#pragma GCC unroll 32
+  for (int m = 0; m < R; ++m)
+    for (int j = 0; j < NV; ++j) store(y + m * ldy + 16 * j, acc[m][j]);
+}
+
+template <int NV, typename W>
+using StripTile = void (*)(const float*, int64_t, int64_t, const W*, float*, int64_t, bool);
+
+// strip_tile<1..sizeof...(R), NV, kPrefetch>, indexed by rows - 1.
+template <int NV, bool kPrefetch, typename W, int... R>
+constexpr std::array<StripTile<NV, W>, sizeof...(R)> strip_tiles(std::integer_sequence<int, R...>) {
+  return {&strip_tile<R + 1, NV, kPrefetch, W>...};
+}
+
+// Strips [lo, hi) / (16 NV) of a (N / (16 NV), K, 16 NV) W. Up to kStripTileRows[NV] rows form one
+// tile that walks each strip once (every W vector feeding all the rows as it arrives: the FMAs keep
+// pace with memory instead of waiting on it); more rows split into equal tiles that take turns over
+// blocks of kStripBlock rows of W, so the block read by the first tile is still in L1 for the others.
+// One row runs without software prefetch, as it measured faster in the earlier 64-column layout.
+template <int NV, typename W>
 void strip_columns(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y, int64_t lo, int64_t hi) {
-  thread_local std::vector<float> widened;
-  for (int64_t n = lo; n < hi; n += 64) {
+  constexpr int S = 16 * NV, kMax = kStripTileRows[NV];
+  static constexpr auto prefetched = strip_tiles<NV, true, W>(std::make_integer_sequence<int, kMax>{});
+  static constexpr auto plain = strip_tiles<NV, false, W>(std::make_integer_sequence<int, kMax>{});
+  const auto& tiles = M == 1 ? plain : prefetched;
+  const int64_t count = (M + kMax - 1) / kMax, rows = (M + count - 1) / count;
+  const int64_t block = count == 1 ? K : kStripBlock;
+  for (int64_t n = lo; n < hi; n += S) {
     const W* strip = w + n * K;
-    if (sizeof(W) == 2 && M > 8) {
-      widened.resize(size_t(K) * 64);
-      for (int64_t i = 0; i < K * 64; i += 16) store(widened.data() + i, load(strip + i));
-      kn_strip<4, false>(x, M, K, widened.data(), 64, y + n, N);
-    } else if (M == 1)
-      kn_tile<1, 4, false>(x, K, strip, 64, y + n, N);
-    else
-      kn_strip<4, true>(x, M, K, strip, 64, y + n, N);
+    for (int64_t k0 = 0; k0 < K; k0 += block) {
+      const int64_t kb = std::min(block, K - k0);
+      for (int64_t m = 0; m < M; m += rows)
+        tiles[std::min(rows, M - m) - 1](x + m * K + k0, K, kb, strip + k0 * S, y + m * N + n, N, k0 > 0);
+    }
   }
 }
 
@@ -226,13 +272,16 @@ template <ffi::DataType T>
 ffi::Error strips(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || wd[1] != xd[1] || wd[2] != 64)
-    return ffi::Error::InvalidArgument("few_row_matmul strips: x must be (M, K) and W (N/64, K, 64)");
-  int64_t M = xd[0], K = xd[1], N = wd[0] * 64;
+  if (xd.size() != 2 || wd.size() != 3 || wd[1] != xd[1] || (wd[2] != 16 && wd[2] != 32))
+    return ffi::Error::InvalidArgument("few_row_matmul strips: x must be (M, K) and W (N/S, K, S), S 16 or 32");
+  const int64_t M = xd[0], K = xd[1], S = wd[2], N = wd[0] * S;
   const float* xp = x.typed_data();
   auto* wp = weights(w);
   float* yp = y->typed_data();
-  parallel_for(pool, N, 64, [=](int64_t lo, int64_t hi) { strip_columns(xp, M, K, wp, N, yp, lo, hi); });
+  if (S == 16)
+    parallel_for(pool, N, S, [=](int64_t lo, int64_t hi) { strip_columns<1>(xp, M, K, wp, N, yp, lo, hi); });
+  else
+    parallel_for(pool, N, S, [=](int64_t lo, int64_t hi) { strip_columns<2>(xp, M, K, wp, N, yp, lo, hi); });
   return ffi::Error::Success();
 }
 
