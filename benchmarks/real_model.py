@@ -160,10 +160,10 @@ def main() -> None:
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     bandwidth = memory_bandwidth()
     # as `jaxllm generate` and `serve` hold a model: Dense kernels in the decode kernel's strips layout
-    models = {"jaxllm": decode_layout.prepare(*with_dtype(cfg, params, args.dtype))}
+    run_cfg, run_params = with_dtype(cfg, params, args.dtype)
+    models = {"jaxllm": decode_layout.prepare(run_cfg, run_params)}
     if args.xla_row:
-        xla_cfg, xla_params = with_dtype(cfg, params, args.dtype)
-        models[XLA_ROW] = (xla_cfg.replace(few_row_matmul="xla", decode_attention="xla"), xla_params)
+        models[XLA_ROW] = (run_cfg.replace(few_row_matmul="xla", decode_attention="xla"), run_params)
     if args.dtype == "float32" and not args.no_bf16_row:
         models[BF16_ROW] = decode_layout.prepare(*with_dtype(cfg, params, "bfloat16"))
     if args.dtype == "bfloat16":

@@ -31,7 +31,7 @@
 namespace jaxllm {
 namespace {
 
-constexpr int kRows = 4;         // rows per register tile (both layouts)
+constexpr int kRows = 4;         // kn and nk: rows per register tile
 constexpr int kPrefetchRows = 16;  // kn: how many rows of W ahead to prefetch
 // strips: the most rows per register tile, by vectors per strip row (NV): NV x rows sums and NV
 // weight vectors within the 32 vector registers
