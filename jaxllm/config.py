@@ -97,7 +97,10 @@ class ModelConfig(BaseModel):
     init_std: PositiveFloat = 0.02
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype (activations, KV cache)
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # parameter storage (bfloat16: inference weights)
-    attention: Literal["xla", "cudnn"] = "xla"  # jax.nn.dot_product_attention implementation
+    # Training attention (no cache). "auto": on the CPU, float32 windows without document masks run
+    # jaxllm's causal-attention kernel (jaxllm/causal_attention.py), anything else XLA's form;
+    # "xla" / "cudnn": always jax.nn.dot_product_attention with that implementation.
+    attention: Literal["auto", "xla", "cudnn"] = "auto"
     # "auto": on the CPU, matmuls of at most 32 rows (decode steps) run jaxllm's few-row kernel
     # (jaxllm/few_row_matmul.py); "xla": always XLA's dot. Numerics are float32 sums either way.
     few_row_matmul: Literal["auto", "xla"] = "auto"

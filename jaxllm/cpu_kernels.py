@@ -1,9 +1,11 @@
 """jaxllm's own CPU kernels (`jaxllm/kernels/*.cc`, XLA FFI custom calls): their build, cache and gates.
 
-Two kernels serve decode steps on the CPU, where XLA's generic code leaves time on the table:
-- `few_row_matmul`: matmuls of a few rows (one per sequence) that read each weight once;
-- `decode_attention`: a step's attention that reads only the visible cache entries and updates the
-  cache in place.
+Three kernels serve where XLA's generic code leaves time on the table on the CPU:
+- `few_row_matmul`: a decode step's matmuls of a few rows (one per sequence), each weight read once;
+- `decode_attention`: a decode step's attention, reading only the visible cache entries and updating
+  the cache in place;
+- `causal_attention`: a training window's attention, forward and backward, without materialising the
+  (B, N, T, T) scores.
 
 The sources build into one library, compiled on first use with the host's C++ compiler (`$CXX`, else
 `g++`; a few seconds) for this CPU (`-march=native`) and cached in `~/.cache/jaxllm/kernels`
@@ -38,7 +40,7 @@ import jax
 log = logging.getLogger(__name__)
 
 FOLDER = Path(__file__).parent / "kernels"
-SOURCES = (FOLDER / "few_row_matmul.cc", FOLDER / "decode_attention.cc")
+SOURCES = (FOLDER / "few_row_matmul.cc", FOLDER / "decode_attention.cc", FOLDER / "causal_attention.cc")
 HEADERS = (FOLDER / "cpu_kernels.h",)
 SWITCH = "JAXLLM_CPU_KERNELS"
 

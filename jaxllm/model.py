@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import decode_attention, few_row_matmul
+from jaxllm import causal_attention, decode_attention, few_row_matmul
 from jaxllm.config import ModelConfig
 from jaxllm.errors import InputError
 from jaxllm.rope import scaled_inv_freq
@@ -256,10 +256,13 @@ class Attention(nn.Module):
             same_segment_B1TT = None
             if segment_ids_BT is not None:
                 same_segment_B1TT = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
-            o_BTNH = jax.nn.dot_product_attention(
-                q_BTNH, k_BTKH, v_BTKH, mask=same_segment_B1TT, is_causal=True, local_window_size=window,
-                implementation=cfg.attention,
-            )  # fmt: skip
+            if cfg.attention == "auto" and causal_attention.usable(h, q_BTNH.dtype, segment_ids_BT is not None):
+                o_BTNH = causal_attention.attention(q_BTNH, k_BTKH, v_BTKH, cfg.sliding_window or 0)
+            else:
+                o_BTNH = jax.nn.dot_product_attention(
+                    q_BTNH, k_BTKH, v_BTKH, mask=same_segment_B1TT, is_causal=True, local_window_size=window,
+                    implementation="xla" if cfg.attention == "auto" else cfg.attention,
+                )  # fmt: skip
         elif segment_ids_BT is not None:
             raise InputError("segment ids apply to training windows, not to the cached path")
         elif cfg.decode_attention == "auto" and decode_attention.usable(x_BTD.shape[1], h, cache.k_BKSH.dtype):
