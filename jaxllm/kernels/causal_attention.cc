@@ -65,129 +65,143 @@ void transpose_head(const float* x, const Shape& s, int64_t b, int64_t kv, std::
   }
 }
 
-// For NJ vectors of 16 keys from key j: sum_h a[h] xt[h, keys] (and, with kTwo, sum_h b[h] yt[h, keys]),
-// xt and yt being (H, Tp) transposed keys or values. The sums run as at least 4 independent chains
-// (NJ vectors x P phases of h) to hide the FMA latency; H is a multiple of 16.
-template <int NJ, bool kTwo>
-inline void key_dots(const float* a, const float* xt, const float* b, const float* yt, int64_t H, int64_t Tp,
-                     int64_t j, v16* out_a, v16* out_b) {
-  constexpr int P = NJ >= 4 ? 1 : NJ == 1 ? 4 : 2;
-  v16 acc_a[P][NJ], acc_b[P][NJ];
-  for (int ph = 0; ph < P; ++ph)
-    for (int i = 0; i < NJ; ++i) acc_a[ph][i] = acc_b[ph][i] = v16{};
-  for (int64_t h0 = 0; h0 < H; h0 += P)
-    for (int ph = 0; ph < P; ++ph) {
-      const int64_t h = h0 + ph;
-      const float ah = a[h], *xr = xt + h * Tp + j;
-      for (int i = 0; i < NJ; ++i) acc_a[ph][i] += ah * load(xr + 16 * i);
-      if (kTwo) {
-        const float bh = b[h], *yr = yt + h * Tp + j;
-        for (int i = 0; i < NJ; ++i) acc_b[ph][i] += bh * load(yr + 16 * i);
+// Query rows per forward tile: each key vector or value row loaded feeds all of them (a head's keys
+// and values, 64 KiB at 256 tokens and head_dim 64, do not fit in L1: one row at a time, the loop
+// waited on L2). R rows x HV vectors of output sums stay in registers.
+template <int HV>
+constexpr int kTileRows = HV <= 4 ? 4 : 2;
+
+// out[r][i] = sum_h a[r][h] xt[h, j + 16 i ...] for R rows and NJ vectors of 16 keys from key j, xt
+// being (H, Tp) transposed keys or values; with kTwo also out_b[r][i] from b and yt.
+template <int R, int NJ, bool kTwo = false>
+inline void tile_dots(const float* const* a, const float* xt, const float* const* b, const float* yt, int64_t H,
+                      int64_t Tp, int64_t j, v16 (&out)[R][4], v16 (&out_b)[R][4]) {
+  v16 acc[R][NJ], acc_b[R][NJ];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < NJ; ++i) acc[r][i] = acc_b[r][i] = v16{};
+  for (int64_t h = 0; h < H; ++h) {
+    const float* xr = xt + h * Tp + j;
+    v16 x[NJ];
+    for (int i = 0; i < NJ; ++i) x[i] = load(xr + 16 * i);
+    for (int r = 0; r < R; ++r) {
+      const float ar = a[r][h];
+      for (int i = 0; i < NJ; ++i) acc[r][i] += ar * x[i];
+    }
+    if (kTwo) {
+      const float* yr = yt + h * Tp + j;
+      for (int i = 0; i < NJ; ++i) x[i] = load(yr + 16 * i);
+      for (int r = 0; r < R; ++r) {
+        const float br = b[r][h];
+        for (int i = 0; i < NJ; ++i) acc_b[r][i] += br * x[i];
       }
     }
-  for (int i = 0; i < NJ; ++i) {
-    out_a[i] = acc_a[0][i], out_b[i] = acc_b[0][i];
-    for (int ph = 1; ph < P; ++ph) out_a[i] += acc_a[ph][i], out_b[i] += acc_b[ph][i];
   }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < NJ; ++i) out[r][i] = acc[r][i], out_b[r][i] = acc_b[r][i];
 }
 
-// f(j, dots of a, dots of b) for every vector of 16 keys j = j0, j0 + 16, ... up to t, four at a time.
-template <bool kTwo, typename F>
-inline void for_key_vectors(const float* a, const float* xt, const float* b, const float* yt, int64_t H, int64_t Tp,
-                            int64_t j0, int64_t t, F f) {
-  v16 va[4], vb[4];
+// f(j, i) after tile_dots of the vectors of 16 keys j = j0, j0 + 16, ... up to `last` (four at a time),
+// their sums in out[.][i] (and out_b).
+template <int R, bool kTwo, typename F>
+inline void for_key_vectors(const float* const* a, const float* xt, const float* const* b, const float* yt, int64_t H,
+                            int64_t Tp, int64_t j0, int64_t last, v16 (&out)[R][4], v16 (&out_b)[R][4], F f) {
   int64_t j = j0;
-  for (; j + 48 <= t; j += 64) {
-    key_dots<4, kTwo>(a, xt, b, yt, H, Tp, j, va, vb);
-    for (int i = 0; i < 4; ++i) f(j + 16 * i, va[i], vb[i]);
+  for (; j + 48 <= last; j += 64) {
+    tile_dots<R, 4, kTwo>(a, xt, b, yt, H, Tp, j, out, out_b);
+    for (int i = 0; i < 4; ++i) f(j + 16 * i, i);
   }
-  if (j > t) return;
-  const int left = int((t - j) / 16 + 1);
-  if (left == 1) key_dots<1, kTwo>(a, xt, b, yt, H, Tp, j, va, vb);
-  if (left == 2) key_dots<2, kTwo>(a, xt, b, yt, H, Tp, j, va, vb);
-  if (left == 3) key_dots<3, kTwo>(a, xt, b, yt, H, Tp, j, va, vb);
-  for (int i = 0; i < left; ++i) f(j + 16 * i, va[i], vb[i]);
+  if (j > last) return;
+  const int left = int((last - j) / 16 + 1);
+  if (left == 1) tile_dots<R, 1, kTwo>(a, xt, b, yt, H, Tp, j, out, out_b);
+  if (left == 2) tile_dots<R, 2, kTwo>(a, xt, b, yt, H, Tp, j, out, out_b);
+  if (left == 3) tile_dots<R, 3, kTwo>(a, xt, b, yt, H, Tp, j, out, out_b);
+  for (int i = 0; i < left; ++i) f(j + 16 * i, i);
 }
-
-// Key rows interleaved per loop turn so that the sums over keys form independent chains, all of them
-// (J x HV vectors) in registers.
-template <int HV>
-constexpr int kInterleave = HV <= 2 ? 4 : HV <= 4 ? 2 : 1;
 
 template <int HV>
 void forward_task(const float* q, const float* k, const float* v, float* o, float* lse, const Shape& s, int64_t task) {
-  constexpr int J = kInterleave<HV>;
-  const int64_t b = task / s.K, kv = task % s.K, Tp = s.Tp(), H = s.H;
+  constexpr int R = kTileRows<HV>;
+  const int64_t b = task / s.K, kv = task % s.K, Tp = s.Tp(), H = s.H, v_stride = s.K * H;
   const float scale = s.scale();
+  const v16 neg = v16{} - INFINITY;
   thread_local std::vector<float> kt, p;
   transpose_head(k, s, b, kv, kt);
-  p.resize(size_t(Tp));
-  const int64_t v_stride = s.K * H;
+  p.resize(size_t(R * Tp));  // each row's scores, then probabilities
   for (int64_t g = 0; g < s.G(); ++g) {
     const int64_t n = kv * s.G() + g;
-    for (int64_t t = 0; t < s.T; ++t) {
-      const float* qt = q + ((b * s.T + t) * s.N + n) * H;
-      const int64_t lo = s.lo(t), j0 = lo / 16 * 16;
-      const v16 lo_v = v16{} + float(lo), t_v = v16{} + float(t), neg = v16{} - INFINITY;
-      v16 mx = neg;
-      for_key_vectors<false>(qt, kt.data(), nullptr, nullptr, H, Tp, j0, t, [&](int64_t j, v16 sc, v16) {
+    for (int64_t t0 = 0; t0 < s.T; t0 += R) {
+      const int rows = int(std::min<int64_t>(R, s.T - t0));
+      const int64_t last = t0 + rows - 1, lo0 = s.lo(t0), j0 = lo0 / 16 * 16;
+      const float* qr[R];
+      for (int r = 0; r < R; ++r) qr[r] = q + ((b * s.T + t0 + std::min(r, rows - 1)) * s.N + n) * H;
+      v16 lo_v[R], t_v[R], mx[R];
+      for (int r = 0; r < R; ++r) lo_v[r] = v16{} + float(s.lo(t0 + r)), t_v[r] = v16{} + float(t0 + r), mx[r] = neg;
+      v16 sc[R][4], unused[R][4];
+      for_key_vectors<R, false>(qr, kt.data(), nullptr, nullptr, H, Tp, j0, last, sc, unused, [&](int64_t j, int i) {
         const v16 idx = lane_index(j);
-        const v16 x = (idx >= lo_v && idx <= t_v) ? sc * scale : neg;
-        store(p.data() + j, x);
-        mx = mx > x ? mx : x;
+        for (int r = 0; r < R; ++r) {
+          const v16 x = (idx >= lo_v[r] && idx <= t_v[r]) ? sc[r][i] * scale : neg;
+          store(p.data() + r * Tp + j, x);
+          mx[r] = mx[r] > x ? mx[r] : x;
+        }
       });
-      const float m = hmax(mx);
-      v16 sum{};
-      for (int64_t j = j0; j <= t; j += 16) {
-        const v16 idx = lane_index(j);
-        v16 e = exp_nonpositive(load(p.data() + j) - m);
-        e = (idx >= lo_v && idx <= t_v) ? e : v16{};
-        store(p.data() + j, e);
-        sum += e;
+      float l[R];
+      for (int r = 0; r < R; ++r) {
+        const float m = hmax(mx[r]);
+        v16 sum{};
+        for (int64_t jj = j0; jj <= last; jj += 16) {
+          float* pr = p.data() + r * Tp + jj;
+          const v16 idx = lane_index(jj);
+          v16 e = exp_nonpositive(load(pr) - m);
+          e = (idx >= lo_v[r] && idx <= t_v[r]) ? e : v16{};
+          store(pr, e);
+          sum += e;
+        }
+        l[r] = hsum(sum);
+        if (r < rows) lse[(b * s.N + n) * s.T + t0 + r] = m + std::log(l[r]);
       }
-      const float l = hsum(sum);
-      v16 acc[J][HV];
-      for (int i = 0; i < J; ++i)
-        for (int hv = 0; hv < HV; ++hv) acc[i][hv] = v16{};
-      const float* vrow = v + ((b * s.T + lo) * s.K + kv) * H;
-      int64_t j = lo;
-      for (; j + J - 1 <= t; j += J, vrow += J * v_stride)
-#pragma GCC unroll 4
-        for (int i = 0; i < J; ++i)
-          for (int hv = 0; hv < HV; ++hv) acc[i][hv] += p[j + i] * load(vrow + i * v_stride + 16 * hv);
-      for (; j <= t; ++j, vrow += v_stride)
-        for (int hv = 0; hv < HV; ++hv) acc[0][hv] += p[j] * load(vrow + 16 * hv);
-      float* ot = o + ((b * s.T + t) * s.N + n) * H;
-      for (int hv = 0; hv < HV; ++hv) {
-        v16 total = acc[0][hv];
-        for (int i = 1; i < J; ++i) total += acc[i][hv];
-        store(ot + 16 * hv, total / l);
+      v16 acc[R][HV];
+      for (int r = 0; r < R; ++r)
+        for (int hv = 0; hv < HV; ++hv) acc[r][hv] = v16{};
+      const float* vrow = v + ((b * s.T + lo0) * s.K + kv) * H;
+      for (int64_t jj = lo0; jj <= last; ++jj, vrow += v_stride) {
+        v16 vv[HV];
+        for (int hv = 0; hv < HV; ++hv) vv[hv] = load(vrow + 16 * hv);
+        for (int r = 0; r < R; ++r) {
+          const float pr = p[r * Tp + jj];  // 0 where key jj is not visible to row r
+          for (int hv = 0; hv < HV; ++hv) acc[r][hv] += pr * vv[hv];
+        }
       }
-      lse[(b * s.N + n) * s.T + t] = m + std::log(l);
+      for (int r = 0; r < rows; ++r) {
+        float* ot = o + ((b * s.T + t0 + r) * s.N + n) * H;
+        for (int hv = 0; hv < HV; ++hv) store(ot + 16 * hv, acc[r][hv] / l[r]);
+      }
     }
   }
 }
 
 // Keys per block of the backward pass: the block's dk and dv sums (2 H floats a key) stay in L1.
-constexpr int64_t key_block(int64_t H) { return H <= 32 ? 64 : H <= 64 ? 32 : 16; }
+constexpr int64_t key_block(int64_t H) { return H <= 64 ? 64 : 32; }
+// Query rows per backward tile (4 measured faster than 2 or 8 at head_dim 32 and 64, spills and all).
+template <int HV>
+constexpr int kBackRows = HV <= 4 ? 4 : 2;
 
 // Flash attention's backward order: an outer loop over blocks of keys, whose dk and dv sums stay in
-// L1 while every query row that sees the block adds to them; dq rows are summed over the blocks in a
-// scratch of G x T x H floats. (At 256 tokens this measured the same as adding each row to every earlier
-// key's sums; it is kept because its working set does not grow with the window.)
+// L1 while every tile of query rows that sees the block adds to them (each key's k, dk and dv loaded
+// once per tile); dq rows are summed over the blocks in a scratch of G x T x H floats.
 template <int HV>
 void backward_task(const float* q, const float* k, const float* v, const float* o, const float* lse, const float* dout,
                    float* dq, float* dk, float* dv, const Shape& s, int64_t task) {
-  constexpr int J = kInterleave<HV>;
+  constexpr int R = kBackRows<HV>;
   const int64_t b = task / s.K, kv = task % s.K, Tp = s.Tp(), H = s.H, G = s.G(), kv_stride = s.K * H;
   const int64_t KB = key_block(H);
   const float scale = s.scale();
   thread_local std::vector<float> kt, vt, p, ds, acc, dq_sum, dsum;
   transpose_head(k, s, b, kv, kt);
   transpose_head(v, s, b, kv, vt);
-  p.resize(size_t(Tp));
-  ds.resize(size_t(Tp));
-  acc.assign(size_t(KB * 2 * H), 0.0f);  // the block's dk rows then dv rows
+  p.resize(size_t(R * Tp));
+  ds.resize(size_t(R * Tp));
+  acc.resize(size_t(KB * 2 * H));  // the block's dk rows then dv rows
   dq_sum.assign(size_t(G * s.T * H), 0.0f);
   dsum.resize(size_t(G * s.T));
   const int64_t first = (b * s.T * s.K + kv) * H;  // row 0 of this task's keys, values and their gradients
@@ -203,52 +217,51 @@ void backward_task(const float* q, const float* k, const float* v, const float* 
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t n = kv * G + g;
-      for (int64_t t = jb; t < s.T; ++t) {
-        const int64_t lo = std::max(s.lo(t), jb), hi = std::min(t, je - 1);  // the block's keys row t sees
-        if (lo > hi) continue;
-        const float *qt = q + at(g, t), *dot = dout + at(g, t);
-        const float D = dsum[g * s.T + t], l = lse[(b * s.N + n) * s.T + t];
-        float* dqt = dq_sum.data() + (g * s.T + t) * H;
-        v16 qv[HV], dov[HV], dqv[J][HV];
-        for (int hv = 0; hv < HV; ++hv) {
-          qv[hv] = load(qt + 16 * hv) * scale;
-          dov[hv] = load(dot + 16 * hv);
-          for (int i = 0; i < J; ++i) dqv[i][hv] = v16{};
+      for (int64_t t0 = jb; t0 < s.T && s.lo(t0) < je; t0 += R) {  // the tiles of rows that see the block
+        const int rows = int(std::min<int64_t>(R, s.T - t0));
+        const int64_t last = t0 + rows - 1, jlo = std::max(s.lo(t0), jb), jhi = std::min(last, je - 1);
+        const float *qr[R], *dor[R];
+        float D[R], l[R];
+        v16 lo_v[R], hi_v[R];
+        for (int r = 0; r < R; ++r) {
+          const int64_t t = t0 + std::min(r, rows - 1);
+          qr[r] = q + at(g, t), dor[r] = dout + at(g, t);
+          D[r] = dsum[g * s.T + t], l[r] = lse[(b * s.N + n) * s.T + t];
+          lo_v[r] = v16{} + float(std::max(s.lo(t0 + r), jb));
+          hi_v[r] = v16{} + (r < rows ? float(std::min(t0 + r, je - 1)) : -1.0f);  // a padding row sees nothing
         }
-        const v16 lo_v = v16{} + float(lo), hi_v = v16{} + float(hi);
-        for_key_vectors<true>(qt, kt.data(), dot, vt.data(), H, Tp, lo / 16 * 16, hi, [&](int64_t j, v16 sc, v16 dp) {
+        v16 sc[R][4], dp[R][4];
+        for_key_vectors<R, true>(qr, kt.data(), dor, vt.data(), H, Tp, jlo / 16 * 16, jhi, sc, dp, [&](int64_t j, int i) {
           const v16 idx = lane_index(j);
-          v16 pj = exp_nonpositive(sc * scale - l);  // masked lanes may overflow: they are zeroed next
-          pj = (idx >= lo_v && idx <= hi_v) ? pj : v16{};
-          store(p.data() + j, pj);
-          store(ds.data() + j, pj * (dp - D));
+          for (int r = 0; r < R; ++r) {
+            v16 pj = exp_nonpositive(sc[r][i] * scale - l[r]);  // masked lanes may overflow: zeroed next
+            pj = (idx >= lo_v[r] && idx <= hi_v[r]) ? pj : v16{};
+            store(p.data() + r * Tp + j, pj);
+            store(ds.data() + r * Tp + j, pj * (dp[r][i] - D[r]));
+          }
         });
-        const float* krow = k + first + lo * kv_stride;
-        float* dkrow = acc.data() + (lo - jb) * H;
-        float* dvrow = dkrow + KB * H;
-        int64_t j = lo;
-        for (; j + J - 1 <= hi; j += J, krow += J * kv_stride, dkrow += J * H, dvrow += J * H)
-#pragma GCC unroll 4
-          for (int i = 0; i < J; ++i) {
-            const float pj = p[j + i], dsj = ds[j + i];
+        v16 dqv[R][HV];
+        for (int r = 0; r < R; ++r)
+          for (int hv = 0; hv < HV; ++hv) dqv[r][hv] = v16{};
+        const float* krow = k + first + jlo * kv_stride;
+        for (int64_t j = jlo; j <= jhi; ++j, krow += kv_stride) {
+          float *dkj = acc.data() + (j - jb) * H, *dvj = dkj + KB * H;
+          v16 kj[HV], dkv[HV], dvv[HV];
+          for (int hv = 0; hv < HV; ++hv)
+            kj[hv] = load(krow + 16 * hv), dkv[hv] = load(dkj + 16 * hv), dvv[hv] = load(dvj + 16 * hv);
+          for (int r = 0; r < R; ++r) {
+            const float pj = p[r * Tp + j], dsj = ds[r * Tp + j], dsj_scaled = dsj * scale;
             for (int hv = 0; hv < HV; ++hv) {
-              dqv[i][hv] += dsj * load(krow + i * kv_stride + 16 * hv);
-              store(dkrow + i * H + 16 * hv, load(dkrow + i * H + 16 * hv) + dsj * qv[hv]);
-              store(dvrow + i * H + 16 * hv, load(dvrow + i * H + 16 * hv) + pj * dov[hv]);
+              dqv[r][hv] += dsj * kj[hv];
+              dkv[hv] += dsj_scaled * load(qr[r] + 16 * hv);
+              dvv[hv] += pj * load(dor[r] + 16 * hv);
             }
           }
-        for (; j <= hi; ++j, krow += kv_stride, dkrow += H, dvrow += H) {
-          const float pj = p[j], dsj = ds[j];
-          for (int hv = 0; hv < HV; ++hv) {
-            dqv[0][hv] += dsj * load(krow + 16 * hv);
-            store(dkrow + 16 * hv, load(dkrow + 16 * hv) + dsj * qv[hv]);
-            store(dvrow + 16 * hv, load(dvrow + 16 * hv) + pj * dov[hv]);
-          }
+          for (int hv = 0; hv < HV; ++hv) store(dkj + 16 * hv, dkv[hv]), store(dvj + 16 * hv, dvv[hv]);
         }
-        for (int hv = 0; hv < HV; ++hv) {
-          v16 total = load(dqt + 16 * hv);
-          for (int i = 0; i < J; ++i) total += dqv[i][hv];
-          store(dqt + 16 * hv, total);
+        for (int r = 0; r < rows; ++r) {
+          float* dqt = dq_sum.data() + (g * s.T + t0 + r) * H;
+          for (int hv = 0; hv < HV; ++hv) store(dqt + 16 * hv, load(dqt + 16 * hv) + dqv[r][hv]);
         }
       }
     }
