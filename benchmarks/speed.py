@@ -5,7 +5,7 @@
     python -m benchmarks.speed --quick                  # a smoke run: tiny shapes, files only with --out
     python -m benchmarks.speed --presets smollm2-135m   # a real model's shape (SmolLM2-135M, random weights)
 
-In one process, on the same config, batch and machine, for each preset:
+On the same config, batch and machine, for each preset:
 
 - forward latency: one forward pass of a (B, T) batch to float32 logits, no gradients;
 - training: one whole optimizer step at (B, T) -- forward, backward, clipping, AdamW, and the
@@ -15,18 +15,20 @@ In one process, on the same config, batch and machine, for each preset:
 
 Implementations: jaxllm (jitted pure `forward` / `train_step` with donated state / `generate`),
 torch_ref eager (`torch_ref.build_model`, `PlainTrainer`, `torch_ref.generate`) and the same
-with `torch.compile`, all from the same weights. On the CPU a fourth training row runs jaxllm in a
-child process with glibc's default malloc (`JAXLLM_MALLOC=system`), which is what made the step
-slower than PyTorch's before `jaxllm/host_memory.py`.
+with `torch.compile`, all from the same weights. On the CPU each implementation's training step is
+timed in a child process of its own, one after the other (sharing one process with PyTorch's models
+slowed jaxllm's SmolLM2-shaped step from 4.6 to 6.5 s on the Intel Xeon), and a fourth training row
+runs jaxllm with glibc's default malloc (`JAXLLM_MALLOC=system`), which is what made the step slower
+than PyTorch's before `jaxllm/host_memory.py`. Forward and decode figures are timed in this process.
 
 MFU = training FLOPs per token (`jaxllm.flops_per_token`, PaLM-style) x tokens/s / peak. The peak
 is the training loops' (`jaxllm.peak`): on the CPU the machine's float32 matmul figure, the best of
 numpy, PyTorch and JAX, measured once and cached (one denominator for every row, and the same as in
-run directories); on a GPU the datasheet bfloat16 peak. Warm-up calls (compilation
-included) are not timed; each figure is the median of `--reps` timings taken in turn across the
-implementations, with min and max as the spread. On the CPU a timing during which other processes
-kept a core more than 5% busy is discarded and repeated (`benchmarks.decode_speed.quiet_timing`;
-`--under-load`: not, and the results say so).
+run directories); on a GPU the datasheet bfloat16 peak. Warm-up calls (compilation included) are
+not timed; each figure is the median of `--reps` timings (taken in turn across the implementations,
+except the CPU training rows' children), with min and max as the spread. On the CPU a timing during
+which other processes kept a core more than 5% busy is discarded and repeated
+(`benchmarks.decode_speed.quiet_timing`; `--under-load`: not, and the results say so).
 
 `--profile DIR`: after the first preset's training figures, a `jax.profiler` trace of one more timing's
 worth of jaxllm training steps (5 for gpt2-124m on a GPU, 1-5 on the CPU) into DIR (xprof's layout;
@@ -254,25 +256,21 @@ def bench_preset(
     result.update(flops_per_token=flops_per_token(mc), train={}, forward={}, decode={})
 
     steps = shape.steps_per_timing
-    jax_train = jax_train_runner(cfg, params, steps)
-    train = timings(
-        {
-            JAX: jax_train,
+    if device == "cpu" and not quick:  # each implementation in a process of its own (see the module docstring)
+        result["train"] = {impl: train_in_child(preset, impl, reps, under_load) for impl in (*IMPLS, SYSTEM_MALLOC)}
+    else:
+        runners = {
+            JAX: jax_train_runner(cfg, params, steps),
             EAGER: torch_train_runner(cfg, state_dict, device, False, steps),
             COMPILED: torch_train_runner(cfg, state_dict, device, True, steps),
-        },
-        reps,
-        quiet,
-    )
-    result["train"] = {name: summary(t, steps) for name, t in train.items()}
-    if device == "cpu" and not quick:
-        result["train"][SYSTEM_MALLOC] = system_malloc_train(preset, reps, under_load)
+        }
+        result["train"] = {name: summary(t, steps) for name, t in timings(runners, reps, quiet).items()}
     for stats in result["train"].values():
         stats["tokens_per_s"] = shape.batch * shape.context / stats["median_s"]
     print_row(preset, "train tokens/s", {n: s["tokens_per_s"] for n, s in result["train"].items()})
     save(result)
     if profile is not None:
-        trace_training(jax_train, steps, profile)
+        trace_training(jax_train_runner(cfg, params, steps), steps, profile)
 
     fwd = timings(forward_runners(cfg, params, model, device), reps, quiet)
     result["forward"] = {name: summary(t) for name, t in fwd.items()}
@@ -300,20 +298,28 @@ def trace_training(run: Callable[[], object], steps: int, log_dir: Path) -> None
     print(f"profiler trace of {steps} training steps in {log_dir}", flush=True)
 
 
-def system_malloc_train(preset: str, reps: int, under_load: bool = False) -> dict:
-    """jaxllm's CPU train step timed in a child process with glibc's default malloc."""
-    env = {**os.environ, MALLOC_ENV: "system"}
-    cmd = [sys.executable, "-m", "benchmarks.speed", "--jax-train-only", preset, "--reps", str(reps),
-           *(["--under-load"] if under_load else [])]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True, timeout=1800)
+def train_in_child(preset: str, impl: str, reps: int, under_load: bool = False) -> dict:
+    """`impl`'s CPU train step (one of IMPLS, or SYSTEM_MALLOC: jaxllm with glibc's default malloc)
+    timed in a child process of its own."""
+    env = {**os.environ, MALLOC_ENV: "system"} if impl == SYSTEM_MALLOC else dict(os.environ)
+    cmd = [sys.executable, "-m", "benchmarks.speed", "--train-only", preset, JAX if impl == SYSTEM_MALLOC else impl,
+           "--reps", str(reps), *(["--under-load"] if under_load else [])]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True, timeout=3600)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def jax_train_only(preset: str, reps: int, under_load: bool) -> dict:
+def train_only(preset: str, impl: str, reps: int, under_load: bool) -> dict:
+    """The child of `train_in_child`: `impl`'s CPU train step timings, as one JSON object."""
     shape = SHAPES["cpu"][preset]
     cfg = load_config(preset, "cpu", shape)
     params = jaxllm.init_params(cfg.model, 0)
-    seconds = timings({JAX: jax_train_runner(cfg, params, shape.steps_per_timing)}, reps, not under_load)[JAX]
+    if impl == JAX:
+        runner = jax_train_runner(cfg, params, shape.steps_per_timing)
+    else:
+        set_numerics(cfg.train, torch.device("cpu"))
+        state_dict = jaxllm.to_torch_state_dict(cfg.model, params)
+        runner = torch_train_runner(cfg, state_dict, "cpu", impl == COMPILED, shape.steps_per_timing)
+    seconds = timings({impl: runner}, reps, not under_load)[impl]
     return {**summary(seconds, shape.steps_per_timing), "malloc_settings_applied": jaxllm.keep_freed_host_memory()}
 
 
@@ -382,7 +388,10 @@ def markdown(data: dict) -> str:
         f"# Speed: jaxllm vs torch_ref ({run['device']}, {run['dtype']})",
         "",
         f"Command: `{run['command']}`. Each figure: median of {run['reps']} timings after warm-up (min-max in "
-        "brackets), implementations timed in turn. Same weights, batch and machine for every row.",
+        "brackets), implementations timed in turn"
+        + ("; CPU training rows: each implementation in a child process of its own, one after the other"
+           if run["device"] == "cpu" else "")
+        + ". Same weights, batch and machine for every row.",
         "",
         f"Machine: {describe(data['machine'])}; load average {run['load_average_at_end']} at end. "
         f"Peak for MFU: {run['peak_source']}."
@@ -517,10 +526,10 @@ def main() -> None:
                         help="time at once, not waiting for quiet cores (the results say so)")  # fmt: skip
     parser.add_argument("--out", type=Path, help="folder for the results files (default: benchmarks/results)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny shapes, 2 timings; files with --out")
-    parser.add_argument("--jax-train-only", metavar="PRESET", help=argparse.SUPPRESS)  # the system-malloc child
+    parser.add_argument("--train-only", nargs=2, metavar=("PRESET", "IMPL"), help=argparse.SUPPRESS)  # a child
     args = parser.parse_args()
-    if args.jax_train_only:
-        print(json.dumps(jax_train_only(args.jax_train_only, args.reps, args.under_load)))
+    if args.train_only:
+        print(json.dumps(train_only(*args.train_only, args.reps, args.under_load)))
         return
     if args.device == "cuda" and not (torch.cuda.is_available() and jax.default_backend() == "gpu"):
         sys.exit("error: --device cuda needs a GPU that both torch and JAX see")

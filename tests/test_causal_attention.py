@@ -80,8 +80,11 @@ def test_used_for_float32_unmasked_unsharded_auto_only() -> None:
     assert not causal_attention.usable(80, jnp.float32, masked=False)  # a head dim it is not built for
 
 
-def test_model_loss_and_gradients_match_xla() -> None:
+@pytest.mark.parametrize("layers", ["unrolled", "scanned with remat"])
+def test_model_loss_and_gradients_match_xla(layers: str) -> None:
     cfg = small_llama(sliding_window=5)
+    if layers != "unrolled":
+        cfg = cfg.replace(scan_layers=True, remat="full")  # the custom VJP inside nn.scan and jax.checkpoint
     params = jaxllm.init_params(cfg, 3)
     tokens = jnp.asarray(random_tokens(cfg.vocab_size, 3, 40))
 
