@@ -3,9 +3,10 @@
 XLA's form (`jax.nn.dot_product_attention`) runs a window's attention as batched dots of tiny
 matrices with the softmax and its gradient as separate passes over the (B, N, T, T) scores; on the
 2-core Xeon this was twice PyTorch's flash attention in `mini`'s training step.
-`kernels/causal_attention.cc` (XLA FFI custom calls) does one (batch row, kv head) per task with the
-scores of one query row at a time in cache, and saves the softmax's log-sum-exp for the backward pass
-(which recomputes the probabilities from it), as flash attention does.
+`kernels/causal_attention.cc` (XLA FFI custom calls) does one (batch row, kv head) per task, tiles
+of query rows sharing each key and value loaded, without storing the scores; it saves the softmax's
+log-sum-exp for the backward pass, which recomputes the probabilities from it and walks blocks of
+keys, as flash attention does (docs/train.md, "CPU training attention").
 
 The model calls `attention` when all of these hold at trace time, and XLA's form otherwise (the same
 math, float32):

@@ -3,8 +3,8 @@
 // XLA's form (jax.nn.dot_product_attention) runs it as batched dots of tiny matrices (one per batch row
 // and head) with the softmax and its gradient as separate passes over (B, N, T, T) scores: on a 2-core
 // Xeon the attention of `mini`'s training step took about twice the time of PyTorch's flash attention.
-// Here one task per (batch row, kv head) does all of it, the forward pass one query row at a time
-// (its scores in L1), the backward pass by blocks of keys (see backward_task):
+// Here one task per (batch row, kv head) does all of it, the forward pass by tiles of query rows
+// (their scores in L1), the backward pass by blocks of keys (see forward_task and backward_task):
 //
 //   forward:  s_j = scale q_t.k_j for the visible keys j, p = softmax(s), o_t = sum_j p_j v_j, and
 //             lse_t = log sum_j exp(s_j) (saved for the backward pass, as flash attention does);
