@@ -17,6 +17,7 @@
 // a transposed copy of the task's keys (and values, backward), so no horizontal sums are needed.
 // float32 throughout; head_dim 16, 32, 48, 64 or 128.
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -32,23 +33,6 @@ struct Shape {
   int64_t lo(int64_t t) const { return window > 0 ? std::max<int64_t>(0, t - window + 1) : 0; }
 };
 
-// The largest and the sum of a vector's 16 lanes, by halving (4 shuffles, not 15 lane extractions).
-template <typename Op>
-inline float reduce_lanes(v16 v, Op op) {
-  typedef float v8 __attribute__((vector_size(32)));
-  typedef float v4 __attribute__((vector_size(16)));
-  v8 a = op(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
-  v4 b = op(__builtin_shufflevector(a, a, 0, 1, 2, 3), __builtin_shufflevector(a, a, 4, 5, 6, 7));
-  v4 c = op(b, __builtin_shufflevector(b, b, 2, 3, 0, 1));
-  v4 d = op(c, __builtin_shufflevector(c, c, 1, 0, 3, 2));
-  return d[0];
-}
-inline float hmax(v16 v) {
-  return reduce_lanes(v, [](auto x, auto y) { return x > y ? x : y; });
-}
-inline float hsum(v16 v) {
-  return reduce_lanes(v, [](auto x, auto y) { return x + y; });
-}
 // The key indices j .. j + 15, as floats.
 inline v16 lane_index(int64_t j) {
   constexpr v16 kIota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
@@ -275,21 +259,16 @@ void backward_task(const float* q, const float* k, const float* v, const float* 
       for (int hv = 0; hv < HV; ++hv) store(dq + at(g, t) + 16 * hv, load(dq_sum.data() + (g * s.T + t) * H + 16 * hv) * scale);
 }
 
-// Every task of a call, split over the kernels' threads.
-template <int HV>
-void forward_tasks(ffi::ThreadPool& pool, const float* q, const float* k, const float* v, float* o, float* lse,
-                   const Shape& s) {
-  parallel_for(pool, s.B * s.K, 1, [=](int64_t lo, int64_t hi) {
-    for (int64_t task = lo; task < hi; ++task) forward_task<HV>(q, k, v, o, lse, s, task);
-  });
-}
-
-template <int HV>
-void backward_tasks(ffi::ThreadPool& pool, const float* q, const float* k, const float* v, const float* o,
-                    const float* lse, const float* dout, float* dq, float* dk, float* dv, const Shape& s) {
-  parallel_for(pool, s.B * s.K, 1, [=](int64_t lo, int64_t hi) {
-    for (int64_t task = lo; task < hi; ++task) backward_task<HV>(q, k, v, o, lse, dout, dq, dk, dv, s, task);
-  });
+// f(std::integral_constant<int, HV>{}) with HV = head_dim / 16, for the head dims shape_of accepts.
+template <typename F>
+void with_head_vectors(int64_t H, F f) {
+  switch (H / 16) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
 }
 
 // The (B, T, N, H) query and (B, T, K, H) key/value shapes into `s`, checked.
@@ -314,13 +293,11 @@ ffi::Error forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   if (auto e = shape_of(q, k, v, window, sh); e.failure()) return e;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   float *op = o->typed_data(), *lp = lse->typed_data();
-  switch (sh.H / 16) {  // the head dims shape_of accepts
-    case 1: forward_tasks<1>(pool, qp, kp, vp, op, lp, sh); break;
-    case 2: forward_tasks<2>(pool, qp, kp, vp, op, lp, sh); break;
-    case 3: forward_tasks<3>(pool, qp, kp, vp, op, lp, sh); break;
-    case 4: forward_tasks<4>(pool, qp, kp, vp, op, lp, sh); break;
-    default: forward_tasks<8>(pool, qp, kp, vp, op, lp, sh); break;
-  }
+  with_head_vectors(sh.H, [&](auto hv) {  // one task per (batch row, kv head), over the kernels' threads
+    parallel_for(pool, sh.B * sh.K, 1, [=](int64_t lo, int64_t hi) {
+      for (int64_t task = lo; task < hi; ++task) forward_task<decltype(hv)::value>(qp, kp, vp, op, lp, sh, task);
+    });
+  });
   return ffi::Error::Success();
 }
 
@@ -332,13 +309,12 @@ ffi::Error backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const float *op = o.typed_data(), *lp = lse.typed_data(), *dop = dout.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
-  switch (sh.H / 16) {  // the head dims shape_of accepts
-    case 1: backward_tasks<1>(pool, qp, kp, vp, op, lp, dop, dqp, dkp, dvp, sh); break;
-    case 2: backward_tasks<2>(pool, qp, kp, vp, op, lp, dop, dqp, dkp, dvp, sh); break;
-    case 3: backward_tasks<3>(pool, qp, kp, vp, op, lp, dop, dqp, dkp, dvp, sh); break;
-    case 4: backward_tasks<4>(pool, qp, kp, vp, op, lp, dop, dqp, dkp, dvp, sh); break;
-    default: backward_tasks<8>(pool, qp, kp, vp, op, lp, dop, dqp, dkp, dvp, sh); break;
-  }
+  with_head_vectors(sh.H, [&](auto hv) {
+    parallel_for(pool, sh.B * sh.K, 1, [=](int64_t lo, int64_t hi) {
+      for (int64_t task = lo; task < hi; ++task)
+        backward_task<decltype(hv)::value>(qp, kp, vp, op, lp, dop, dqp, dkp, dvp, sh, task);
+    });
+  });
   return ffi::Error::Success();
 }
 

@@ -1,5 +1,6 @@
 // What jaxllm's CPU kernels share: GCC generic vectors of 16 floats (AVX-512, AVX2 or NEON alike),
-// bfloat16 <-> float32, and a parallel loop on the kernels' own spinning helper threads.
+// bfloat16 <-> float32, reductions over lanes, e^x, and a parallel loop on the kernels' own spinning
+// helper threads.
 #pragma once
 
 #include <algorithm>
@@ -61,6 +62,24 @@ inline v16 lane_sums(const v16 (&a)[16]) {
            __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
   return __builtin_shufflevector(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
          __builtin_shufflevector(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// The largest and the sum of a vector's 16 lanes, by halving (4 shuffles, not 15 lane extractions).
+template <typename Op>
+inline float reduce_lanes(v16 v, Op op) {
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  v8 a = op(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+  v4 b = op(__builtin_shufflevector(a, a, 0, 1, 2, 3), __builtin_shufflevector(a, a, 4, 5, 6, 7));
+  v4 c = op(b, __builtin_shufflevector(b, b, 2, 3, 0, 1));
+  v4 d = op(c, __builtin_shufflevector(c, c, 1, 0, 3, 2));
+  return d[0];
+}
+inline float hmax(v16 v) {
+  return reduce_lanes(v, [](auto x, auto y) { return x > y ? x : y; });
+}
+inline float hsum(v16 v) {
+  return reduce_lanes(v, [](auto x, auto y) { return x + y; });
 }
 
 // e^x for x <= 0 (softmax's shifted scores), within a few float32 ulps: 2^(x log2 e) split into 2^k,
