@@ -57,7 +57,8 @@ else
   stage cuda_tests 150 "${CUDA_TESTS[@]}" -rs
   stage parity 120 "$PY" -m benchmarks.parity --devices cpu --presets mini --steps 3 --out "$OUT"
   stage real_model 120 "$PY" -m benchmarks.real_model --random --layers 2 --quick --batches 1
-  stage speed 300 "$PY" -m benchmarks.speed --quick --presets mini --decode-batches 1 --out "$OUT" --profile "$OUT/profile"
+  stage speed 300 "$PY" -m benchmarks.speed --quick --presets mini --decode-batches 1 --name speed --out "$OUT" \
+    --profile "$OUT/profile"
   SPEED_MD="$OUT/speed.md" TRACED=mini
 fi
 # The trace as one file (xprof opens the folder it unpacks to: tar -xzf FILE -C DIR; xprof --logdir DIR).

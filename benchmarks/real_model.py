@@ -21,10 +21,13 @@ measured at `highest` matmul precision (no TF32), decode in `--dtype`.
   XLA ops": `model.few_row_matmul=xla` and `model.decode_attention=xla`, decode without jaxllm's CPU
   kernels (XLA's dots and attention).
 - Roofline: a decode step reads every weight once, so steps/s x weight bytes (of that row's
-  dtype) / memory bandwidth is the fraction of the memory-bound limit reached; the bandwidth is a
-  jitted JAX sum over 512 MB, measured in the same run.
+  dtype) / memory bandwidth is the fraction of the memory-bound limit reached. The bandwidth is timed
+  in the same rounds as the decodes (`read_runner`: the weights' bytes read alone, by the faster of a
+  jitted JAX sum and, on the CPU, jaxllm's `stream_sum` kernel), since other tenants' load moves it
+  within minutes; both readers' rates over 512 MB before the timings are reported beside it.
 
-Writes benchmarks/results/real_model.json and .md (the machine described in both).
+Writes benchmarks/results/real_model_<cpu>.json and .md (`real_model_amd-epyc`, `real_model_intel-xeon`, ...;
+the machine described in both).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -44,13 +48,15 @@ import torch
 
 import jaxllm
 from benchmarks.decode_speed import decode_rates, hf_runner
-from benchmarks.machine import describe, machine_info, write_results
-from jaxllm import decode_layout
+from benchmarks.machine import cpu_model, cpu_slug, describe, machine_info, write_results
+from jaxllm import cpu_kernels, decode_layout
 from jaxllm.checkpoint import with_dtype
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BF16_ROW = "jaxllm, bfloat16 weights"
 XLA_ROW = "jaxllm, XLA ops"  # few_row_matmul=xla, decode_attention=xla: decode without jaxllm's CPU kernels
+READ = "the weights read alone"  # the roofline's runner (`read_runner`), timed with the decodes
+READERS = {"jax_sum": "a jitted JAX sum", "kernel_read": "jaxllm's stream_sum kernel"}
 QUESTION = "What is the capital of France?"
 # SmolLM2-135M's config.json (LlamaForCausalLM), for --random.
 SMOLLM2_CONFIG = {
@@ -67,13 +73,55 @@ def gguf_dir() -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-def memory_bandwidth(mb: int = 512, reps: int = 10) -> float:
-    """Bytes/s of a jitted float32 sum over `mb` MB (best of `reps`): what a decode step's reads can reach."""
+def memory_bandwidth(mb: int = 512, reps: int = 10) -> dict[str, float]:
+    """Bytes/s of two reads of `mb` MB of float32 (best of `reps` each): a jitted JAX sum (XLA's reduce)
+    and, on the CPU where jaxllm's kernels are built, their `stream_sum` (four independent vector sums on
+    every kernel thread, so only memory limits it; XLA's reduce reached half its rate on a 2-core AMD EPYC).
+    The roofline divides by the faster (`read_bandwidth`): the most a decode step's weight reads can reach."""
     x = jnp.ones((mb << 18,), jnp.float32)  # mb MiB of float32
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    best = min(_timed(lambda: total(x).block_until_ready()) for _ in range(reps))
-    return x.nbytes / best
+    rates = {}
+    for name, fn in readers().items():
+        fn(x).block_until_ready()
+        rates[name] = x.nbytes / min(_timed(lambda fn=fn: fn(x).block_until_ready()) for _ in range(reps))
+    return rates
+
+
+def readers() -> dict[str, Callable[[jax.Array], jax.Array]]:
+    """The jitted reads of a float32 array: "jax_sum" and, on the CPU with jaxllm's kernels, "kernel_read"."""
+    out = {"jax_sum": jax.jit(jnp.sum)}
+    if jax.default_backend() == "cpu" and cpu_kernels.active():
+        call = jax.ffi.ffi_call(cpu_kernels.target("StreamSumF32"), jax.ShapeDtypeStruct((), jnp.float32))
+        out["kernel_read"] = jax.jit(call)
+    return out
+
+
+def read_bandwidth(rates: dict[str, float]) -> float:
+    return max(rates.values())
+
+
+def read_runner(nbytes: int, rates: dict[str, float]) -> Callable[[int], Callable[[], object]]:
+    """For `decode_rates`: a "decode" of n tokens that only reads `nbytes` of float32, n - 1 times, with
+    the faster reader in `rates`. Timed in the same rounds as the implementations, its steps/s x nbytes
+    is the read bandwidth at the same moments, the roofline's denominator: other tenants' load moved a
+    2-core AMD EPYC's bandwidth between 41 and 86 GB/s within one hour."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    read = readers()[max(rates, key=rates.get)]
+
+    def make(n: int) -> Callable[[], object]:
+        def run() -> object:
+            out = None
+            for _ in range(n - 1):
+                out = read(x)
+            return jax.block_until_ready(out)
+
+        return run
+
+    return make
+
+
+def describe_bandwidth(rates_gb_s: dict[str, float]) -> str:
+    """'41.6 GB/s (a jitted JAX sum) and 77.9 GB/s (jaxllm's stream_sum kernel)'."""
+    return " and ".join(f"{v:.1f} GB/s ({READERS[k]})" for k, v in rates_gb_s.items())
 
 
 def _timed(fn) -> float:
@@ -134,7 +182,7 @@ def main() -> None:
     parser.add_argument("--xla-row", action="store_true", help="add a 'jaxllm, XLA ops' row (no CPU kernels)")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 repetitions, 8 new tokens, no files")
-    parser.add_argument("--name", help="results file name (default real_model, or real_model_DEVICE with --random)")
+    parser.add_argument("--name", help="results file name (default real_model_<cpu>; real_model_DEVICE with --random)")
     parser.add_argument("--under-load", action="store_true",
                         help="time at once, not waiting for quiet cores (the results say so)")  # fmt: skip
     args = parser.parse_args()
@@ -158,7 +206,7 @@ def main() -> None:
     print(f"logits vs transformers: max |d| {parity['max_abs']:.2e}, rel L2 {parity['rel_l2']:.2e}", flush=True)
 
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    bandwidth = memory_bandwidth()
+    probes = memory_bandwidth()
     # as `jaxllm generate` and `serve` hold a model: Dense kernels in the decode kernel's strips layout
     run_cfg, run_params = with_dtype(cfg, params, args.dtype)
     models = {"jaxllm": decode_layout.prepare(run_cfg, run_params)}
@@ -168,7 +216,7 @@ def main() -> None:
         models[BF16_ROW] = decode_layout.prepare(*with_dtype(cfg, params, "bfloat16"))
     if args.dtype == "bfloat16":
         hf = hf.to(torch.bfloat16)
-    rows = []
+    rows, bandwidths = [], {}
     quiet = args.device == "cpu" and not args.quick and not args.under_load
     for batch in args.batches:
         prompts = [ids] * batch
@@ -179,20 +227,27 @@ def main() -> None:
             for name, m in models.items()
         }
         runners["transformers"] = hf_runner(hf, np.array(prompts), args.device)
-        for name, r in decode_rates(runners, batch, new, reps, quiet=quiet).items():
-            steps = r["tokens_per_s"] / batch
+        runners[READ] = read_runner(weight_bytes, probes)
+        rates = decode_rates(runners, batch, new, reps, quiet=quiet)
+        bandwidth = rates.pop(READ)["tokens_per_s"] / batch * weight_bytes
+        bandwidths[batch] = bandwidth / 1e9
+        for name, r in rates.items():
             nbytes = sum(x.nbytes for x in jax.tree.leaves(models[name][1])) if name in models else weight_bytes
-            row = {"batch": batch, "impl": name, "prompt": len(ids), "new_tokens": new, **r,
-                   "weight_bytes": nbytes, "roofline_fraction": steps * nbytes / bandwidth}  # fmt: skip
-            rows.append(row)
+            fraction = r["tokens_per_s"] / batch * nbytes / bandwidth
+            rows.append({"batch": batch, "impl": name, "prompt": len(ids), "new_tokens": new, **r,
+                         "weight_bytes": nbytes, "roofline_fraction": fraction})  # fmt: skip
             print(f"batch {batch:2d} {name:24s} {r['tokens_per_s']:8.1f} tokens/s "
-                  f"({row['roofline_fraction']:.0%} of the memory roofline)", flush=True)  # fmt: skip
-    run = {"load_average_at_end": round(os.getloadavg()[0], 2), "memory_bandwidth_gb_s": bandwidth / 1e9,
+                  f"({fraction:.0%} of the memory roofline)", flush=True)  # fmt: skip
+        print(f"batch {batch:2d} the weights read alone: {bandwidth / 1e9:.1f} GB/s", flush=True)
+    run = {"load_average_at_end": round(os.getloadavg()[0], 2), "read_gb_s_by_batch": bandwidths,
+           "reader": max(probes, key=probes.get),
+           "bandwidth_probes_gb_s": {k: v / 1e9 for k, v in probes.items()},
            "weight_bytes": weight_bytes, "device": args.device, "dtype": args.dtype, "under_load": args.under_load,
            "command": " ".join(["python -m benchmarks.real_model", *sys.argv[1:]]), **facts}  # fmt: skip
     if args.quick:
         return
-    name = args.name or ("real_model" if args.device == "cpu" and not args.random else f"real_model_{args.device}")
+    real_cpu = args.device == "cpu" and not args.random
+    name = args.name or (f"real_model_{cpu_slug(cpu_model())}" if real_cpu else f"real_model_{args.device}")
     md = markdown(rows, parity, info, run, reps)
     data = {"machine": info, "run": run, "parity": parity, "reps": reps, "rows": rows}
     write_results(name, data, md, **({"out_dir": args.out} if args.out else {}))
@@ -200,6 +255,7 @@ def main() -> None:
 
 
 def markdown(rows: list[dict], parity: dict, info: dict, run: dict, reps: int) -> str:
+    by_batch = run["read_gb_s_by_batch"]
     lines = [
         f"# A real model's shape: SmolLM2-135M-Instruct ({run['weights']}), {run['device']}",
         "",
@@ -218,9 +274,11 @@ def markdown(rows: list[dict], parity: dict, info: dict, run: dict, reps: int) -
         f"{parity['max_abs']:.2e}, relative L2 {parity['rel_l2']:.2e}, same argmax at every position: "
         f"{'yes' if parity['same_argmax'] else 'no'}.",
         f"- Memory roofline: {run['weight_bytes'] / 1e6:.0f} MB of float32 weights read per decode step (half in "
-        f"bfloat16); memory "
-        f"bandwidth {run['memory_bandwidth_gb_s']:.1f} GB/s (a jitted JAX sum over 512 MB, this run), so batch-1 "
-        f"decode is bounded near {run['memory_bandwidth_gb_s'] * 1e9 / run['weight_bytes']:.0f} steps/s.",
+        f"bfloat16). Its bandwidth: the same bytes read alone ({READERS[run['reader']]}), timed in the same "
+        f"rounds as the decodes: {' / '.join(f'{v:.1f}' for v in by_batch.values())} GB/s in the batch "
+        f"{' / '.join(map(str, by_batch))} rounds (batch-1 decode bounded near "
+        f"{next(iter(by_batch.values())) * 1e9 / run['weight_bytes']:.0f} steps/s). Before the timings, 512 MB "
+        f"read at {describe_bandwidth(run['bandwidth_probes_gb_s'])}.",
         "",
         f"Greedy decode, {run['dtype']}, end tokens ignored; tokens/s = batch × (N−1) / (t(N) − t(1)), "
         f"medians of {reps}. The jaxllm rows hold the model as `jaxllm generate` does: on one CPU device, the "
@@ -235,9 +293,9 @@ def markdown(rows: list[dict], parity: dict, info: dict, run: dict, reps: int) -
             f"| {r['batch']} | {r['prompt']} | {r['new_tokens']} | {r['impl']} | {r['tokens_per_s']:.1f} | "
             f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x | {r['roofline_fraction']:.0%} |"
         )
-    lines += ["", "Roofline: steps/s × weight bytes (of the row's dtype) ÷ bandwidth, the share of the memory-bound "
-              "limit a decode step reached (above batch 1 the weights are shared by the rows, so the share falls "
-              "while tokens/s rise)."]
+    lines += ["", "Roofline: steps/s × weight bytes (of the row's dtype) ÷ the bandwidth of the weights read alone "
+              "in the same batch's rounds, the share of the memory-bound limit a decode step reached (above batch 1 "
+              "the weights are shared by the rows, so the share falls while tokens/s rise)."]
     lines += goals(rows) if run["device"] == "cpu" and run["dtype"] == "float32" else []
     bf16 = [r for r in rows if r["impl"] == BF16_ROW and r["batch"] == 1]
     if bf16:

@@ -38,7 +38,8 @@ Presets: jaxllm's shipped ones, and `smollm2-135m`: SmolLM2-135M's shape (`bench
 config: llama family, 30 layers, d_model 576, 9 heads / 3 kv heads, vocab 49152, tied), random weights.
 
 Writes `NAME.json`, `NAME.md` and `NAME.png` under `--out` (default benchmarks/results; NAME is
-`--name`, default `speed`, `speed_cuda` on a GPU: one name per machine keeps each machine's results),
+`--name`, default `speed_<cpu>` on the CPU (`speed_amd-epyc`, `speed_intel-xeon`, ...: each CPU model's
+figures in files of their own), `speed_cuda` on a GPU),
 rewritten after each preset so a run cut short keeps what it measured.
 """
 
@@ -69,7 +70,7 @@ import jaxllm
 import torch_ref
 from benchmarks.decode_speed import SETTINGS as DECODE_SETTINGS
 from benchmarks.decode_speed import decode_rates, interleaved_timings
-from benchmarks.machine import RESULTS, describe, machine_info, write_results
+from benchmarks.machine import RESULTS, cpu_model, cpu_slug, describe, machine_info, training_goal, write_results
 from jaxllm.config import Config, flops_per_token
 from jaxllm.host_memory import ENV as MALLOC_ENV
 from jaxllm.optim import make_optimizer
@@ -428,9 +429,10 @@ def goals(data: dict) -> list[str]:
         jax_tps = r["train"][JAX]["tokens_per_s"]
         if data["run"]["device"] == "cpu":
             eager = r["train"][EAGER]["tokens_per_s"]
+            least = training_goal(data["machine"]["cpu"], r["preset"])
             out.append(
-                f"- {r['preset']} training step, jaxllm >= torch_ref eager on this CPU: "
-                f"{ratio(jax_tps, eager)} ({mark(jax_tps >= eager)})"
+                f"- {r['preset']} training step, jaxllm >= {least}x torch_ref eager on this CPU: "
+                f"{ratio(jax_tps, eager)} ({mark(jax_tps >= least * eager)})"
             )
             for batch, rates in r["decode"].items():
                 best = max(rates[EAGER]["tokens_per_s"], rates[COMPILED]["tokens_per_s"])
@@ -521,7 +523,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7, help="timings per figure (median reported)")
     parser.add_argument("--decode-batches", nargs="*", type=int, default=[1, 16], help="none: no decode figures")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="trace training steps of the first preset")
-    parser.add_argument("--name", help="results file name (default: speed, or speed_cuda on a GPU)")
+    parser.add_argument("--name", help="results file name (default: speed_<cpu>, or speed_cuda on a GPU)")
     parser.add_argument("--under-load", action="store_true",
                         help="time at once, not waiting for quiet cores (the results say so)")  # fmt: skip
     parser.add_argument("--out", type=Path, help="folder for the results files (default: benchmarks/results)")
@@ -546,7 +548,7 @@ def main() -> None:
         "under_load": args.under_load,
     }  # fmt: skip
     data = {"machine": info, "run": run, "presets": [], "errors": []}
-    name = args.name or ("speed" if args.device == "cpu" else "speed_cuda")
+    name = args.name or (f"speed_{cpu_slug(cpu_model())}" if args.device == "cpu" else "speed_cuda")
     out = args.out or (None if args.quick else RESULTS)
     done: list[dict] = []
 

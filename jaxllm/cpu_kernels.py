@@ -1,11 +1,13 @@
 """jaxllm's own CPU kernels (`jaxllm/kernels/*.cc`, XLA FFI custom calls): their build, cache and gates.
 
-Three kernels serve where XLA's generic code leaves time on the table on the CPU:
+Three kernels serve where XLA's generic code leaves time on the table on the CPU, and a fourth measures:
 - `few_row_matmul`: a decode step's matmuls of a few rows (one per sequence), each weight read once;
 - `decode_attention`: a decode step's attention, reading only the visible cache entries and updating
   the cache in place;
 - `causal_attention`: a training window's attention, forward and backward, without materialising the
-  (B, N, T, T) scores.
+  (B, N, T, T) scores;
+- `stream_sum`: the sum of an array read on every kernel thread, the memory read-bandwidth probe of the
+  decode benchmarks' roofline.
 
 The sources build into one library, compiled on first use with the host's C++ compiler (`$CXX`, else
 `g++`; a few seconds) for this CPU (`-march=native`) and cached in `~/.cache/jaxllm/kernels`
@@ -40,7 +42,7 @@ import jax
 log = logging.getLogger(__name__)
 
 FOLDER = Path(__file__).parent / "kernels"
-SOURCES = (FOLDER / "few_row_matmul.cc", FOLDER / "decode_attention.cc", FOLDER / "causal_attention.cc")
+SOURCES = tuple(FOLDER / f"{n}.cc" for n in ("few_row_matmul", "decode_attention", "causal_attention", "stream_sum"))
 HEADERS = (FOLDER / "cpu_kernels.h",)
 SWITCH = "JAXLLM_CPU_KERNELS"
 

@@ -7,6 +7,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxllm import cpu_kernels, few_row_matmul
@@ -71,3 +72,26 @@ def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
         assert cpu_kernels.library() is None
     finally:
         cpu_kernels.library.cache_clear()
+
+
+@pytest.mark.parametrize("n", [0, 1, 63, 65, 1 << 16, (1 << 16) + 7, 3 * (1 << 16) + 100])
+def test_stream_sum_adds_every_element_once(n: int) -> None:
+    # The bandwidth probe's kernel: blocks split over the threads, tails within and after the blocks.
+    if cpu_kernels.library() is None:
+        pytest.skip("jaxllm's CPU kernels are not built here")
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32) + 0.5
+    call = jax.ffi.ffi_call(cpu_kernels.target("StreamSumF32"), jax.ShapeDtypeStruct((), jnp.float32))
+    got = float(jax.jit(call)(jnp.asarray(x)))
+    assert got == pytest.approx(float(x.astype(np.float64).sum()), rel=1e-5, abs=1e-4)
+
+
+def test_bandwidth_probes_report_both_reads_and_the_faster_counts() -> None:
+    from benchmarks.real_model import describe_bandwidth, memory_bandwidth, read_bandwidth
+
+    rates = memory_bandwidth(mb=8, reps=2)
+    want = {"jax_sum", "kernel_read"} if cpu_kernels.library() is not None else {"jax_sum"}
+    assert set(rates) == want and all(v > 1e8 for v in rates.values())
+    assert read_bandwidth(rates) == max(rates.values())
+    assert describe_bandwidth({"jax_sum": 41.6, "kernel_read": 78.0}) == (
+        "41.6 GB/s (a jitted JAX sum) and 78.0 GB/s (jaxllm's stream_sum kernel)"
+    )
