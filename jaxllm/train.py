@@ -409,14 +409,26 @@ def _restore_newest(
     return step, restored
 
 
+class AbandonedReadFilter(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for an orbax array read (its task is
+    `_read_array_index_and_device_put`): logged, with a traceback, when a read that failed after another
+    one ended the restore is collected. Every other asyncio record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Task exception was never retrieved") and "read_array" in message)
+
+
 def _quiet_abandoned_reads() -> None:
     """Drop the reports of orbax's array reads abandoned when a corrupted checkpoint failed to restore:
-    "Exception ignored in <coroutine …>" when the coroutines are collected, and "RuntimeError: Event
+    "Exception ignored in <coroutine …>" when the coroutines are collected, asyncio's "Task exception
+    was never retrieved" for the reads that failed too (`AbandonedReadFilter`), and "RuntimeError: Event
     loop is closed" tracebacks when a read finishes later and its callback finds orbax's event loop
     closed (printed through `sys.excepthook`). Any other exception is reported as before."""
     hook = sys.unraisablehook
     if getattr(hook, "jaxllm_quiet_reads", False):
         return
+    logging.getLogger("asyncio").addFilter(AbandonedReadFilter())
 
     def unraisablehook(u: Any) -> None:
         name = getattr(u.object, "__qualname__", "") or getattr(getattr(u.object, "cr_code", None), "co_name", "")
