@@ -48,7 +48,7 @@ import torch
 
 import jaxllm
 from benchmarks.decode_speed import decode_rates, hf_runner
-from benchmarks.machine import cpu_model, cpu_slug, describe, machine_info, write_results
+from benchmarks.machine import cpu_slug, describe, machine_info, write_results
 from jaxllm import cpu_kernels, decode_layout
 from jaxllm.checkpoint import with_dtype
 
@@ -99,13 +99,12 @@ def read_bandwidth(rates: dict[str, float]) -> float:
     return max(rates.values())
 
 
-def read_runner(nbytes: int, rates: dict[str, float]) -> Callable[[int], Callable[[], object]]:
+def read_runner(nbytes: int, read: Callable[[jax.Array], jax.Array]) -> Callable[[int], Callable[[], object]]:
     """For `decode_rates`: a "decode" of n tokens that only reads `nbytes` of float32, n - 1 times, with
-    the faster reader in `rates`. Timed in the same rounds as the implementations, its steps/s x nbytes
+    `read` (one of `readers()`). Timed in the same rounds as the implementations, its steps/s x nbytes
     is the read bandwidth at the same moments, the roofline's denominator: other tenants' load moved a
     2-core AMD EPYC's bandwidth between 41 and 86 GB/s within one hour."""
     x = jnp.ones((nbytes // 4,), jnp.float32)
-    read = readers()[max(rates, key=rates.get)]
 
     def make(n: int) -> Callable[[], object]:
         def run() -> object:
@@ -207,6 +206,7 @@ def main() -> None:
 
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     probes = memory_bandwidth()
+    reader = max(probes, key=probes.get)  # the faster one reads the weights for the roofline
     # as `jaxllm generate` and `serve` hold a model: Dense kernels in the decode kernel's strips layout
     run_cfg, run_params = with_dtype(cfg, params, args.dtype)
     models = {"jaxllm": decode_layout.prepare(run_cfg, run_params)}
@@ -227,7 +227,7 @@ def main() -> None:
             for name, m in models.items()
         }
         runners["transformers"] = hf_runner(hf, np.array(prompts), args.device)
-        runners[READ] = read_runner(weight_bytes, probes)
+        runners[READ] = read_runner(weight_bytes, readers()[reader])
         rates = decode_rates(runners, batch, new, reps, quiet=quiet)
         bandwidth = rates.pop(READ)["tokens_per_s"] / batch * weight_bytes
         bandwidths[batch] = bandwidth / 1e9
@@ -240,14 +240,14 @@ def main() -> None:
                   f"({fraction:.0%} of the memory roofline)", flush=True)  # fmt: skip
         print(f"batch {batch:2d} the weights read alone: {bandwidth / 1e9:.1f} GB/s", flush=True)
     run = {"load_average_at_end": round(os.getloadavg()[0], 2), "read_gb_s_by_batch": bandwidths,
-           "reader": max(probes, key=probes.get),
+           "reader": reader,
            "bandwidth_probes_gb_s": {k: v / 1e9 for k, v in probes.items()},
            "weight_bytes": weight_bytes, "device": args.device, "dtype": args.dtype, "under_load": args.under_load,
            "command": " ".join(["python -m benchmarks.real_model", *sys.argv[1:]]), **facts}  # fmt: skip
     if args.quick:
         return
     real_cpu = args.device == "cpu" and not args.random
-    name = args.name or (f"real_model_{cpu_slug(cpu_model())}" if real_cpu else f"real_model_{args.device}")
+    name = args.name or (f"real_model_{cpu_slug(info['cpu'])}" if real_cpu else f"real_model_{args.device}")
     md = markdown(rows, parity, info, run, reps)
     data = {"machine": info, "run": run, "parity": parity, "reps": reps, "rows": rows}
     write_results(name, data, md, **({"out_dir": args.out} if args.out else {}))

@@ -70,7 +70,7 @@ import jaxllm
 import torch_ref
 from benchmarks.decode_speed import SETTINGS as DECODE_SETTINGS
 from benchmarks.decode_speed import decode_rates, interleaved_timings
-from benchmarks.machine import RESULTS, cpu_model, cpu_slug, describe, machine_info, training_goal, write_results
+from benchmarks.machine import RESULTS, cpu_slug, describe, machine_info, training_goal, write_results
 from jaxllm.config import Config, flops_per_token
 from jaxllm.host_memory import ENV as MALLOC_ENV
 from jaxllm.optim import make_optimizer
@@ -548,7 +548,7 @@ def main() -> None:
         "under_load": args.under_load,
     }  # fmt: skip
     data = {"machine": info, "run": run, "presets": [], "errors": []}
-    name = args.name or (f"speed_{cpu_slug(cpu_model())}" if args.device == "cpu" else "speed_cuda")
+    name = args.name or (f"speed_{cpu_slug(info['cpu'])}" if args.device == "cpu" else "speed_cuda")
     out = args.out or (None if args.quick else RESULTS)
     done: list[dict] = []
 
