@@ -13,6 +13,7 @@ import gc
 import inspect
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -369,15 +370,16 @@ def _restore_newest(
     args = ocp.args.Composite(state=ocp.args.StandardRestore(target), loader=ocp.args.JsonRestore(), **base)
     absl_logger = logging.getLogger("absl")
     for step in steps:
-        # Orbax logs each failure at length, and the reads still pending when one fails end as "Exception
-        # ignored in <coroutine…>" tracebacks (when they are collected): both are silenced; one line is said below.
+        # Orbax logs each failure at length, and the reads still pending when one fails end as tracebacks
+        # (when they are collected, or when they finish after orbax closed its event loop, in tensorstore's
+        # threads at any moment): all are silenced, from before the restore starts; one line is said below.
         level = absl_logger.level
         absl_logger.setLevel(logging.CRITICAL)
+        _quiet_abandoned_reads(run_dir / "checkpoints" / str(step))
         try:
             restored, why = manager.restore(step, args=args), ""
         except Exception as err:  # a corrupted checkpoint fails in many ways (tensorstore, JSON, missing files)
             restored, why = None, f"{type(err).__name__}: {_first_line(err)}"
-            _quiet_abandoned_reads()
             gc.collect()
         finally:
             absl_logger.setLevel(level)
@@ -410,29 +412,61 @@ def _restore_newest(
 
 
 class AbandonedReadFilter(logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" for an orbax array read (its task is
-    `_read_array_index_and_device_put`): logged, with a traceback, when a read that failed after another
-    one ended the restore is collected. Every other asyncio record passes."""
+    """Drops asyncio's "… exception was never retrieved" records for orbax's reads of a checkpoint that
+    failed to restore: logged, with a traceback, when the futures of the reads that failed after another
+    one ended the restore are collected. They are tasks (an array read, `_read_array_index_and_device_put`,
+    or a whole array's restore, `async_deserialize`), gathering futures, and tensorstore's own futures;
+    each one's exception was raised through orbax's checkpoint code or names the checkpoint's directory
+    (tensorstore's errors carry no traceback). Every other asyncio record passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checkpoints: set[str] = set()  # the directories of checkpoints that failed to restore
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith("Task exception was never retrieved") and "read_array" in message)
+        if "exception was never retrieved" not in message.split("\n")[0]:
+            return True
+        err = record.exc_info[1] if record.exc_info else None
+        names_checkpoint = any(c in message or c in str(err) for c in self.checkpoints)
+        return not (names_checkpoint or _raised_in_orbax(err))
 
 
-def _quiet_abandoned_reads() -> None:
-    """Drop the reports of orbax's array reads abandoned when a corrupted checkpoint failed to restore:
-    "Exception ignored in <coroutine …>" when the coroutines are collected, asyncio's "Task exception
-    was never retrieved" for the reads that failed too (`AbandonedReadFilter`), and "RuntimeError: Event
-    loop is closed" tracebacks when a read finishes later and its callback finds orbax's event loop
-    closed (printed through `sys.excepthook`). Any other exception is reported as before."""
+def _raised_in_orbax(err: BaseException | None) -> bool:
+    """Whether `err`'s traceback passes through orbax's checkpoint package."""
+    tb = err.__traceback__ if err is not None else None
+    while tb is not None:
+        if "orbax/checkpoint/" in Path(tb.tb_frame.f_code.co_filename).as_posix():
+            return True
+        tb = tb.tb_next
+    return False
+
+
+_ABANDONED_READS = AbandonedReadFilter()
+
+
+def _quiet_abandoned_reads(checkpoint: Path | None = None) -> None:
+    """Drop the reports of orbax's reads abandoned if `checkpoint` fails to restore: "Exception ignored
+    in <coroutine …>" when the coroutines are collected, asyncio's "… exception was never retrieved" for
+    the reads that failed too (`AbandonedReadFilter`), and "RuntimeError: Event loop is closed"
+    tracebacks when a read finishes later and its callback finds orbax's event loop closed (printed
+    through `sys.excepthook`). Any other exception is reported as before."""
+    if checkpoint is not None:
+        _ABANDONED_READS.checkpoints.update({str(checkpoint), str(checkpoint.resolve())})
     hook = sys.unraisablehook
     if getattr(hook, "jaxllm_quiet_reads", False):
         return
-    logging.getLogger("asyncio").addFilter(AbandonedReadFilter())
+    logging.getLogger("asyncio").addFilter(_ABANDONED_READS)
+    warnings.filterwarnings(
+        "ignore", r"coroutine '(_read_array_index_and_device_put|async_deserialize)' was never awaited", RuntimeWarning
+    )
 
     def unraisablehook(u: Any) -> None:
-        name = getattr(u.object, "__qualname__", "") or getattr(getattr(u.object, "cr_code", None), "co_name", "")
-        if not (inspect.iscoroutine(u.object) and "read_array" in name) and not _closed_loop_error(u.exc_value):
+        code = getattr(u.object, "cr_code", None)
+        name = getattr(u.object, "__qualname__", "") or getattr(code, "co_name", "")
+        in_orbax = "orbax/checkpoint/" in Path(getattr(code, "co_filename", "")).as_posix()
+        abandoned = inspect.iscoroutine(u.object) and ("read_array" in name or in_orbax)
+        if not abandoned and not _closed_loop_error(u.exc_value):
             hook(u)
 
     excepthook = sys.excepthook

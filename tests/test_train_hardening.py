@@ -69,35 +69,50 @@ CORRUPTIONS = {
 
 
 def test_abandoned_orbax_reads_are_not_logged_but_other_task_errors_are(caplog):
-    # When one read of a corrupted checkpoint fails, orbax's other failed reads end as tasks whose
-    # exception nobody retrieved: asyncio logs each with a traceback when it is collected (seen once in
-    # the fallback test above). Those are dropped; any other task's error still reaches the log.
+    # When one read of a corrupted checkpoint fails, orbax's other failed reads end as futures whose
+    # exception nobody retrieved: asyncio logs each with a traceback when it is collected (seen in the
+    # fallback test above). They are tasks (one array read, one array's restore), gathering futures and
+    # tensorstore's futures, whose errors carry no traceback but name the checkpoint. All are dropped; any
+    # other future's error still reaches the log.
     import asyncio
     import gc
     import logging
 
     from jaxllm.train import AbandonedReadFilter
 
-    async def _read_array_index_and_device_put():
-        raise ValueError("abandoned read")
+    # One array read and one array's restore: coroutines defined in orbax's serialization module.
+    orbax = {}
+    source = (
+        "async def _read_array_index_and_device_put():\n    raise ValueError('abandoned read')\n"
+        "async def async_deserialize():\n    raise ValueError('abandoned restore')\n"
+    )
+    exec(compile(source, "/site-packages/orbax/checkpoint/_src/serialization/serialization.py", "exec"), orbax)
 
     async def other_work():
         raise ValueError("another task's error")
 
     logger, quiet = logging.getLogger("asyncio"), AbandonedReadFilter()
+    quiet.checkpoints.add("/runs/a/checkpoints/30")
     logger.addFilter(quiet)
     try:
         with caplog.at_level(logging.ERROR, logger="asyncio"):
             loop = asyncio.new_event_loop()
-            tasks = [loop.create_task(_read_array_index_and_device_put()), loop.create_task(other_work())]
+            coros = [orbax["_read_array_index_and_device_put"](), orbax["async_deserialize"](), other_work()]
+            futures = [loop.create_task(coro) for coro in coros]
+            futures.append(asyncio.gather(loop.create_task(orbax["async_deserialize"]())))  # a gathering future
+            for text in ["OUT_OF_RANGE: Error reading in '/runs/a/checkpoints/30/state/'", "another future's error"]:
+                futures.append(loop.create_future())  # as tensorstore's futures end: an error with no traceback
+                futures[-1].set_exception(ValueError(text))
             loop.run_until_complete(asyncio.sleep(0.01))
             loop.close()
-            del tasks
+            del futures, coros
             gc.collect()
     finally:
         logger.removeFilter(quiet)
-    assert "another task's error" in caplog.text
+    assert "another task's error" in caplog.text and "another future's error" in caplog.text
     assert "abandoned read" not in caplog.text and "_read_array_index_and_device_put" not in caplog.text
+    assert "abandoned restore" not in caplog.text and "async_deserialize" not in caplog.text
+    assert "/runs/a/checkpoints/30" not in caplog.text
 
 
 @pytest.mark.parametrize("kind", list(CORRUPTIONS))
