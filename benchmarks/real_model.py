@@ -20,6 +20,8 @@ measured at `highest` matmul precision (no TF32), decode in `--dtype`.
   transformers (`--no-bf16-row`: not). `--xla-row` adds "jaxllm,
   XLA ops": `model.few_row_matmul=xla` and `model.decode_attention=xla`, decode without jaxllm's CPU
   kernels (XLA's dots and attention).
+- Prefill: time to first token at a `--prefill-tokens` prompt (default 512: the chat prompt's tokens
+  repeated), batch 1, each implementation asked for one new token, interleaved timings.
 - Roofline: a decode step reads every weight once, so steps/s x weight bytes (of that row's
   dtype) / memory bandwidth is the fraction of the memory-bound limit reached. The bandwidth is timed
   in the same rounds as the decodes (`read_runner`: the weights' bytes read alone, by the faster of a
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -47,7 +50,7 @@ import numpy as np
 import torch
 
 import jaxllm
-from benchmarks.decode_speed import decode_rates, hf_runner
+from benchmarks.decode_speed import decode_rates, hf_runner, interleaved_timings
 from benchmarks.machine import cpu_slug, describe, machine_info, write_results
 from jaxllm import cpu_kernels, decode_layout
 from jaxllm.checkpoint import with_dtype
@@ -179,6 +182,8 @@ def main() -> None:
                         help="decode dtype (bfloat16: weights and computation, both libraries)")  # fmt: skip
     parser.add_argument("--no-bf16-row", action="store_true", help="no 'jaxllm, bfloat16 weights' row")
     parser.add_argument("--xla-row", action="store_true", help="add a 'jaxllm, XLA ops' row (no CPU kernels)")
+    parser.add_argument("--prefill-tokens", type=int, default=512,
+                        help="prompt length of the time-to-first-token table (0: none)")  # fmt: skip
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 repetitions, 8 new tokens, no files")
     parser.add_argument("--name", help="results file name (default real_model_<cpu>; real_model_DEVICE with --random)")
@@ -239,7 +244,11 @@ def main() -> None:
             print(f"batch {batch:2d} {name:24s} {r['tokens_per_s']:8.1f} tokens/s "
                   f"({fraction:.0%} of the memory roofline)", flush=True)  # fmt: skip
         print(f"batch {batch:2d} the weights read alone: {bandwidth / 1e9:.1f} GB/s", flush=True)
+    prefill = {}
+    if args.prefill_tokens:
+        prefill = first_token_times(models, hf, ids, args.prefill_tokens, args.device, reps, quiet)
     run = {"load_average_at_end": round(os.getloadavg()[0], 2), "read_gb_s_by_batch": bandwidths,
+           "prefill_tokens": args.prefill_tokens, "first_token_s": prefill,
            "reader": reader,
            "bandwidth_probes_gb_s": {k: v / 1e9 for k, v in probes.items()},
            "weight_bytes": weight_bytes, "device": args.device, "dtype": args.dtype, "under_load": args.under_load,
@@ -252,6 +261,22 @@ def main() -> None:
     data = {"machine": info, "run": run, "parity": parity, "reps": reps, "rows": rows}
     write_results(name, data, md, **({"out_dir": args.out} if args.out else {}))
     print(md)
+
+
+def first_token_times(models: dict, hf, ids: list[int], tokens: int, device: str, reps: int, quiet: bool) -> dict:
+    """{implementation: median seconds to the first token of a `tokens`-long prompt (the chat prompt's ids
+    repeated), batch 1}: a prefill and one sample each, timed in interleaved rounds."""
+    prompt = (ids * (tokens // len(ids) + 1))[:tokens]
+    calls = {
+        name: lambda m=m: jax.block_until_ready(jaxllm.generate(*m, [prompt], max_new_tokens=1))
+        for name, m in models.items()
+    }
+    calls["transformers"] = hf_runner(hf, np.array([prompt]), device)(1)
+    times, _ = interleaved_timings(calls, reps, quiet)
+    out = {name: statistics.median(t) for name, t in times.items()}
+    for name, t in out.items():
+        print(f"first token of a {tokens}-token prompt: {name:24s} {t * 1e3:8.1f} ms", flush=True)
+    return out
 
 
 def markdown(rows: list[dict], parity: dict, info: dict, run: dict, reps: int) -> str:
@@ -296,6 +321,12 @@ def markdown(rows: list[dict], parity: dict, info: dict, run: dict, reps: int) -
     lines += ["", "Roofline: steps/s × weight bytes (of the row's dtype) ÷ the bandwidth of the weights read alone "
               "in the same batch's rounds, the share of the memory-bound limit a decode step reached (above batch 1 "
               "the weights are shared by the rows, so the share falls while tokens/s rise)."]
+    if run.get("first_token_s"):
+        first, hf_first = run["first_token_s"], run["first_token_s"]["transformers"]
+        lines += ["", f"Time to first token at a {run['prefill_tokens']}-token prompt (batch 1; a prefill and one "
+                  f"sample; medians of {reps}, in interleaved rounds):", "",
+                  "| implementation | first token | vs transformers |", "|---|---:|---:|"]
+        lines += [f"| {name} | {t * 1e3:.0f} ms | {hf_first / t:.2f}x |" for name, t in first.items()]
     lines += goals(rows) if run["device"] == "cpu" and run["dtype"] == "float32" else []
     bf16 = [r for r in rows if r["impl"] == BF16_ROW and r["batch"] == 1]
     if bf16:

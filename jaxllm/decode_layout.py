@@ -5,8 +5,8 @@ kernel in strips of S columns (64 bytes: 16 float32 or 32 bfloat16); stored as t
 rows lie N * 4 bytes apart, so its reads jump to a new page every row and the hardware prefetchers
 cannot follow them. `prepare` copies each Dense kernel with a multiple of S outputs into (N/S, K, S),
 every strip one contiguous block, on huge pages where the OS grants them (`madvise`), and sets
-`model.kernel_layout="strips"`, which the model's Dense layers read (prefill chunks unpack the strips
-in the graph for XLA's dot).
+`model.kernel_layout="strips"`, which the model's Dense layers read (decode steps and prefill chunks
+alike: the kernel takes any number of rows in this layout).
 
 `jaxllm generate` and `jaxllm serve` call it on the CPU. It returns its input unchanged where the
 kernel is not used: another backend, a sharded model, `model.few_row_matmul=xla`, scanned layers,

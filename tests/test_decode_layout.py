@@ -35,7 +35,7 @@ def _hlo(fn, *args) -> str:
 @pytest.mark.parametrize(
     ("m", "k", "n"),
     # one tile of rows; several tiles taking turns over blocks of 64 rows of W (31 and 32 float32
-    # rows, over 14 bfloat16 ones), with a last partial block
+    # rows, over 14 bfloat16 ones), with a last partial block; from 8 float32 rows on, strips in pairs
     [
         (1, 576, 1536),
         (1, 37, 64),
@@ -58,10 +58,22 @@ def test_strips_kernel_sums_match_float64(m: int, k: int, n: int, w_dtype: str, 
     want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
     assert got.shape == (m, n) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.sqrt(k) * np.abs(want).max())
-    # more rows than the kernel takes, or the kernel off: XLA's dot on the strips unpacked in the graph
-    x_many = jnp.tile(x, (few_row_matmul.MAX_ROWS // m + 1, 1))
-    assert "FewRowMatmulStrips" not in _hlo(mm, x_many, w_SKC)
-    np.testing.assert_allclose(np.asarray(jax.jit(mm)(x_many, w_SKC))[:m], want, rtol=1e-5, atol=1e-4)
+    # a prefill's rows (beyond the few-row kernels' MAX_ROWS): the same loop, every row as exact
+    x_many = jnp.tile(x, (few_row_matmul.MAX_ROWS // m + 2, 1))
+    assert 'custom_call_target="FewRowMatmulStrips' in _hlo(mm, x_many, w_SKC)
+    got_many = np.asarray(jax.jit(mm)(x_many, w_SKC)).reshape(-1, m, n)
+    want_many = np.broadcast_to(want, got_many.shape)
+    np.testing.assert_allclose(got_many, want_many, rtol=0, atol=2e-6 * np.sqrt(k) * np.abs(want).max())
+    # the kernel off: XLA's dot on the strips unpacked in the graph
+    off = lambda x, w_SKC: few_row_matmul.matmul_strips(x, w_SKC, jnp.float32, enabled=False)  # noqa: E731
+    assert "FewRowMatmulStrips" not in _hlo(off, x_many, w_SKC)
+    np.testing.assert_allclose(np.asarray(jax.jit(off)(x_many, w_SKC))[:m], want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(("m", "k", "n"), [(9, 100, 80), (16, 64, 208), (32, 70, 48)])
+def test_strips_kernel_pairs_with_an_odd_strip_left_over(m: int, k: int, n: int) -> None:
+    # float32 strips go in pairs from 8 rows on: an odd count of 16-column strips leaves one single
+    test_strips_kernel_sums_match_float64(m, k, n, "float32", 16)
 
 
 def _small_llama(**kw) -> ModelConfig:

@@ -32,3 +32,8 @@ def test_markdown_divides_by_the_same_rounds_read_and_judges_the_goals() -> None
     assert "| 1 | 37 | 64 | jaxllm | 80.0 | 3.20x | 72% |" in md
     assert "Goal: float32 batch 1 >= 70% of the memory roofline: 72% (met)." in md
     assert "Goal: float32 batch 8 >= 2x transformers: 1.90x (NOT met)." in md
+    assert "Time to first token" not in md  # no prefill timed: no table
+    run |= {"prefill_tokens": 512, "first_token_s": {"jaxllm": 0.64, "transformers": 0.8}}
+    md = rm.markdown(rows, parity, info, run, 3)
+    assert "Time to first token at a 512-token prompt" in md
+    assert "| jaxllm | 640 ms | 1.25x |" in md and "| transformers | 800 ms | 1.00x |" in md

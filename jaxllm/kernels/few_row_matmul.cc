@@ -18,7 +18,12 @@
 //                feeds every row as it arrives (benchmarks/decode_matmul.py). One row keeps four
 //                sums per vector (k mod 4): with one, each FMA waited on the last and capped the read
 //                at about 115 GB/s on two AMD EPYC cores (151 with four, weights in cache), close
-//                to what the memory gives when other tenants are quiet (80-86 GB/s).
+//                to what the memory gives when other tenants are quiet (80-86 GB/s). From 8 float32
+//                rows on, a tile of up to 14 rows walks two neighbouring strips at once (two
+//                streams), so each x value loaded feeds two FMAs: a strip is a GEMM's packed panel,
+//                and the loop then runs at 480-500 GFLOP/s from 64 to 512 rows on two AMD EPYC
+//                cores (one strip at a time: 290-360), level with or ahead of XLA's dot on the
+//                dense kernel, so prefills use it too.
 //
 // Columns are split over the kernels' helper threads (cpu_kernels.h: parallel_for).
 //
@@ -41,6 +46,7 @@ constexpr int kPrefetchRows = 16;  // kn: how many rows of W ahead to prefetch
 constexpr int kStripTileRows[3] = {0, 30, 14};
 constexpr int kStripPrefetchRows = 64;  // strips: how many rows of the strip ahead to prefetch (4 KiB)
 constexpr int64_t kStripBlock = 64;     // strips: rows of W per turn when the rows take several tiles
+constexpr int64_t kPairRows = 8;        // strips, float32: from this many rows on, two strips per tile
 
 // kn: y[0:MB, 0:16*NV] (row stride ldy) for W (K, row stride ldw), from x (MB, K).
 template <int MB, int NV, bool kPrefetch, typename W>
@@ -185,12 +191,18 @@ void nk_columns(const float* x, int64_t M, int64_t K, const W* w, int64_t N, flo
   }
 }
 
-// Strips: y[0:R, 0:16 NV] (+)= x[0:R, 0:kb] (rows ldx apart) times kb rows of one strip (16 NV
-// columns, rows 16 NV apart). R rows x NV vectors of sums stay in registers, so each W vector
-// loaded feeds R FMAs at once, and a tile's reads stream through the strip.
-template <int R, int NV, bool kPrefetch, typename W>
-void strip_tile(const float* x, int64_t ldx, int64_t kb, const W* w, float* y, int64_t ldy, bool accumulate) {
-  if constexpr (R == 1) {  // one row: 4 sums per vector, so the FMAs' latency never limits the read rate
+// Strips: y[0:R, 0:16 NV] (+)= x[0:R, 0:kb] (rows ldx apart) times kb rows of W, 16 NV columns. R rows
+// x NV vectors of sums stay in registers, so each W vector loaded feeds R FMAs at once, and a tile's
+// reads stream through the strip. The NV vectors of a row of W are one strip's row (kApart false: rows
+// 16 NV apart), or the same row of NV neighbouring 16-column strips, each a stream of its own (kApart:
+// rows 16 apart, strips `apart` elements apart), which lets float32's narrow strips feed two vectors
+// of sums per x value loaded when there are enough rows to pay for it.
+template <int R, int NV, bool kPrefetch, bool kApart, typename W>
+void strip_tile(const float* x, int64_t ldx, int64_t kb, const W* w, int64_t apart, float* y, int64_t ldy,
+                bool accumulate) {
+  constexpr int64_t kRowStep = kApart ? 16 : 16 * NV;  // elements from one row of W to the next
+  const int64_t vec = kApart ? apart : 16;             // elements from one vector of a row to the next
+  if constexpr (R == 1 && !kApart) {  // one row: 4 sums per vector, so the FMAs' latency never limits the read rate
     v16 acc[4][NV] = {};
     int64_t k = 0;
     for (; k + 4 <= kb; k += 4, w += 64 * NV)
@@ -207,12 +219,16 @@ void strip_tile(const float* x, int64_t ldx, int64_t kb, const W* w, float* y, i
 #pragma GCC unroll 32
   for (int m = 0; m < R; ++m)
     for (int j = 0; j < NV; ++j) acc[m][j] = accumulate ? load(y + m * ldy + 16 * j) : v16{};
-  for (int64_t k = 0; k < kb; ++k, w += 16 * NV) {
+  for (int64_t k = 0; k < kb; ++k, w += kRowStep) {
     v16 wv[NV];
-    for (int j = 0; j < NV; ++j) wv[j] = load(w + 16 * j);
-    if (kPrefetch)
-      for (int b = 0; b < 16 * NV * int(sizeof(W)); b += 64)
-        __builtin_prefetch(reinterpret_cast<const char*>(w + kStripPrefetchRows * 16 * NV) + b);
+    for (int j = 0; j < NV; ++j) wv[j] = load(w + j * vec);
+    if (kPrefetch) {
+      if constexpr (kApart)
+        for (int j = 0; j < NV; ++j) __builtin_prefetch(w + j * vec + kStripPrefetchRows * kRowStep);
+      else
+        for (int b = 0; b < 16 * NV * int(sizeof(W)); b += 64)
+          __builtin_prefetch(reinterpret_cast<const char*>(w + kStripPrefetchRows * kRowStep) + b);
+    }
 #pragma GCC unroll 32
     for (int m = 0; m < R; ++m) {
       float xv = x[m * ldx + k];
@@ -224,36 +240,49 @@ void strip_tile(const float* x, int64_t ldx, int64_t kb, const W* w, float* y, i
     for (int j = 0; j < NV; ++j) store(y + m * ldy + 16 * j, acc[m][j]);
 }
 
-template <int NV, typename W>
-using StripTile = void (*)(const float*, int64_t, int64_t, const W*, float*, int64_t, bool);
+template <typename W>
+using StripTile = void (*)(const float*, int64_t, int64_t, const W*, int64_t, float*, int64_t, bool);
 
-// strip_tile<1..sizeof...(R), NV, kPrefetch>, indexed by rows - 1.
-template <int NV, bool kPrefetch, typename W, int... R>
-constexpr std::array<StripTile<NV, W>, sizeof...(R)> strip_tiles(std::integer_sequence<int, R...>) {
-  return {&strip_tile<R + 1, NV, kPrefetch, W>...};
+// strip_tile<1..sizeof...(R), NV, kPrefetch, kApart>, indexed by rows - 1.
+template <int NV, bool kPrefetch, bool kApart, typename W, int... R>
+constexpr std::array<StripTile<W>, sizeof...(R)> strip_tiles(std::integer_sequence<int, R...>) {
+  return {&strip_tile<R + 1, NV, kPrefetch, kApart, W>...};
 }
 
-// Strips [lo, hi) / (16 NV) of a (N / (16 NV), K, 16 NV) W. Up to kStripTileRows[NV] rows form one
-// tile that walks each strip once (every W vector feeding all the rows as it arrives: the FMAs keep
-// pace with memory instead of waiting on it); more rows split into equal tiles that take turns over
-// blocks of kStripBlock rows of W, so the block read by the first tile is still in L1 for the others.
-// One row runs without software prefetch, as it measured faster in the earlier 64-column layout.
+// Tiles of up to kStripTileRows[NV] rows over a group of columns whose vectors `tile` reads: one tile
+// walks the group once (every W vector feeding all the rows as it arrives: the FMAs keep pace with
+// memory instead of waiting on it); more rows split into equal tiles that take turns over blocks of
+// kStripBlock rows of W, so the block read by the first tile is still in L1 for the others.
 template <int NV, typename W>
-void strip_columns(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y, int64_t lo, int64_t hi) {
-  constexpr int S = 16 * NV, kMax = kStripTileRows[NV];
-  static constexpr auto prefetched = strip_tiles<NV, true, W>(std::make_integer_sequence<int, kMax>{});
-  static constexpr auto plain = strip_tiles<NV, false, W>(std::make_integer_sequence<int, kMax>{});
-  const auto& tiles = M == 1 ? plain : prefetched;
+void strip_group(const StripTile<W>* tiles, const float* x, int64_t M, int64_t K, const W* w, int64_t apart,
+                 int64_t row_step, float* y, int64_t N) {
+  constexpr int kMax = kStripTileRows[NV];
   const int64_t count = (M + kMax - 1) / kMax, rows = (M + count - 1) / count;
   const int64_t block = count == 1 ? K : kStripBlock;
-  for (int64_t n = lo; n < hi; n += S) {
-    const W* strip = w + n * K;
-    for (int64_t k0 = 0; k0 < K; k0 += block) {
-      const int64_t kb = std::min(block, K - k0);
-      for (int64_t m = 0; m < M; m += rows)
-        tiles[std::min(rows, M - m) - 1](x + m * K + k0, K, kb, strip + k0 * S, y + m * N + n, N, k0 > 0);
-    }
+  for (int64_t k0 = 0; k0 < K; k0 += block) {
+    const int64_t kb = std::min(block, K - k0);
+    for (int64_t m = 0; m < M; m += rows)
+      tiles[std::min(rows, M - m) - 1](x + m * K + k0, K, kb, w + k0 * row_step, apart, y + m * N, N, k0 > 0);
   }
+}
+
+// Strips [lo, hi) / (16 NV) of a (N / (16 NV), K, 16 NV) W, one at a time; or, for float32 W and at
+// least kPairRows rows, two neighbouring strips at a time (kApart tiles: each x value loaded feeds two
+// FMAs). One row runs without software prefetch, as it measured faster in the earlier 64-column layout.
+template <int NV, typename W>
+void strip_columns(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y, int64_t lo, int64_t hi) {
+  constexpr int S = 16 * NV;
+  constexpr auto seq = [] { return std::make_integer_sequence<int, kStripTileRows[NV]>{}; };
+  static constexpr auto prefetched = strip_tiles<NV, true, false, W>(seq());
+  static constexpr auto plain = strip_tiles<NV, false, false, W>(seq());
+  int64_t n = lo;
+  if constexpr (NV == 1 && sizeof(W) == 4) {
+    static constexpr auto pairs = strip_tiles<2, true, true, W>(std::make_integer_sequence<int, kStripTileRows[2]>{});
+    if (M >= kPairRows)
+      for (; n + 2 * S <= hi; n += 2 * S) strip_group<2>(pairs.data(), x, M, K, w + n * K, S * K, S, y + n, N);
+  }
+  const auto& tiles = M == 1 ? plain : prefetched;
+  for (; n < hi; n += S) strip_group<NV>(tiles.data(), x, M, K, w + n * K, 0, S, y + n, N);
 }
 
 template <bool kNK, typename W>
@@ -294,8 +323,9 @@ ffi::Error strips(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   const float* xp = x.typed_data();
   auto* wp = weights(w);
   float* yp = y->typed_data();
-  if (S == 16)
-    parallel_for(pool, N, S, [=](int64_t lo, int64_t hi) { strip_columns<1>(xp, M, K, wp, N, yp, lo, hi); });
+  if (S == 16)  // chunks of whole pairs of strips where strip_columns pairs them
+    parallel_for(pool, N, M >= kPairRows && sizeof(*wp) == 4 ? 2 * S : S,
+                 [=](int64_t lo, int64_t hi) { strip_columns<1>(xp, M, K, wp, N, yp, lo, hi); });
   else
     parallel_for(pool, N, S, [=](int64_t lo, int64_t hi) { strip_columns<2>(xp, M, K, wp, N, yp, lo, hi); });
   return ffi::Error::Success();
