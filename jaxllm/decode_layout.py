@@ -4,7 +4,8 @@ A decode step reads every weight once. The few-row kernel (`jaxllm.few_row_matmu
 kernel in strips of S columns (64 bytes: 16 float32 or 32 bfloat16); stored as trained, a strip's
 rows lie N * 4 bytes apart, so its reads jump to a new page every row and the hardware prefetchers
 cannot follow them. `prepare` copies each Dense kernel with a multiple of S outputs into (N/S, K, S),
-every strip one contiguous block, on huge pages where the OS grants them (`madvise`), and sets
+every strip one contiguous block, on huge pages where the OS grants them (`madvise`), as it does a tied
+`token_embed` (V, D) taken as the output head's (D, V) kernel (`jaxllm.model.embed_in_strips`), and sets
 `model.kernel_layout="strips"`, which the model's Dense layers read (decode steps and prefill chunks
 alike: the kernel takes any number of rows in this layout).
 
@@ -52,10 +53,17 @@ def prepare(cfg: ModelConfig, params: Params) -> tuple[ModelConfig, Params]:
         return cfg, params
     strips_cfg = cfg.replace(kernel_layout="strips")
     target = abstract_params(strips_cfg)
-    pairs = zip(jax.tree.leaves(params), jax.tree.leaves(target), strict=True)
-    changed = [(w, t.shape[1]) for w, t in pairs if w.shape != t.shape]  # t: (N/S, K, S)
-    packed = dict(zip((id(w) for w, _ in changed), to_strips(changed), strict=True))
+    pairs = zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(target), strict=True)
+    # t: (N/S, K, S); a tied token_embed (V, D) is the head's E^T, (D, V), in strips
+    changed = [
+        (w, w.T if _key(path) == "token_embed" else w, t.shape[1]) for (path, w), t in pairs if w.shape != t.shape
+    ]
+    packed = dict(zip((id(w) for w, _, _ in changed), to_strips([(k, n) for _, k, n in changed]), strict=True))
     return strips_cfg, jax.tree.map(lambda w: packed.get(id(w), w), params)
+
+
+def _key(path: tuple) -> str:
+    return str(getattr(path[-1], "key", path[-1]))
 
 
 def to_strips(kernels: Sequence[tuple[jax.Array, int]]) -> list[jax.Array]:

@@ -357,11 +357,17 @@ class Transformer(nn.Module):
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
         embed_init = nn.initializers.normal(cfg.init_std)
-        token_embed_VD = _param(self, "token_embed", embed_init, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
-        # The table gathered over its embed dim before the lookup, as FSDP gathers every weight before
-        # use: the lookup's gradient is then a scatter into a vocab-sharded table, which XLA partitions
-        # without replicating the batch-sharded (b, t, d) updates.
-        x_BTD = jnp.take(_constrain(token_embed_VD, ("vocab", None)), tokens_BT, axis=0)
+        strip = few_row_matmul.strip_width(cfg.param_dtype)
+        if embed_in_strips(cfg):  # jaxllm.decode_layout: the tied head's E^T as strips; the lookup gathers from them
+            shape = (cfg.vocab_size // strip, cfg.d_model, strip)
+            token_embed = _param(self, "token_embed", embed_init, shape, (None, None, None))
+            x_BTD = token_embed[tokens_BT // strip, :, tokens_BT % strip]
+        else:
+            token_embed = _param(self, "token_embed", embed_init, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
+            # The table gathered over its embed dim before the lookup, as FSDP gathers every weight before
+            # use: the lookup's gradient is then a scatter into a vocab-sharded table, which XLA partitions
+            # without replicating the batch-sharded (b, t, d) updates.
+            x_BTD = jnp.take(_constrain(token_embed, ("vocab", None)), tokens_BT, axis=0)
         if cfg.family == "gpt":
             pos_embed_TD = _param(
                 self, "pos_embed", embed_init, (cfg.context_length, cfg.d_model), ("positions", "embed")
@@ -402,7 +408,10 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             x_2d = x_BTD.reshape(-1, cfg.d_model)
             enabled = cfg.few_row_matmul == "auto"
-            logits_2d = few_row_matmul.matmul(x_2d, token_embed_VD, cfg.dtype, transposed=True, enabled=enabled)
+            if embed_in_strips(cfg):
+                logits_2d = few_row_matmul.matmul_strips(x_2d, token_embed, cfg.dtype, enabled=enabled)
+            else:
+                logits_2d = few_row_matmul.matmul(x_2d, token_embed, cfg.dtype, transposed=True, enabled=enabled)
             logits_BTV = logits_2d.reshape(*x_BTD.shape[:-1], -1)
         else:
             logits_BTV = Dense((cfg.vocab_size,), ("embed", "vocab"), False, cfg.dtype, cfg.init_std, name="lm_head")(
@@ -410,6 +419,15 @@ class Transformer(nn.Module):
             )
         logits_BTV = _constrain(logits_BTV.astype(jnp.float32), ACT_BTV)
         return logits_BTV if cache is None else (logits_BTV, new_cache)
+
+
+def embed_in_strips(cfg: ModelConfig) -> bool:
+    """Whether `token_embed` is held as strips, (V/S, D, S) (`jaxllm.decode_layout`): in the strips layout,
+    for a tied embedding whose vocabulary is a multiple of S. The output head then reads it as any Dense
+    kernel in strips (E^T: the few-row kernel's fastest form, 2-2.5x the (V, D) form's at 8 to 32 rows
+    and for bfloat16), and the lookup gathers each token's D values from it, without a second copy."""
+    strip = few_row_matmul.strip_width(cfg.param_dtype)
+    return cfg.kernel_layout == "strips" and cfg.tie_embeddings and cfg.vocab_size % strip == 0
 
 
 # Pure functional API ---------------------------------------------------------------------------

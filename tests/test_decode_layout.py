@@ -83,18 +83,20 @@ def _small_llama(**kw) -> ModelConfig:
 
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
 def test_prepared_params_give_the_same_logits_and_greedy_tokens(param_dtype: str) -> None:
-    cfg = _small_llama(param_dtype=param_dtype)
+    cfg = _small_llama(param_dtype=param_dtype, vocab_size=320)  # a multiple of 32: the tied head in strips too
     params = jaxllm.init_params(cfg, seed=3)
     strips_cfg, strips = decode_layout.prepare(cfg, params)
     assert strips_cfg == cfg.replace(kernel_layout="strips")
 
-    # every Dense kernel changed shape to (N/S, K, S) and holds the same numbers; other leaves kept
+    # every Dense kernel changed shape to (N/S, K, S) and holds the same numbers, and the tied embedding
+    # (V, D) holds its transpose, the head's (D, V) kernel; other leaves kept
     width = few_row_matmul.strip_width(param_dtype)
     flat, flat_strips = jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(strips)
     changed = 0
     for (path, w), s in zip(flat, flat_strips, strict=True):
-        if "kernel" in jax.tree_util.keystr(path):
-            w_np = np.asarray(w)
+        name = jax.tree_util.keystr(path)
+        if "kernel" in name or "token_embed" in name:
+            w_np = np.asarray(w).T if "token_embed" in name else np.asarray(w)
             k = w_np.size // (s.shape[0] * width)
             assert s.shape[2] == width
             np.testing.assert_array_equal(np.asarray(s), _strips(w_np.reshape(k, -1), width))
@@ -102,10 +104,10 @@ def test_prepared_params_give_the_same_logits_and_greedy_tokens(param_dtype: str
             changed += 1
         else:
             assert s is w
-    assert changed == 7 * cfg.n_layers
+    assert changed == 7 * cfg.n_layers + 1
 
     tokens_BT = jnp.asarray(random_tokens(cfg.vocab_size, 3, 5, seed=2), jnp.int32)  # 15 rows: the kernel
-    long_BT = jnp.asarray(random_tokens(cfg.vocab_size, 2, 40, seed=4), jnp.int32)  # 80 rows: XLA's dot
+    long_BT = jnp.asarray(random_tokens(cfg.vocab_size, 2, 40, seed=4), jnp.int32)  # 80 rows: a prefill
     for toks in (tokens_BT, long_BT):
         dense = jax.jit(lambda p, t: jaxllm.forward(cfg, p, t))(params, toks)
         got = jax.jit(lambda p, t: jaxllm.forward(strips_cfg, p, t))(strips, toks)
@@ -123,11 +125,19 @@ def test_prepare_keeps_the_dense_layout_where_the_kernel_is_not_used() -> None:
     assert decode_layout.prepare(xla_cfg, params) == (xla_cfg, params)
     with cpu_kernels.off():
         assert decode_layout.prepare(cfg, params) == (cfg, params)
-    # an output width (100) that is no multiple of 16 stays dense beside the strips of the others
+    # an output width (100) that is no multiple of 16 stays dense beside the strips of the others, as
+    # does a vocabulary (300) that is none: the (V, D) table, read by the head's nk kernel
     odd_cfg = cfg.replace(d_ff=100)
     _, odd = decode_layout.prepare(odd_cfg, jaxllm.init_params(odd_cfg, seed=0))
     mlp = odd["blocks_0"]["mlp"]
     assert mlp["up"]["kernel"].shape == (128, 100) and mlp["down"]["kernel"].shape == (8, 100, 16)
+    assert odd["token_embed"].shape == (300, 128)
+    odd_strips_cfg, odd_strips = decode_layout.prepare(odd_cfg, odd_params := jaxllm.init_params(odd_cfg, seed=0))
+    toks = jnp.asarray(random_tokens(300, 2, 5, seed=1), jnp.int32)
+    np.testing.assert_allclose(
+        np.asarray(jaxllm.forward(odd_strips_cfg, odd_strips, toks)),
+        np.asarray(jaxllm.forward(odd_cfg, odd_params, toks)), rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
 
 
 def test_the_strips_layout_is_never_saved_or_converted(tmp_path) -> None:
