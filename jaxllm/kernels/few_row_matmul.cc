@@ -30,6 +30,7 @@
 // Built on first use by jaxllm/cpu_kernels.py (g++ -O3 -march=native) into one library with the
 // other kernels of this folder.
 #include <array>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -191,37 +192,92 @@ void nk_columns(const float* x, int64_t M, int64_t K, const W* w, int64_t N, flo
   }
 }
 
+// A row of a bfloat16 strip (32 columns, 64 bytes) read as 16 32-bit lanes, lane i holding columns 2i
+// (low half) and 2i+1 (high half): a shift and a mask widen both halves in place, two plain vector
+// operations per row where widening each 16-column half with a zero-extending shuffle took two
+// shuffles, which fewer ports run. Sums are then kept for the even and the odd columns, and
+// interleaved back only when a tile stores them.
+typedef uint32_t u16_unaligned __attribute__((vector_size(64), aligned(2)));
+
+inline void load_even_odd(const uint16_t* w, v16& even, v16& odd) {
+  const u16 bits = *reinterpret_cast<const u16_unaligned*>(w);
+  const u16 lo = bits << 16, hi = bits & 0xFFFF0000u;
+  std::memcpy(&even, &lo, sizeof(even));
+  std::memcpy(&odd, &hi, sizeof(odd));
+}
+
+// y[0:32] split into its even and its odd columns.
+inline void load_split(const float* y, v16& even, v16& odd) {
+  const v16 a = load(y), b = load(y + 16);
+  even = __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  odd = __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// y[0:32] = the even and the odd columns' values, interleaved.
+inline void store_even_odd(float* y, v16 even, v16 odd) {
+  store(y, __builtin_shufflevector(even, odd, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23));
+  store(y + 16, __builtin_shufflevector(even, odd, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31));
+}
+
 // Strips: y[0:R, 0:16 NV] (+)= x[0:R, 0:kb] (rows ldx apart) times kb rows of W, 16 NV columns. R rows
 // x NV vectors of sums stay in registers, so each W vector loaded feeds R FMAs at once, and a tile's
 // reads stream through the strip. The NV vectors of a row of W are one strip's row (kApart false: rows
 // 16 NV apart), or the same row of NV neighbouring 16-column strips, each a stream of its own (kApart:
 // rows 16 apart, strips `apart` elements apart), which lets float32's narrow strips feed two vectors
-// of sums per x value loaded when there are enough rows to pay for it.
+// of sums per x value loaded when there are enough rows to pay for it. A bfloat16 strip row of 32
+// columns is widened as even and odd columns (load_even_odd).
 template <int R, int NV, bool kPrefetch, bool kApart, typename W>
 void strip_tile(const float* x, int64_t ldx, int64_t kb, const W* w, int64_t apart, float* y, int64_t ldy,
                 bool accumulate) {
+  constexpr bool kEvenOdd = sizeof(W) == 2 && NV == 2 && !kApart;
   constexpr int64_t kRowStep = kApart ? 16 : 16 * NV;  // elements from one row of W to the next
   const int64_t vec = kApart ? apart : 16;             // elements from one vector of a row to the next
+  auto load_row = [&](const W* row, v16* wv) {
+    if constexpr (kEvenOdd)
+      load_even_odd(row, wv[0], wv[1]);
+    else
+      for (int j = 0; j < NV; ++j) wv[j] = load(row + j * vec);
+  };
+  auto load_sums = [&](const float* out, v16* sums) {  // y's values, as the sums hold them
+    if constexpr (kEvenOdd)
+      load_split(out, sums[0], sums[1]);
+    else
+      for (int j = 0; j < NV; ++j) sums[j] = load(out + 16 * j);
+  };
+  auto store_sums = [&](float* out, const v16* sums) {
+    if constexpr (kEvenOdd)
+      store_even_odd(out, sums[0], sums[1]);
+    else
+      for (int j = 0; j < NV; ++j) store(out + 16 * j, sums[j]);
+  };
   if constexpr (R == 1 && !kApart) {  // one row: 4 sums per vector, so the FMAs' latency never limits the read rate
     v16 acc[4][NV] = {};
     int64_t k = 0;
     for (; k + 4 <= kb; k += 4, w += 64 * NV)
 #pragma GCC unroll 8
-      for (int u = 0; u < 4; ++u)
-        for (int j = 0; j < NV; ++j) acc[u][j] += x[k + u] * load(w + 16 * (NV * u + j));
-    for (; k < kb; ++k, w += 16 * NV)
-      for (int j = 0; j < NV; ++j) acc[0][j] += x[k] * load(w + 16 * j);
-    for (int j = 0; j < NV; ++j)
-      store(y + 16 * j, (accumulate ? load(y + 16 * j) : v16{}) + ((acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j])));
+      for (int u = 0; u < 4; ++u) {
+        v16 wv[NV];
+        load_row(w + 16 * NV * u, wv);
+        for (int j = 0; j < NV; ++j) acc[u][j] += x[k + u] * wv[j];
+      }
+    for (; k < kb; ++k, w += 16 * NV) {
+      v16 wv[NV];
+      load_row(w, wv);
+      for (int j = 0; j < NV; ++j) acc[0][j] += x[k] * wv[j];
+    }
+    v16 sums[NV] = {};
+    if (accumulate) load_sums(y, sums);
+    for (int j = 0; j < NV; ++j) sums[j] += (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]);
+    store_sums(y, sums);
     return;
   }
-  v16 acc[R][NV];
+  v16 acc[R][NV] = {};
+  if (accumulate)
 #pragma GCC unroll 32
-  for (int m = 0; m < R; ++m)
-    for (int j = 0; j < NV; ++j) acc[m][j] = accumulate ? load(y + m * ldy + 16 * j) : v16{};
+    for (int m = 0; m < R; ++m) load_sums(y + m * ldy, acc[m]);
   for (int64_t k = 0; k < kb; ++k, w += kRowStep) {
     v16 wv[NV];
-    for (int j = 0; j < NV; ++j) wv[j] = load(w + j * vec);
+    load_row(w, wv);
     if (kPrefetch) {
       if constexpr (kApart)
         for (int j = 0; j < NV; ++j) __builtin_prefetch(w + j * vec + kStripPrefetchRows * kRowStep);
@@ -236,8 +292,7 @@ void strip_tile(const float* x, int64_t ldx, int64_t kb, const W* w, int64_t apa
     }
   }
 #pragma GCC unroll 32
-  for (int m = 0; m < R; ++m)
-    for (int j = 0; j < NV; ++j) store(y + m * ldy + 16 * j, acc[m][j]);
+  for (int m = 0; m < R; ++m) store_sums(y + m * ldy, acc[m]);
 }
 
 template <typename W>
