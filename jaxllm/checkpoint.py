@@ -21,7 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 import yaml
 
-from jaxllm.config import Config, ModelConfig
+from jaxllm.config import INFERENCE_DTYPES, Config, ModelConfig
 from jaxllm.decode_layout import require_dense
 from jaxllm.errors import ConfigError, InputError
 from jaxllm.model import Params, abstract_params, to_layout, to_per_layer
@@ -186,11 +186,15 @@ def with_dtype(cfg: ModelConfig, params: Params, dtype: str | None) -> tuple[Mod
 
     Sets both `model.param_dtype` (the parameters are cast, e.g. float32 -> bfloat16: half the bytes
     a decode step reads) and `model.dtype` (activations and the KV cache); norms, softmax and the
-    logits stay float32 as always. None: unchanged.
+    logits stay float32 as always. "bfloat16-weights": bfloat16 parameters, float32 computation (on
+    the CPU the kernels read the bfloat16 weights with float32 activations, and no conversions run
+    between them). None: unchanged.
     """
     if dtype is None:
         return cfg, params
-    if dtype not in ("float32", "bfloat16"):
-        raise InputError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
-    params = jax.tree.map(lambda x: x.astype(dtype), params)
-    return cfg.replace(param_dtype=dtype, dtype=dtype), params
+    if dtype not in INFERENCE_DTYPES:
+        raise InputError(f"--dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
+    weights, compute = ("bfloat16", "float32") if dtype == "bfloat16-weights" else (dtype, dtype)
+    params = jax.tree.map(lambda x: x.astype(weights), params)
+    return cfg.replace(param_dtype=weights, dtype=compute), params
+

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from jaxllm.config import INFERENCE_DTYPES
 from jaxllm.errors import InputError, JaxllmError
 from jaxllm.interrupt import Interrupted
 
@@ -193,9 +194,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def add_dtype_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", choices=["float32", "bfloat16"],
-                   help="weights and computation in this dtype: sets model.param_dtype and model.dtype "
-                   "(default: the checkpoint's)")  # fmt: skip
+    p.add_argument("--dtype", choices=INFERENCE_DTYPES,
+                   help="weights and computation in this dtype: sets model.param_dtype and model.dtype; "
+                   "bfloat16-weights: bfloat16 weights, float32 computation (default: the checkpoint's)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,6 +31,7 @@ from pydantic import (
 
 from jaxllm.errors import ConfigError
 
+INFERENCE_DTYPES = ("float32", "bfloat16", "bfloat16-weights")  # `--dtype` of generate and serve
 
 class LinearRopeScaling(BaseModel):
     """RoPE position interpolation: every inverse frequency divided by `factor` (transformers "linear")."""

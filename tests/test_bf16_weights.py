@@ -3,10 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxllm import ModelConfig, forward, init_params, load_params
 from jaxllm.checkpoint import with_dtype
 from jaxllm.cli import main
+from jaxllm.errors import InputError
 
 PROMPT = "the cat"
 
@@ -41,9 +43,31 @@ def test_bfloat16_logits_are_close_to_float32(checkpoint):
     assert np.mean(got.argmax(-1) == ref.argmax(-1)) > 0.95
 
 
-def test_generate_with_dtype_bfloat16_streams_text(checkpoint, capsys):
+def test_bfloat16_weights_with_float32_computation(checkpoint):
+    """`--dtype bfloat16-weights`: the weights rounded to bfloat16 alone, so the logits are nearer
+    float32's than with bfloat16 computation too, and still not float32's."""
+    _, _, cfg, params = checkpoint
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (4, cfg.context_length)))
+    ref = np.asarray(forward(cfg, params, tokens))
+    cfg_w, params_w = with_dtype(cfg, params, "bfloat16-weights")
+    assert (cfg_w.param_dtype, cfg_w.dtype) == ("bfloat16", "float32")
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params_w))
+    rel_l2 = lambda got: np.linalg.norm(got - ref) / np.linalg.norm(ref)  # noqa: E731
+    weights_only = rel_l2(np.asarray(forward(cfg_w, params_w, tokens)))
+    both = rel_l2(np.asarray(forward(*with_dtype(cfg, params, "bfloat16"), tokens)))
+    assert 1e-5 < weights_only < both < 0.03
+
+
+def test_an_unknown_dtype_is_one_clear_error(checkpoint):
+    _, _, cfg, params = checkpoint
+    with pytest.raises(InputError, match="--dtype must be one of float32, bfloat16, bfloat16-weights, got 'fp8'"):
+        with_dtype(cfg, params, "fp8")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "bfloat16-weights"])
+def test_generate_with_dtype_bfloat16_streams_text(checkpoint, capsys, dtype):
     main(["generate", "--checkpoint", str(checkpoint[0]), "--prompt", PROMPT, "--max-new-tokens", "8",
-          "--temperature", "0", "--dtype", "bfloat16"])  # fmt: skip
+          "--temperature", "0", "--dtype", dtype])  # fmt: skip
     out = capsys.readouterr()
     assert out.out.startswith(PROMPT) and len(out.out) > len(PROMPT) + 1
     assert "tokens/s" in out.err
