@@ -197,4 +197,3 @@ def with_dtype(cfg: ModelConfig, params: Params, dtype: str | None) -> tuple[Mod
     weights, compute = ("bfloat16", "float32") if dtype == "bfloat16-weights" else (dtype, dtype)
     params = jax.tree.map(lambda x: x.astype(weights), params)
     return cfg.replace(param_dtype=weights, dtype=compute), params
-

@@ -56,14 +56,10 @@ def prepare(cfg: ModelConfig, params: Params) -> tuple[ModelConfig, Params]:
     pairs = zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(target), strict=True)
     # t: (N/S, K, S); a tied token_embed (V, D) is the head's E^T, (D, V), in strips
     changed = [
-        (w, w.T if _key(path) == "token_embed" else w, t.shape[1]) for (path, w), t in pairs if w.shape != t.shape
+        (w, w.T if path[-1].key == "token_embed" else w, t.shape[1]) for (path, w), t in pairs if w.shape != t.shape
     ]
     packed = dict(zip((id(w) for w, _, _ in changed), to_strips([(k, n) for _, k, n in changed]), strict=True))
     return strips_cfg, jax.tree.map(lambda w: packed.get(id(w), w), params)
-
-
-def _key(path: tuple) -> str:
-    return str(getattr(path[-1], "key", path[-1]))
 
 
 def to_strips(kernels: Sequence[tuple[jax.Array, int]]) -> list[jax.Array]:

@@ -436,10 +436,15 @@ def _raised_in_orbax(err: BaseException | None) -> bool:
     """Whether `err`'s traceback passes through orbax's checkpoint package."""
     tb = err.__traceback__ if err is not None else None
     while tb is not None:
-        if "orbax/checkpoint/" in Path(tb.tb_frame.f_code.co_filename).as_posix():
+        if _in_orbax(tb.tb_frame.f_code):
             return True
         tb = tb.tb_next
     return False
+
+
+def _in_orbax(code: Any) -> bool:
+    """Whether a code object (None: no) is orbax's checkpoint package's."""
+    return "orbax/checkpoint/" in Path(getattr(code, "co_filename", "")).as_posix()
 
 
 _ABANDONED_READS = AbandonedReadFilter()
@@ -464,8 +469,7 @@ def _quiet_abandoned_reads(checkpoint: Path | None = None) -> None:
     def unraisablehook(u: Any) -> None:
         code = getattr(u.object, "cr_code", None)
         name = getattr(u.object, "__qualname__", "") or getattr(code, "co_name", "")
-        in_orbax = "orbax/checkpoint/" in Path(getattr(code, "co_filename", "")).as_posix()
-        abandoned = inspect.iscoroutine(u.object) and ("read_array" in name or in_orbax)
+        abandoned = inspect.iscoroutine(u.object) and ("read_array" in name or _in_orbax(code))
         if not abandoned and not _closed_loop_error(u.exc_value):
             hook(u)
 

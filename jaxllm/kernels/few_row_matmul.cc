@@ -49,6 +49,13 @@ constexpr int kStripPrefetchRows = 64;  // strips: how many rows of the strip ah
 constexpr int64_t kStripBlock = 64;     // strips: rows of W per turn when the rows take several tiles
 constexpr int64_t kPairRows = 8;        // strips, float32: from this many rows on, two strips per tile
 
+// strips: whether M rows read strips of W (elements of `w_bytes`) two at a time: float32 ones (strip_columns)
+constexpr bool paired(size_t w_bytes, int64_t M) { return w_bytes == 4 && M >= kPairRows; }
+
+// strips: elements from one row of W to the next in a tile reading NV vectors a row, of one strip or
+// (kApart) of NV neighbouring 16-column strips
+constexpr int64_t row_step(int NV, bool kApart) { return kApart ? 16 : 16 * NV; }
+
 // kn: y[0:MB, 0:16*NV] (row stride ldy) for W (K, row stride ldw), from x (MB, K).
 template <int MB, int NV, bool kPrefetch, typename W>
 inline void kn_tile(const float* x, int64_t K, const W* w, int64_t ldw, float* y, int64_t ldy) {
@@ -230,7 +237,7 @@ template <int R, int NV, bool kPrefetch, bool kApart, typename W>
 void strip_tile(const float* x, int64_t ldx, int64_t kb, const W* w, int64_t apart, float* y, int64_t ldy,
                 bool accumulate) {
   constexpr bool kEvenOdd = sizeof(W) == 2 && NV == 2 && !kApart;
-  constexpr int64_t kRowStep = kApart ? 16 : 16 * NV;  // elements from one row of W to the next
+  constexpr int64_t kRowStep = row_step(NV, kApart);
   const int64_t vec = kApart ? apart : 16;             // elements from one vector of a row to the next
   auto load_row = [&](const W* row, v16* wv) {
     if constexpr (kEvenOdd)
@@ -308,16 +315,17 @@ constexpr std::array<StripTile<W>, sizeof...(R)> strip_tiles(std::integer_sequen
 // walks the group once (every W vector feeding all the rows as it arrives: the FMAs keep pace with
 // memory instead of waiting on it); more rows split into equal tiles that take turns over blocks of
 // kStripBlock rows of W, so the block read by the first tile is still in L1 for the others.
-template <int NV, typename W>
+template <int NV, bool kApart, typename W>
 void strip_group(const StripTile<W>* tiles, const float* x, int64_t M, int64_t K, const W* w, int64_t apart,
-                 int64_t row_step, float* y, int64_t N) {
+                 float* y, int64_t N) {
   constexpr int kMax = kStripTileRows[NV];
   const int64_t count = (M + kMax - 1) / kMax, rows = (M + count - 1) / count;
   const int64_t block = count == 1 ? K : kStripBlock;
   for (int64_t k0 = 0; k0 < K; k0 += block) {
     const int64_t kb = std::min(block, K - k0);
     for (int64_t m = 0; m < M; m += rows)
-      tiles[std::min(rows, M - m) - 1](x + m * K + k0, K, kb, w + k0 * row_step, apart, y + m * N, N, k0 > 0);
+      tiles[std::min(rows, M - m) - 1](x + m * K + k0, K, kb, w + k0 * row_step(NV, kApart), apart, y + m * N, N,
+                                       k0 > 0);
   }
 }
 
@@ -333,11 +341,11 @@ void strip_columns(const float* x, int64_t M, int64_t K, const W* w, int64_t N, 
   int64_t n = lo;
   if constexpr (NV == 1 && sizeof(W) == 4) {
     static constexpr auto pairs = strip_tiles<2, true, true, W>(std::make_integer_sequence<int, kStripTileRows[2]>{});
-    if (M >= kPairRows)
-      for (; n + 2 * S <= hi; n += 2 * S) strip_group<2>(pairs.data(), x, M, K, w + n * K, S * K, S, y + n, N);
+    if (paired(sizeof(W), M))
+      for (; n + 2 * S <= hi; n += 2 * S) strip_group<2, true>(pairs.data(), x, M, K, w + n * K, S * K, y + n, N);
   }
   const auto& tiles = M == 1 ? plain : prefetched;
-  for (; n < hi; n += S) strip_group<NV>(tiles.data(), x, M, K, w + n * K, 0, S, y + n, N);
+  for (; n < hi; n += S) strip_group<NV, false>(tiles.data(), x, M, K, w + n * K, 0, y + n, N);
 }
 
 template <bool kNK, typename W>
@@ -379,7 +387,7 @@ ffi::Error strips(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   auto* wp = weights(w);
   float* yp = y->typed_data();
   if (S == 16)  // chunks of whole pairs of strips where strip_columns pairs them
-    parallel_for(pool, N, M >= kPairRows && sizeof(*wp) == 4 ? 2 * S : S,
+    parallel_for(pool, N, paired(sizeof(*wp), M) ? 2 * S : S,
                  [=](int64_t lo, int64_t hi) { strip_columns<1>(xp, M, K, wp, N, yp, lo, hi); });
   else
     parallel_for(pool, N, S, [=](int64_t lo, int64_t hi) { strip_columns<2>(xp, M, K, wp, N, yp, lo, hi); });
