@@ -17,7 +17,9 @@ measured at `highest` matmul precision (no TF32), decode in `--dtype`.
   (`benchmarks.decode_speed`). jaxllm's model is held as `jaxllm generate` holds it
   (`jaxllm.decode_layout.prepare`: on one CPU device, Dense kernels in the strips layout). In a
   float32 run a third row per batch, "jaxllm, bfloat16 weights", is timed against the same float32
-  transformers (`--no-bf16-row`: not). `--xla-row` adds "jaxllm,
+  transformers (`--no-bf16-row`: not): `jaxllm generate --dtype bfloat16-weights`, bfloat16 weights with
+  float32 activations (the faster of the two bfloat16 choices on the CPU, where the kernels read
+  bfloat16 weights either way). `--xla-row` adds "jaxllm,
   XLA ops": `model.few_row_matmul=xla` and `model.decode_attention=xla`, decode without jaxllm's CPU
   kernels (XLA's dots and attention).
 - Prefill: time to first token at a `--prefill-tokens` prompt (default 512: the chat prompt's tokens
@@ -56,7 +58,7 @@ from jaxllm import cpu_kernels, decode_layout
 from jaxllm.checkpoint import with_dtype
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BF16_ROW = "jaxllm, bfloat16 weights"
+BF16_ROW = "jaxllm, bfloat16 weights"  # `--dtype bfloat16-weights`
 XLA_ROW = "jaxllm, XLA ops"  # few_row_matmul=xla, decode_attention=xla: decode without jaxllm's CPU kernels
 READ = "the weights read alone"  # the roofline's runner (`read_runner`), timed with the decodes
 READERS = {"jax_sum": "a jitted JAX sum", "kernel_read": "jaxllm's stream_sum kernel"}
@@ -218,7 +220,7 @@ def main() -> None:
     if args.xla_row:
         models[XLA_ROW] = (run_cfg.replace(few_row_matmul="xla", decode_attention="xla"), run_params)
     if args.dtype == "float32" and not args.no_bf16_row:
-        models[BF16_ROW] = decode_layout.prepare(*with_dtype(cfg, params, "bfloat16"))
+        models[BF16_ROW] = decode_layout.prepare(*with_dtype(cfg, params, "bfloat16-weights"))
     if args.dtype == "bfloat16":
         hf = hf.to(torch.bfloat16)
     rows, bandwidths = [], {}
@@ -307,7 +309,9 @@ def markdown(rows: list[dict], parity: dict, info: dict, run: dict, reps: int) -
         "",
         f"Greedy decode, {run['dtype']}, end tokens ignored; tokens/s = batch × (N−1) / (t(N) − t(1)), "
         f"medians of {reps}. The jaxllm rows hold the model as `jaxllm generate` does: on one CPU device, the "
-        "Dense kernels in the decode kernel's strips layout (`jaxllm.decode_layout`).",
+        "Dense kernels in the decode kernel's strips layout (`jaxllm.decode_layout`)."
+        + (f" \"{BF16_ROW}\": `--dtype bfloat16-weights` (bfloat16 weights, float32 activations and KV cache)."
+           if any(r["impl"] == BF16_ROW for r in rows) else ""),
         "",
         "| batch | prompt | new tokens | implementation | decode tokens/s | vs transformers | roofline |",
         "|---:|---:|---:|---|---:|---:|---:|",

@@ -33,6 +33,10 @@ def test_markdown_divides_by_the_same_rounds_read_and_judges_the_goals() -> None
     assert "Goal: float32 batch 1 >= 70% of the memory roofline: 72% (met)." in md
     assert "Goal: float32 batch 8 >= 2x transformers: 1.90x (NOT met)." in md
     assert "Time to first token" not in md  # no prefill timed: no table
+    assert "bfloat16-weights" not in md and "bfloat16 weights at batch 1" not in md  # no bfloat16 row: no line
+    md = rm.markdown([*rows, row(1, rm.BF16_ROW, 45.0, 0.4)], parity, info, run, 3)
+    assert f'"{rm.BF16_ROW}": `--dtype bfloat16-weights`' in md
+    assert "Goal: bfloat16 weights at batch 1 >= 1.5x transformers float32: 1.80x (met)." in md
     run |= {"prefill_tokens": 512, "first_token_s": {"jaxllm": 0.64, "transformers": 0.8}}
     md = rm.markdown(rows, parity, info, run, 3)
     assert "Time to first token at a 512-token prompt" in md
