@@ -95,3 +95,30 @@ def test_bandwidth_probes_report_both_reads_and_the_faster_counts() -> None:
     assert describe_bandwidth({"jax_sum": 41.6, "kernel_read": 78.0}) == (
         "41.6 GB/s (a jitted JAX sum) and 78.0 GB/s (jaxllm's stream_sum kernel)"
     )
+
+
+def test_kernel_calls_from_several_threads_at_once_stay_exact() -> None:
+    # Each call splits its work over XLA's intra-op pool (cpu_kernels.h: parallel_for); calls running
+    # at the same time, from several Python threads, must each get their own rows and columns right.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from jaxllm.decode_layout import to_strips
+
+    if cpu_kernels.library() is None:
+        pytest.skip("jaxllm's CPU kernels are not built here")
+    rng = np.random.default_rng(0)
+    w_KN = rng.standard_normal((96, 160)).astype(np.float32)
+    (w_SKC,) = to_strips([(jnp.asarray(w_KN), 96)])
+    xs = [rng.standard_normal((rows, 96)).astype(np.float32) for rows in (1, 3, 8, 9, 17, 40, 64, 100)]
+    matmul = jax.jit(lambda x: few_row_matmul.matmul_strips(x, w_SKC, jnp.float32))
+    want = [x.astype(np.float64) @ w_KN for x in xs]
+
+    def run(i: int) -> float:
+        x = xs[i % len(xs)]
+        return max(float(np.max(np.abs(np.asarray(matmul(x)) - want[i % len(xs)]))) for _ in range(20))
+
+    for x in xs:  # compile every shape first, so the threads run the kernels and not the compiler
+        matmul(x).block_until_ready()
+    with ThreadPoolExecutor(8) as pool:
+        errors = list(pool.map(run, range(32)))
+    assert max(errors) < 1e-4

@@ -13,7 +13,7 @@
 //
 // Grouped-query attention: the G = N / K query heads of kv head k are heads k*G .. k*G+G-1, and
 // read its entries once for all G. Sums, scores and the softmax are float32. The work is split by
-// (row, kv head) over the kernels' helper threads (cpu_kernels.h: parallel_for). H must be a multiple
+// (row, kv head) over XLA's intra-op thread pool (cpu_kernels.h: parallel_for). H must be a multiple
 // of 16 (jaxllm checks).
 #include <cmath>
 #include <vector>

@@ -25,7 +25,7 @@
 //                cores (one strip at a time: 290-360), level with or ahead of XLA's dot on the
 //                dense kernel, so prefills use it too.
 //
-// Columns are split over the kernels' helper threads (cpu_kernels.h: parallel_for).
+// Columns are split over XLA's intra-op thread pool (cpu_kernels.h: parallel_for).
 //
 // Built on first use by jaxllm/cpu_kernels.py (g++ -O3 -march=native) into one library with the
 // other kernels of this folder.
