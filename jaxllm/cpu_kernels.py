@@ -1,11 +1,12 @@
 """jaxllm's own CPU kernels (`jaxllm/kernels/*.cc`, XLA FFI custom calls): their build, cache and gates.
 
-Three kernels serve where XLA's generic code leaves time on the table on the CPU, and a fourth measures:
+Four kernels serve where XLA's generic code leaves time on the table on the CPU, and a fifth measures:
 - `few_row_matmul`: a decode step's matmuls of a few rows (one per sequence), each weight read once;
 - `decode_attention`: a decode step's attention, reading only the visible cache entries and updating
   the cache in place;
 - `causal_attention`: a training window's attention, forward and backward, without materialising the
   (B, N, T, T) scores;
+- `weight_grad`: a Dense layer's weight gradient in training (`x.T @ dy`, which XLA gives to Eigen);
 - `stream_sum`: the sum of an array read on every kernel thread, the memory read-bandwidth probe of the
   decode benchmarks' roofline.
 
@@ -42,7 +43,8 @@ import jax
 log = logging.getLogger(__name__)
 
 FOLDER = Path(__file__).parent / "kernels"
-SOURCES = tuple(FOLDER / f"{n}.cc" for n in ("few_row_matmul", "decode_attention", "causal_attention", "stream_sum"))
+KERNELS = ("few_row_matmul", "decode_attention", "causal_attention", "weight_grad", "stream_sum")
+SOURCES = tuple(FOLDER / f"{n}.cc" for n in KERNELS)
 HEADERS = (FOLDER / "cpu_kernels.h",)
 SWITCH = "JAXLLM_CPU_KERNELS"
 

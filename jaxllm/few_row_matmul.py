@@ -23,6 +23,10 @@ against 390-500 GFLOP/s on two AMD EPYC cores). With the kernel unusable: an XLA
 unpacked in the graph (a copy of the weights per call, which XLA does not hoist out of the prefill's
 chunk loop).
 
+Training on the CPU: a float32 matmul of more rows than `MAX_ROWS` keeps XLA's dot, but its weight
+gradient (`x.T @ dy`, which XLA hands to Eigen) runs `kernels/weight_grad.cc` (`dense`, a custom VJP;
+docs/train.md, "CPU training weight gradients").
+
 The kernel is built with the others of `jaxllm/kernels` (`jaxllm.cpu_kernels`: build, cache, and the
 shared gate, `active()`).
 """
@@ -88,6 +92,8 @@ def matmul(x_MK: jax.Array, w: jax.Array, dtype: Any, transposed: bool = False, 
     both operands are cast to it, as XLA's dot would take them; the result has it too. `enabled`
     False (`model.few_row_matmul=xla`): always XLA's dot."""
     if not (enabled and usable(x_MK.shape[0], dtype)):
+        if enabled and weight_grad_usable(x_MK, w, dtype):
+            return dense(x_MK, w, transposed)
         w_cast = w.astype(dtype)
         return x_MK.astype(dtype) @ (w_cast.T if transposed else w_cast)
     x_f32, w_in = _kernel_operands(x_MK, w, dtype)
@@ -114,3 +120,38 @@ def matmul_strips(x_MK: jax.Array, w_SKC: jax.Array, dtype: Any, enabled: bool =
     out = jax.ShapeDtypeStruct((x_MK.shape[0], s * c), jnp.float32)
     call = jax.ffi.ffi_call(cpu_kernels.target(STRIP_TARGETS[jnp.dtype(w_in.dtype).name]), out)
     return call(x_f32, w_in).astype(dtype)
+
+
+def weight_grad_usable(x_MK: jax.Array, w: jax.Array, dtype: Any) -> bool:
+    """Whether `dense` (XLA's dot forward, jaxllm's weight-gradient kernel backward) serves a matmul
+    of many rows: float32 throughout, and `cpu_kernels.active()`."""
+    f32 = jnp.float32
+    return jnp.dtype(dtype) == f32 and x_MK.dtype == f32 and w.dtype == f32 and cpu_kernels.active()
+
+
+def weight_grad(x_MK: jax.Array, dy_MN: jax.Array) -> jax.Array:
+    """x_MK.T @ dy_MN (K, N), float32, by `kernels/weight_grad.cc`: a Dense layer's weight gradient,
+    which XLA's CPU backend hands to Eigen (it splits that dot poorly over the cores)."""
+    out = jax.ShapeDtypeStruct((x_MK.shape[1], dy_MN.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call(cpu_kernels.target("WeightGradF32"), out)(x_MK, dy_MN)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense(x_MK: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
+    """x_MK @ w (or @ w.T with `transposed`: w is (N, K)) by XLA's dot, float32; its weight gradient
+    by `weight_grad` (training on the CPU; see `weight_grad_usable`)."""
+    return x_MK @ (w.T if transposed else w)
+
+
+def _dense_fwd(x_MK: jax.Array, w: jax.Array, transposed: bool) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return dense(x_MK, w, transposed), (x_MK, w)
+
+
+def _dense_bwd(transposed: bool, res: tuple[jax.Array, jax.Array], dy_MN: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x_MK, w = res
+    dx_MK = dy_MN @ (w if transposed else w.T)
+    dw = weight_grad(dy_MN, x_MK) if transposed else weight_grad(x_MK, dy_MN)
+    return dx_MK, dw
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
