@@ -38,9 +38,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxllm import cpu_kernels
 
+DENSE_OUTPUT = "few_row_matmul.dense"  # `dense`'s output, as `jax.ad_checkpoint.checkpoint_name` tags it
 MAX_ROWS = 32  # kn/nk layouts: measured faster than XLA at 1, 8 and 32 rows (benchmarks/decode_matmul.py)
 TARGETS = {  # (weight layout transposed, weight dtype) -> FFI target
     (False, "float32"): "FewRowMatmulKnF32",
@@ -92,8 +94,8 @@ def matmul(x_MK: jax.Array, w: jax.Array, dtype: Any, transposed: bool = False, 
     both operands are cast to it, as XLA's dot would take them; the result has it too. `enabled`
     False (`model.few_row_matmul=xla`): always XLA's dot."""
     if not (enabled and usable(x_MK.shape[0], dtype)):
-        if enabled and weight_grad_usable(x_MK, w, dtype):
-            return dense(x_MK, w, transposed)
+        if enabled and weight_grad_usable(x_MK, w, dtype):  # named: remat=save_dots saves it as a dot's output
+            return checkpoint_name(dense(x_MK, w, transposed), DENSE_OUTPUT)
         w_cast = w.astype(dtype)
         return x_MK.astype(dtype) @ (w_cast.T if transposed else w_cast)
     x_f32, w_in = _kernel_operands(x_MK, w, dtype)

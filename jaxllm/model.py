@@ -328,7 +328,13 @@ class Block(nn.Module):
         return _constrain(x_BTD, ACT_BTD), cache
 
 
-_REMAT_POLICIES = {"full": None, "save_dots": jax.checkpoint_policies.dots_saveable}
+_REMAT_POLICIES = {  # save_dots: XLA's dots, and the CPU training matmuls' (few_row_matmul.dense, a custom VJP)
+    "full": None,
+    "save_dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_saveable,
+        jax.checkpoint_policies.save_only_these_names(few_row_matmul.DENSE_OUTPUT),
+    ),
+}
 
 
 class Transformer(nn.Module):

@@ -98,3 +98,20 @@ def test_model_loss_and_gradients_equal_xla_dots(family: str) -> None:
     for path, g in jax.tree_util.tree_leaves_with_path(got[1]):
         h = dict(jax.tree_util.tree_leaves_with_path(want[1]))[path]
         np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-4, atol=1e-6, err_msg=str(path))
+
+
+def test_remat_save_dots_keeps_the_dense_outputs() -> None:
+    # `dense` is a custom VJP, whose dot `dots_saveable` cannot see: its output is named, and
+    # remat=save_dots saves it, so the backward pass recomputes no Dense matmul (as with remat=none).
+    batch = jnp.asarray(random_tokens(300, 3, 33), jnp.int32)
+
+    def matmuls(remat: str) -> tuple[int, int]:
+        cfg = small_llama(family="gpt", n_kv_heads=None, tie_embeddings=False, remat=remat)
+        params = jaxllm.init_params(cfg, 0)
+        loss = lambda p: jnp.mean(jaxllm.forward(cfg, p, batch[:, :-1]) ** 2)  # noqa: E731
+        text = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+        return sum(" dot(" in line for line in text.splitlines()), text.count('custom_call_target="WeightGradF32"')
+
+    none, save_dots, full = matmuls("none"), matmuls("save_dots"), matmuls("full")
+    assert none[1] == save_dots[1] == full[1] > 0
+    assert save_dots[0] == none[0] < full[0]  # full remat recomputes the forward's dots; save_dots does not
