@@ -115,7 +115,9 @@ struct Chunks {
 // between calls, shared two cores with XLA's pool threads, which spin too. On XLA's pool, alternating
 // runs on two AMD EPYC cores: the `mini` training step 23.4-24.0 -> 21.5-22.1 ms, `advanced` 782-788
 // -> 751-752 ms, SmolLM2-135M's shape 3161-3209 -> 3005 ms, a 512-token SmolLM2 prefill 626-679 ->
-// 518-576 ms; decode unchanged or faster (batch 1 80-85 -> 82-119 tokens/s, bandwidth-noisy).
+// 518-576 ms; SmolLM2 decode unchanged or faster (batch 1 80-85 -> 82-119 tokens/s, bandwidth-noisy). The
+// tiny `mini` model's batch-1 decode, whose calls take microseconds, lost (27-33k vs 34-37k tokens/s)
+// while its batch 16 gained (96-107k vs 69-72k).
 template <typename F>
 void parallel_for(ffi::ThreadPool& pool, int64_t total, int64_t align, F body, int64_t per_thread = 4) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
