@@ -6,10 +6,10 @@
 // 2,048 rows took 1.0 ms, as long as on one core, where a plain dot of the same FLOPs took 0.5 ms.
 //
 // Columns of dW are split into blocks of 32 (and those into ranges of dW's rows when there are few)
-// over XLA's intra-op pool (cpu_kernels.h: parallel_for). For each block, rows of M are taken kMBlock at a time: dy's 32 columns of those rows are copied
-// into a contiguous panel (zero-padded past N), which then stays in L1 while tiles of 8 rows of dW
-// x 32 columns (16 vectors of sums in registers) walk it, each panel row feeding 16 FMAs from 2 loads
-// and 8 broadcasts of x.
+// over XLA's intra-op pool (cpu_kernels.h: parallel_for). For each block, rows of M are taken kMBlock
+// at a time: dy's 32 columns of those rows are copied into a contiguous panel (zero-padded past N),
+// which then stays in L1 while tiles of 8 rows of dW x 32 columns (16 vectors of sums in registers)
+// walk it, each panel row feeding 16 FMAs from 2 loads and 8 broadcasts of x.
 //
 // Built on first use by jaxllm/cpu_kernels.py (g++ -O3 -march=native) into one library with the
 // other kernels of this folder.
@@ -51,7 +51,7 @@ void block(const float* x, const float* dy, float* dw, int64_t M, int64_t K, int
            int64_t k_hi) {
   thread_local std::vector<float> panel, sums;
   panel.resize(size_t(kMBlock) * kCols);
-  sums.resize(size_t(K) * kCols);
+  sums.resize(size_t(k_hi - k_lo) * kCols);  // the block's sums, dW's rows k_lo.. of them
   const int64_t width = std::min<int64_t>(kCols, N - n0);
   for (int64_t m0 = 0; m0 < M; m0 += kMBlock) {
     const int64_t mb = std::min(kMBlock, M - m0);
@@ -67,11 +67,11 @@ void block(const float* x, const float* dy, float* dw, int64_t M, int64_t K, int
     }
     for (int64_t k0 = k_lo; k0 < k_hi; k0 += kTileRows) {
       const int kr = int(std::min<int64_t>(kTileRows, k_hi - k0));
-      kTiles[kr - 1](x + m0 * K + k0, K, panel.data(), mb, sums.data() + k0 * kCols, m0 > 0);
+      kTiles[kr - 1](x + m0 * K + k0, K, panel.data(), mb, sums.data() + (k0 - k_lo) * kCols, m0 > 0);
     }
   }
   for (int64_t k = k_lo; k < k_hi; ++k)
-    std::memcpy(dw + k * N + n0, sums.data() + k * kCols, sizeof(float) * size_t(width));
+    std::memcpy(dw + k * N + n0, sums.data() + (k - k_lo) * kCols, sizeof(float) * size_t(width));
 }
 
 ffi::Error weight_grad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
