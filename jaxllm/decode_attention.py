@@ -1,7 +1,8 @@
-"""A decode step's attention on the CPU: jaxllm's own kernel, its cache update in place.
+"""Cached attention on the CPU (decode steps and prefill chunks): jaxllm's own kernel, its cache updated in place.
 
 The XLA form of cached attention (`jaxllm.model.cached_attention`) reads and masks every entry of
-the cache, so a step's cost grows with the cache length, not with the tokens written; and inside a
+the cache, so a step's cost grows with the cache length, not with the tokens written (a prefill in
+64-token chunks into a 1,024-entry cache did 4x the work of its causal attention); and inside a
 decode loop XLA copies each layer's cache around its update. `kernels/decode_attention.cc`, an XLA
 FFI custom call, writes the new keys and values at their positions and attends to the visible
 entries only, with the cache operands aliased to its outputs (updated in place).
@@ -11,8 +12,9 @@ otherwise (the same math: float32 scores and softmax):
 - `model.decode_attention` is "auto" (the default; "xla" turns it off for that model);
 - `jaxllm.cpu_kernels.active()`: the CPU backend, a program not sharded over several devices, and
   the kernel library built;
-- `usable`: one token per row (a decode step; prefill chunks stay on XLA), head_dim a multiple of
-  16, and the cache in float32 or bfloat16.
+- `usable`: head_dim a multiple of 16, and the cache in float32 or bfloat16.
+One token a row (a decode step) or several (a chunk of a prefill: 16 tokens attend at once, see the
+kernel's comments).
 The kernel has no gradient: the cached path is for inference.
 """
 
@@ -29,11 +31,9 @@ from jaxllm import cpu_kernels
 TARGETS = {"float32": "DecodeAttentionF32", "bfloat16": "DecodeAttentionBf16"}  # cache dtype -> FFI target
 
 
-def usable(tokens_per_row: int, head_dim: int, cache_dtype: Any) -> bool:
+def usable(head_dim: int, cache_dtype: Any) -> bool:
     """Whether the model's cached path runs the kernel for these shapes (decided at trace time)."""
-    return (
-        tokens_per_row == 1 and head_dim % 16 == 0 and jnp.dtype(cache_dtype).name in TARGETS and cpu_kernels.active()
-    )
+    return head_dim % 16 == 0 and jnp.dtype(cache_dtype).name in TARGETS and cpu_kernels.active()
 
 
 def kernel(

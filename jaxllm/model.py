@@ -265,7 +265,7 @@ class Attention(nn.Module):
                 )  # fmt: skip
         elif segment_ids_BT is not None:
             raise InputError("segment ids apply to training windows, not to the cached path")
-        elif cfg.decode_attention == "auto" and decode_attention.usable(x_BTD.shape[1], h, cache.k_BKSH.dtype):
+        elif cfg.decode_attention == "auto" and decode_attention.usable(h, cache.k_BKSH.dtype):
             o_BTNH, k_BKSH, v_BKSH = decode_attention.kernel(
                 q_BTNH, k_BTKH, v_BTKH, cache.k_BKSH, cache.v_BKSH, positions_BT, cfg.sliding_window
             )

@@ -35,23 +35,57 @@ def _xla_form(q, k, v, k_cache, v_cache, positions_BT, window):
     return cached_attention(q, as_f32, positions_BT, window), k_cache, v_cache
 
 
+def _check_against_the_xla_form(q, k_new, v_new, k_cache, v_cache, positions_BT, window) -> None:
+    got = jax.jit(decode_attention.kernel, static_argnums=6)(q, k_new, v_new, k_cache, v_cache, positions_BT, window)
+    want = _xla_form(q, k_new, v_new, k_cache, v_cache, positions_BT, window)
+    seen_nothing = np.isnan(np.asarray(want[0]))  # past the cache beyond the window: NaN in the XLA form
+    np.testing.assert_allclose(np.asarray(got[0]), np.where(seen_nothing, 0.0, want[0]), rtol=1e-5, atol=1e-5)
+    for got_cache, want_cache in zip(got[1:], want[1:], strict=True):
+        assert got_cache.dtype == want_cache.dtype
+        np.testing.assert_array_equal(np.asarray(got_cache, np.float32), np.asarray(want_cache, np.float32))
+
+
+def _normal(rng: np.random.Generator, *shape: int) -> jax.Array:
+    return jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
+
+
 @pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("window", [None, 4])
 @pytest.mark.parametrize(("n", "k", "h"), [(9, 3, 64), (4, 4, 16), (8, 2, 128)])
 def test_kernel_matches_the_xla_form(n: int, k: int, h: int, window: int | None, cache_dtype: str) -> None:
     b, s = 5, 23
     rng = np.random.default_rng(n * 100 + h)
-    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, dtype=np.float32))  # noqa: E731
-    q, k_new, v_new = normal(b, 1, n, h), normal(b, 1, k, h), normal(b, 1, k, h)
-    k_cache, v_cache = normal(b, k, s, h).astype(cache_dtype), normal(b, k, s, h).astype(cache_dtype)
+    q, k_new, v_new = _normal(rng, b, 1, n, h), _normal(rng, b, 1, k, h), _normal(rng, b, 1, k, h)
+    k_cache, v_cache = _normal(rng, b, k, s, h).astype(cache_dtype), _normal(rng, b, k, s, h).astype(cache_dtype)
     # the first entry, the middle, the last, and just past the cache (written nowhere, reads all)
     positions_BT = jnp.asarray([[0], [1], [11], [s - 1], [s]], jnp.int32)
-    got = jax.jit(decode_attention.kernel, static_argnums=6)(q, k_new, v_new, k_cache, v_cache, positions_BT, window)
-    want = _xla_form(q, k_new, v_new, k_cache, v_cache, positions_BT, window)
-    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-5, atol=1e-5)
-    for got_cache, want_cache in zip(got[1:], want[1:], strict=True):
-        assert got_cache.dtype == want_cache.dtype
-        np.testing.assert_array_equal(np.asarray(got_cache, np.float32), np.asarray(want_cache, np.float32))
+    _check_against_the_xla_form(q, k_new, v_new, k_cache, v_cache, positions_BT, window)
+
+
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize(
+    ("t", "n", "k", "h"), [(9, 9, 3, 64), (21, 6, 2, 32), (5, 8, 2, 128), (7, 4, 2, 80), (3, 2, 1, 160)]
+)
+def test_prefill_chunks_match_the_xla_form(
+    t: int, n: int, k: int, h: int, window: int | None, cache_dtype: str
+) -> None:
+    # Several tokens a row (16 tokens a tile, a partial tile; head_dim 160 takes the one-token
+    # path): all new entries are written before any token attends, each token to entries <= its own.
+    b, s = 4, 40
+    rng = np.random.default_rng(t * 1000 + n * 100 + h)
+    q, k_new, v_new = _normal(rng, b, t, n, h), _normal(rng, b, t, k, h), _normal(rng, b, t, k, h)
+    k_cache, v_cache = _normal(rng, b, k, s, h).astype(cache_dtype), _normal(rng, b, k, s, h).astype(cache_dtype)
+    positions_BT = jnp.asarray(
+        [
+            np.arange(t),  # a first chunk
+            17 + np.arange(t),  # a later one
+            s - 3 + np.arange(t),  # running past the cache: dropped writes, those tokens read every entry
+            rng.permutation(s)[:t],  # positions in no order
+        ],
+        jnp.int32,
+    )
+    _check_against_the_xla_form(q, k_new, v_new, k_cache, v_cache, positions_BT, window)
 
 
 def _uses_kernel(cfg: ModelConfig, params, tokens_BT: jax.Array) -> bool:
@@ -61,12 +95,12 @@ def _uses_kernel(cfg: ModelConfig, params, tokens_BT: jax.Array) -> bool:
     return 'custom_call_target="DecodeAttention' in jax.jit(step).lower(params, cache).compile().as_text()
 
 
-def test_used_for_one_token_per_row_unsharded_and_auto_only() -> None:
+def test_used_unsharded_and_auto_only() -> None:
     cfg = small_llama()
     params = jaxllm.init_params(cfg)
     one, three = jnp.ones((2, 1), jnp.int32), jnp.ones((2, 3), jnp.int32)
     assert _uses_kernel(cfg, params, one)
-    assert not _uses_kernel(cfg, params, three)  # a prefill chunk: the XLA form
+    assert _uses_kernel(cfg, params, three)  # a prefill chunk
     assert not _uses_kernel(cfg.replace(decode_attention="xla"), params, one)
     assert _uses_kernel(cfg.replace(dtype="bfloat16"), params, one)  # a bfloat16 cache
     with cpu_kernels.off():
