@@ -132,19 +132,42 @@ class Norm(nn.Module):
         return y.astype(self.cfg.dtype)
 
 
-def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float, inv_freq_h: Any = None) -> jax.Array:
-    """Rotary position embedding, half-split convention (as Hugging Face Llama).
+class Rotary(NamedTuple):
+    """A forward pass's rotary tables, computed once for all its layers: recomputed in every layer's
+    rotations they cost ten times the rotations themselves on the CPU."""
 
-    `inv_freq_h`: the inverse frequencies (head_dim / 2,), e.g. scaled (`jaxllm.rope`); default plain RoPE.
-    """
-    half = x_BTNH.shape[-1] // 2
-    if inv_freq_h is None:
-        inv_freq_h = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) * 2 / x_BTNH.shape[-1])
+    cos_BT1h: jax.Array
+    sin_BT1h: jax.Array
+
+
+def rotary(cfg: ModelConfig, positions_BT: jax.Array) -> Rotary | None:
+    """cos and sin of each token's RoPE angles (float32, (B, T, 1, head_dim / 2)); None without RoPE (gpt).
+
+    The inverse frequencies are plain RoPE's from `rope_theta`, or `jaxllm.rope`'s for a `rope_scaling`."""
+    if cfg.family != "llama":
+        return None
+    h = cfg.dim_per_head
+    if cfg.rope_scaling is None:
+        inv_freq_h = 1.0 / cfg.rope_theta ** (jnp.arange(h // 2, dtype=jnp.float32) * 2 / h)
+    else:
+        inv_freq_h = jnp.asarray(scaled_inv_freq(cfg))
     angle_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq_h
-    cos_BT1h, sin_BT1h = jnp.cos(angle_BTh)[:, :, None, :], jnp.sin(angle_BTh)[:, :, None, :]
+    tables = lambda a: (jnp.cos(a), jnp.sin(a))  # noqa: E731
+    if jax.default_backend() == "cpu":
+        # XLA's CPU fusion copies the sines and cosines into each of the 2 x n_layers rotations that read
+        # them; a conditional is a fusion boundary, so they are computed once (both branches are the same).
+        cos_BTh, sin_BTh = jax.lax.cond(positions_BT[0, 0] >= 0, tables, tables, angle_BTh)
+    else:
+        cos_BTh, sin_BTh = tables(angle_BTh)
+    return Rotary(cos_BTh[:, :, None, :], sin_BTh[:, :, None, :])
+
+
+def rope(x_BTNH: jax.Array, rot: Rotary) -> jax.Array:
+    """Rotary position embedding, half-split convention (as Hugging Face Llama), by `rotary`'s tables."""
+    half = x_BTNH.shape[-1] // 2
     x = x_BTNH.astype(jnp.float32)
     x1, x2 = x[..., :half], x[..., half:]
-    out = jnp.concatenate([x1 * cos_BT1h - x2 * sin_BT1h, x2 * cos_BT1h + x1 * sin_BT1h], axis=-1)
+    out = jnp.concatenate([x1 * rot.cos_BT1h - x2 * rot.sin_BT1h, x2 * rot.cos_BT1h + x1 * rot.sin_BT1h], axis=-1)
     return out.astype(x_BTNH.dtype)
 
 
@@ -216,8 +239,8 @@ class Attention(nn.Module):
 
     Without a cache: attention within `x_BTD`; with `segment_ids_BT` (document masking), only
     within each query's own segment. With a cache: the new keys/values are written at
-    `positions_BT`, and each query attends to the cache entries at positions <= its own.
-    Returns (output, updated cache or None).
+    `positions_BT`, and each query attends to the cache entries at positions <= its own. `rot`:
+    the RoPE tables of `positions_BT` (`rotary`; None: no rotation). Returns (output, updated cache or None).
     """
 
     cfg: ModelConfig
@@ -229,6 +252,7 @@ class Attention(nn.Module):
         positions_BT: jax.Array,
         cache: KVCache | None = None,
         segment_ids_BT: jax.Array | None = None,
+        rot: Rotary | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.cfg
         n, k, h = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
@@ -244,10 +268,8 @@ class Attention(nn.Module):
         q_BTNH = proj("query", n, "heads")
         k_BTKH = proj("key", k, "kv_heads")
         v_BTKH = proj("value", k, "kv_heads")
-        if cfg.family == "llama":
-            inv_freq_h = None if cfg.rope_scaling is None else jnp.asarray(scaled_inv_freq(cfg))
-            q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_theta, inv_freq_h)
-            k_BTKH = rope(k_BTKH, positions_BT, cfg.rope_theta, inv_freq_h)
+        if rot is not None:
+            q_BTNH, k_BTKH = rope(q_BTNH, rot), rope(k_BTKH, rot)
         if cache is None:
             # A window of W: each query sees itself and the W - 1 keys before it.
             window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
@@ -308,7 +330,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-    Its signature is `nn.scan`'s: (carry x_BTD, positions broadcast, cache scanned over) -> (x_BTD, cache).
+    Its signature is `nn.scan`'s: (carry x_BTD, positions broadcast, cache scanned over, segment ids and
+    RoPE tables broadcast) -> (x_BTD, cache).
     """
 
     cfg: ModelConfig
@@ -320,9 +343,10 @@ class Block(nn.Module):
         positions_BT: jax.Array,
         cache: KVCache | None = None,
         segment_ids_BT: jax.Array | None = None,
+        rot: Rotary | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         attn = Attention(self.cfg, name="attn")
-        attn_BTD, cache = attn(Norm(self.cfg, name="attn_norm")(x_BTD), positions_BT, cache, segment_ids_BT)
+        attn_BTD, cache = attn(Norm(self.cfg, name="attn_norm")(x_BTD), positions_BT, cache, segment_ids_BT, rot)
         x_BTD = x_BTD + attn_BTD
         x_BTD = x_BTD + MLP(self.cfg, name="mlp")(Norm(self.cfg, name="mlp_norm")(x_BTD))
         return _constrain(x_BTD, ACT_BTD), cache
@@ -388,6 +412,7 @@ class Transformer(nn.Module):
                 else jnp.take(_constrain(pos_embed_TD, ("positions", None)), positions_BT, axis=0)
             )
         x_BTD = _constrain(x_BTD.astype(cfg.dtype), ACT_BTD)
+        rot = rotary(cfg, positions_BT)
         block = Block
         if cfg.remat != "none":  # a scan's loop already keeps XLA from merging recomputation away
             block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
@@ -396,16 +421,18 @@ class Transformer(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, 0, nn.broadcast),  # positions, cache, segment ids
+                in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast),  # positions, cache, segment ids, RoPE
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BTD, new_cache = layers(cfg, name="blocks")(x_BTD, positions_BT, cache, segment_ids_BT)
+            x_BTD, new_cache = layers(cfg, name="blocks")(x_BTD, positions_BT, cache, segment_ids_BT, rot)
         else:
             new_cache = []
             for i in range(cfg.n_layers):
                 layer_cache = None if cache is None else cache[i]
-                x_BTD, layer_cache = block(cfg, name=f"blocks_{i}")(x_BTD, positions_BT, layer_cache, segment_ids_BT)
+                x_BTD, layer_cache = block(cfg, name=f"blocks_{i}")(
+                    x_BTD, positions_BT, layer_cache, segment_ids_BT, rot
+                )
                 new_cache.append(layer_cache)
             new_cache = tuple(new_cache)
         if logits_at_B is not None:
