@@ -113,6 +113,5 @@ def test_prefill_compiles_once_per_batch_and_cache_length_whatever_the_prompt_le
     assert warm == 3 and "warm-up: 3 shapes compiled" in caplog.text  # prefill batches 1 and 2, the decode
     assert sorted(set(traced)) == sorted(traced), "each shape traced once"
     prefill_shapes = {(shape, s) for shape, s in traced if shape[1] > 1}
-    chunk = lambda s: min(slots.PREFILL_CHUNK, s)  # noqa: E731
-    assert prefill_shapes <= {((b, chunk(s)), s) for b in (1, 2) for s in (64, 128)}  # one chunk per cache length
+    assert prefill_shapes <= {((b, 64), s) for b in (1, 2) for s in (64, 128)}  # one chunk size
     assert "cache length 64 -> 128" in caplog.text
