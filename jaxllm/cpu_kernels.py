@@ -93,6 +93,15 @@ def _build(compiler: str, out: Path) -> None:
             os.unlink(tmp)
 
 
+def build_key() -> str:
+    """What the library is built from: its sources, jaxlib's version, the compiler and the CPU's flags."""
+    import jaxlib
+
+    texts = [p.read_text() for p in (*SOURCES, *HEADERS)]
+    parts = (*texts, jaxlib.__version__, os.environ.get("CXX", "g++"), _cpu_flags())
+    return hashlib.sha256(b"\0".join(x.encode() for x in parts)).hexdigest()[:16]
+
+
 @functools.cache
 def library() -> Path | None:
     """The kernel library, built on first use and loaded; None (one warning logged) when it is switched
@@ -103,11 +112,7 @@ def library() -> Path | None:
     if shutil.which(compiler) is None:
         log.warning("jaxllm's CPU kernels not built: no C++ compiler %r (set CXX); using XLA's ops", compiler)
         return None
-    import jaxlib
-
-    texts = [p.read_text() for p in (*SOURCES, *HEADERS)]
-    key = hashlib.sha256(b"\0".join(x.encode() for x in (*texts, jaxlib.__version__, compiler, _cpu_flags())))
-    path = cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    path = cache_dir() / f"cpu_kernels-{build_key()}.so"
     if not path.exists():
         try:
             _build(compiler, path)
