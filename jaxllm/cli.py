@@ -111,10 +111,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     out = args.out or f"runs/{config.model.name}"
     result = train(config, out, resume=args.resume, progress=not args.no_progress, handle_signals=True,
                    init=args.init)  # fmt: skip
-    print(
-        f"trained steps {result.start_step + 1}-{result.end_step}, last loss {result.last_loss:.4f}; "
-        f"params in {result.final_dir}"
-    )
+    print(f"trained steps {result.start_step + 1}-{result.end_step}, last loss {result.last_loss:.4f}; "
+          f"params in {result.final_dir}")
 
 
 # `jaxllm generate`'s flags by the names its errors (from the Python API) use for them.
@@ -264,17 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["text", "chat"], default="text",
                    help="text: each INPUT a document (default); chat: JSONL files of {\"messages\": [...]}, "
                    "rendered with --tokenizer CK's chat template, loss on assistant tokens only, packed")  # fmt: skip
-    p.add_argument(
-        "--context",
-        type=int,
-        metavar="N",
-        help="chat: pack into windows of N + 1 tokens (default: the checkpoint's context_length)",
-    )
-    p.add_argument(
-        "--overlong",
-        choices=["truncate", "drop"],
-        help="chat: an example longer than a window is truncated or dropped (default drop); counted",
-    )
+    p.add_argument("--context", type=int, metavar="N",
+                   help="chat: pack into windows of N + 1 tokens (default: the checkpoint's context_length)")
+    p.add_argument("--overlong", choices=["truncate", "drop"],
+                   help="chat: an example longer than a window is truncated or dropped (default drop); counted")
     p.add_argument("--strict", action="store_true", help="chat: a malformed line is an error (default: a warning)")
     p = command("train", cmd_train, "train a model on a preprocessed dataset (sharded over all devices)")
     from jaxllm.loop import add_overrides, add_run_flags  # the flags torch_ref's training commands share
@@ -345,12 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_mesh_overrides(p: argparse.ArgumentParser) -> None:
     """generate's and serve's trailing `mesh.*=` overrides, as train takes them (docs/launch.md)."""
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="mesh.KEY=VALUE",
-        help="shard the model and its KV cache over devices, e.g. mesh.tensor=2 (docs/launch.md)",
-    )
+    p.add_argument("overrides", nargs="*", metavar="mesh.KEY=VALUE",
+                   help="shard the model and its KV cache over devices, e.g. mesh.tensor=2 (docs/launch.md)")
 
 
 # Commands that run XLA on the CPU: glibc's malloc is set before their first JAX work (jaxllm/host_memory.py).

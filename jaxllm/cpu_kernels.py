@@ -93,12 +93,16 @@ def _build(compiler: str, out: Path) -> None:
             os.unlink(tmp)
 
 
+def _compiler() -> str:
+    return os.environ.get("CXX", "g++")
+
+
 def build_key() -> str:
     """What the library is built from: its sources, jaxlib's version, the compiler and the CPU's flags."""
     import jaxlib
 
     texts = [p.read_text() for p in (*SOURCES, *HEADERS)]
-    parts = (*texts, jaxlib.__version__, os.environ.get("CXX", "g++"), _cpu_flags())
+    parts = (*texts, jaxlib.__version__, _compiler(), _cpu_flags())
     return hashlib.sha256(b"\0".join(x.encode() for x in parts)).hexdigest()[:16]
 
 
@@ -108,7 +112,7 @@ def library() -> Path | None:
     off or cannot be built."""
     if os.environ.get(SWITCH, "1") == "0":
         return None
-    compiler = os.environ.get("CXX", "g++")
+    compiler = _compiler()
     if shutil.which(compiler) is None:
         log.warning("jaxllm's CPU kernels not built: no C++ compiler %r (set CXX); using XLA's ops", compiler)
         return None
