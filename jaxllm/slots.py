@@ -9,9 +9,11 @@ that started at different times with different settings:
   model in chunks of `PREFILL_CHUNK` tokens (a loop inside one compiled call), each chunk written
   into a fresh cache at its positions; copy each row's cache into its slot, and sample its first
   token. Compiled once per (batch, cache length, prompt width): callers pass prompts as wide as
-  the cache, so a prompt's length never adds a shape.
-- `resize(state, length)`: the same slots with a cache of another length (grown with zeros, or cut
-  where no active slot reaches), so a server's cache follows what its requests need.
+  the cache, so a prompt's length never adds a shape. It is `prefill_rows` (the model's part: the
+  new rows as a state of their own, whatever the slot count) then `insert` (the rows into slots).
+- `resize(state, length, slots)`: a cache of another length (grown with zeros, or cut where no
+  active slot reaches) and, optionally, another number of slots (empty ones appended, or free ones
+  cut from the end), so a server's state follows what its requests need.
 - `decode_step(cfg, params, state)`: one token for every active slot, each at its own position.
 - `decode(cfg, params, state, max_steps)`: `decode_step` in a `lax.while_loop`, until `max_steps`
   steps are done or every slot has finished (a stop token id, or its `max_new` tokens).
@@ -133,8 +135,18 @@ def prefill(
     prompt needs (a traced count): chunk i writes positions i*C .. i*C+C-1, each attending to the
     entries at positions <= its own, all written by then.
     """
+    rows, logits_BV = prefill_rows(cfg, params, prompts, state.seq_BS.shape[1], mesh)
+    return insert(state, rows, slots_B, mesh), logits_BV
+
+
+def prefill_rows(
+    cfg: ModelConfig, params: Params, prompts: Prompts, cache_len: int, mesh: Mesh | None = None
+) -> tuple[DecodeState, jax.Array]:
+    """`prefill`'s model part: a state of one slot per prompt (cache length `cache_len`), each prefilled
+    and given its first token, and the logits at each prompt's last token. Its shapes do not depend on
+    the slot count of the state the rows go into (`insert`)."""
     b, t = prompts.tokens_BT.shape
-    s = state.seq_BS.shape[1]
+    s = cache_len
     c = min(PREFILL_CHUNK, s)
     tokens_BW = jnp.pad(prompts.tokens_BT, ((0, 0), (0, -t % c)))  # whole chunks
     last_B = prompts.lengths_B - 1
@@ -159,26 +171,30 @@ def prefill(
     seq_BS = jnp.zeros((b, s), jnp.int32).at[:, : min(t, s)].set(prompts.tokens_BT[:, :s])
     seq_BS = seq_BS.at[rows_B, jnp.where(wants_B, prompts.lengths_B, s)].set(first_B, mode="drop")
     done_B = ~wants_B | (prompts.max_new_B == 1) | _is_stop(first_B, prompts.stop_ids_BX)
+    rows = DecodeState(
+        cache=new_cache,
+        seq_BS=seq_BS,
+        positions_B=last_B + wants_B,
+        end_B=prompts.lengths_B + prompts.max_new_B,
+        done_B=done_B,
+        keys_B=prompts.keys_B,
+        sampling=SamplingParams(*(jnp.asarray(a) for a in prompts.sampling)),
+        stop_ids_BX=prompts.stop_ids_BX,
+    )
+    return rows, logits_BV
 
-    def put(all_slots: jax.Array, rows: jax.Array) -> jax.Array:
-        return all_slots.at[slots_B].set(rows.astype(all_slots.dtype), mode="drop")
 
-    def put_cache(all_slots: jax.Array, rows: jax.Array, axes: PartitionSpec) -> jax.Array:
+def insert(state: DecodeState, rows: DecodeState, slots_B: jax.Array, mesh: Mesh | None = None) -> DecodeState:
+    """`rows` (from `prefill_rows`, the same cache length) into slots `slots_B` of `state`; a slot index
+    >= the number of slots drops that row (batch padding)."""
+
+    def put(all_slots: jax.Array, new: jax.Array, axes: PartitionSpec) -> jax.Array:
         slot_axis = tuple(axes).index("batch")  # whatever axes lead it (e.g. stacked layers)
-        moved = put(jnp.moveaxis(all_slots, slot_axis, 0), jnp.moveaxis(rows, slot_axis, 0))
+        new = jnp.moveaxis(new, slot_axis, 0).astype(all_slots.dtype)
+        moved = jnp.moveaxis(all_slots, slot_axis, 0).at[slots_B].set(new, mode="drop")
         return jnp.moveaxis(moved, 0, slot_axis)
 
-    state = DecodeState(
-        cache=jax.tree.map(put_cache, state.cache, new_cache, cache_axes(state.cache)),
-        seq_BS=put(state.seq_BS, seq_BS),
-        positions_B=put(state.positions_B, last_B + wants_B),
-        end_B=put(state.end_B, prompts.lengths_B + prompts.max_new_B),
-        done_B=put(state.done_B, done_B),
-        keys_B=put(state.keys_B, prompts.keys_B),
-        sampling=SamplingParams(*(put(a, r) for a, r in zip(state.sampling, prompts.sampling, strict=True))),
-        stop_ids_BX=put(state.stop_ids_BX, prompts.stop_ids_BX),
-    )
-    return place(state, mesh), logits_BV
+    return place(jax.tree.map(put, state, rows, state_axes(state)), mesh)
 
 
 def decode_step(
@@ -221,24 +237,34 @@ def decode(
     return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
 
 
-def resize(state: DecodeState, length: int, mesh: Mesh | None = None) -> DecodeState:
-    """The state with room for `length` positions per slot: zeros appended, or the tail cut.
+def resize(state: DecodeState, length: int, mesh: Mesh | None = None, slots: int | None = None) -> DecodeState:
+    """The state with room for `length` positions per slot (zeros appended, or the tail cut) and, when
+    given, `slots` slots (empty, done slots appended, or the last ones cut).
 
-    Cutting is safe when every active slot ends (`end_B`) at or before `length`: entries past a
-    slot's position are never read. Done slots keep their stale positions (their steps write
-    nothing in range). The cache's length axis is found by its logical name, whatever leads it.
+    Cutting positions is safe when every active slot ends (`end_B`) at or before `length`: entries
+    past a slot's position are never read. Cutting slots is safe when the cut ones are free (done).
+    Done slots keep their stale values (their steps write nothing in range). The cache's length and
+    slot axes are found by their logical names, whatever leads them.
     """
-    s = state.seq_BS.shape[1]
+    b, s = state.seq_BS.shape
+    n = b if slots is None else slots
 
-    def fit(x: jax.Array, axes: PartitionSpec) -> jax.Array:
-        axis = tuple(axes).index("cache_length")
+    def fit_slots(x: jax.Array, axes: PartitionSpec) -> jax.Array:
+        if n == b:
+            return x
+        # Slots past the old last one repeat it (stale values; they are marked done below).
+        return jnp.take(x, jnp.minimum(jnp.arange(n), b - 1), axis=tuple(axes).index("batch"))
+
+    def fit_length(x: jax.Array, axis: int) -> jax.Array:
         if length <= s:
             return jax.lax.slice_in_dim(x, 0, length, axis=axis)
         return jnp.pad(x, [(0, length - s if a == axis else 0) for a in range(x.ndim)])
 
-    cache = jax.tree.map(fit, state.cache, cache_axes(state.cache))
-    seq_BS = state.seq_BS[:, :length] if length <= s else jnp.pad(state.seq_BS, ((0, 0), (0, length - s)))
-    return place(state._replace(cache=cache, seq_BS=seq_BS), mesh)
+    state = jax.tree.map(fit_slots, state, state_axes(state))
+    cache = jax.tree.map(lambda x, axes: fit_length(x, tuple(axes).index("cache_length")), state.cache,
+                         cache_axes(state.cache))  # fmt: skip
+    done_B = state.done_B | (jnp.arange(n) >= b)
+    return place(state._replace(cache=cache, seq_BS=fit_length(state.seq_BS, 1), done_B=done_B), mesh)
 
 
 def request_keys(seed: int, n: int) -> jax.Array:
@@ -254,9 +280,11 @@ def _request_keys(seed: jax.Array, n: int) -> jax.Array:
 # Jitted once per (cfg, shapes, mesh); the state is donated so the cache is updated in place.
 init_state_jit = jax.jit(init_state, static_argnums=(0, 1, 2, 3, 4))
 prefill_jit = jax.jit(prefill, static_argnums=(0, 5), donate_argnums=2)
+prefill_rows_jit = jax.jit(prefill_rows, static_argnums=(0, 3, 4))
+insert_jit = jax.jit(insert, static_argnums=3, donate_argnums=0)
 decode_step_jit = jax.jit(decode_step, static_argnums=(0, 3), donate_argnums=2)
 decode_jit = jax.jit(decode, static_argnums=(0, 4), donate_argnums=2)
-resize_jit = jax.jit(resize, static_argnums=(1, 2))  # not donated: no buffer has the new shape
+resize_jit = jax.jit(resize, static_argnums=(1, 2, 3))  # not donated: no buffer has the new shape
 
 
 @partial(jax.jit, donate_argnums=0)

@@ -136,6 +136,28 @@ def test_a_reused_slot_ignores_what_its_previous_request_left_in_the_cache():
     assert seq[0, : 3 + 17].tolist() == other + generate(cfg, params, [other], max_new_tokens=17)[0]
 
 
+def test_resizing_the_slots_leaves_the_busy_ones_unchanged():
+    """Slots appended mid-flight are empty (done); cutting free ones off the end changes nothing either."""
+    cfg = TINY["llama-gqa"]
+    params = init_params(cfg, 3)
+    first, second = [4, 8, 15, 16], [23, 42]
+    state = engine.init_state(cfg, slots=1, cache_len=32)
+    state, _ = engine.prefill_jit(cfg, params, state, make_prompts([first], 16, 17), jnp.arange(1))
+    state = engine.decode_jit(cfg, params, state, 3)
+    state = engine.resize_jit(state, 32, None, 4)
+    assert state.seq_BS.shape == (4, 32) and np.asarray(state.done_B).tolist() == [False, True, True, True]
+    state, _ = engine.prefill_jit(cfg, params, state, make_prompts([second], 16, 17), jnp.array([1]))
+    state = engine.decode_jit(cfg, params, state, 5)
+    assert np.asarray(state.done_B)[2:].all(), "appended slots stay empty"
+    state = engine.resize_jit(state, 32, None, 2)  # slots 2 and 3 were never used
+    assert state.cache[0].k_BKSH.shape[0] == 2 and state.seq_BS.shape == (2, 32)
+    state = engine.decode_jit(cfg, params, state, 100)
+    seq = np.asarray(state.seq_BS)
+    assert np.asarray(state.done_B).all()
+    assert seq[0, : 4 + 17].tolist() == first + generate(cfg, params, [first], max_new_tokens=17)[0]
+    assert seq[1, : 2 + 17].tolist() == second + generate(cfg, params, [second], max_new_tokens=17)[0]
+
+
 def test_slots_keep_their_own_sampling_settings():
     cfg = TINY["llama-gqa"]
     params = init_params(cfg, 0)

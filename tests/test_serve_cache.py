@@ -87,6 +87,35 @@ def test_a_request_needing_a_bigger_cache_mid_flight_leaves_the_others_unchanged
     assert lengths[0] == 16 and max(lengths) == 256, lengths  # started short, grew for the long prompt (180)
 
 
+def test_the_state_holds_only_the_slots_in_use(params):
+    """One client's decode computes one row, not `slots`: the state grows to the fewest slots (a power of two)
+    holding its busy rows, and shrinks back once they leave; every request still gives what `generate` gives."""
+    engine = Engine(CFG, params, Ids(), EngineSettings(slots=8, max_prefill_batch=4, steps_per_call=2,
+                                                       warmup=False, min_cache=16)).start()  # fmt: skip
+    counts = []
+    engine.on_decode = lambda busy: counts.append((busy, engine.state_slots))
+    try:
+        alone = request(prompt_of(6, 4), 6)
+        tokens = collect(engine.submit(alone), timeout=300)[0].tokens
+        assert tokens == generate(CFG, params, alone.prompts, max_new_tokens=6)[0]
+        assert {n for _, n in counts} == {1}, counts
+        counts.clear()
+        reqs = [request(prompt_of(4 + i, 10 + i), 8 + 2 * i, 1.0, i) for i in range(3)]
+        jobs = [engine.submit(r) for r in reqs]
+        results = [collect(job, timeout=300)[0].tokens for job in jobs]
+        end = time.monotonic() + 10
+        while engine.state_slots != 1 and time.monotonic() < end:
+            time.sleep(0.01)
+        assert engine.state_slots == 1, "the state shrinks back once the requests leave"
+    finally:
+        engine.stop()
+    assert all(busy <= n <= 4 and n & (n - 1) == 0 for busy, n in counts), counts  # rows take the lowest slots
+    assert (3, 4) in counts, counts
+    for req, tokens in zip(reqs, results, strict=True):
+        assert tokens == generate(CFG, params, req.prompts, Sampling(req.max_new_tokens, req.temperature, 0, 1.0,
+                                                                     req.seed, []))[0]  # fmt: skip
+
+
 def test_prefill_compiles_once_per_batch_and_cache_length_whatever_the_prompt_lengths(params, monkeypatch, caplog):
     traced = []
     real = slots.forward_cached
@@ -110,7 +139,7 @@ def test_prefill_compiles_once_per_batch_and_cache_length_whatever_the_prompt_le
         finally:
             engine.stop()
     jax.clear_caches()
-    assert warm == 3 and "warm-up: 3 shapes compiled" in caplog.text  # prefill batches 1 and 2, the decode
+    assert warm == 5 and "warm-up: 5 shapes compiled" in caplog.text  # prefill batches 1, 2; decode at 1, 2, 4 slots
     assert sorted(set(traced)) == sorted(traced), "each shape traced once"
     prefill_shapes = {(shape, s) for shape, s in traced if shape[1] > 1}
     assert prefill_shapes <= {((b, 64), s) for b in (1, 2) for s in (64, 128)}  # one chunk size

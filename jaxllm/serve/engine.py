@@ -5,20 +5,24 @@ Built on the slot engine (`jaxllm.slots`: `prefill`, `decode`) and the host help
 
 - Request threads call `submit(req)` with a request checked by `jaxllm.request.check_request`;
   each prompt of it is a *row*. The job waits in a bounded queue (full: `ServeError` 429).
-- The worker thread keeps one `DecodeState` of `slots` KV-cache slots. Its cache length follows the
-  busy slots: before each prefill and decode it becomes the smallest bucket (`min_cache` doubled, up
-  to the context) that holds every busy row's next `steps_per_call` tokens (at most its prompt +
-  max_tokens), growing as rows advance and shrinking as they leave (`jaxllm.slots.resize`), so
-  short requests pay for short caches. Prefill and decode compile once per (cache length, prefill
-  batch); the warm-up compiles the shortest cache length's, the others compile on first use.
+- The worker thread keeps one `DecodeState` of up to `slots` KV-cache slots. Its shape follows the
+  busy slots: before each prefill and decode its cache length becomes the smallest bucket
+  (`min_cache` doubled, up to the context) that holds every busy row's next `steps_per_call` tokens
+  (at most its prompt + max_tokens), and its slot count the smallest power of two (at most `slots`)
+  that holds the highest busy slot; both grow as rows come and advance and shrink as they leave
+  (`jaxllm.slots.resize`), so short requests pay for short caches and one client's decode step
+  computes one row, not `slots`. Rows take the lowest free slots. The prefill compiles once per
+  (prefill batch, cache length), the decode once per (slot count, cache length); the warm-up
+  compiles the shortest cache length's, the longer ones compile on first use.
 - With parameters sharded over a mesh (`jaxllm.sharding.param_shardings`), the state is placed by
   the same rules: slots over the batch axes, kv heads over tensor.
 - Each loop the worker (1) frees the
   slots of cancelled (client gone) and expired jobs, (2) takes rows from the queue into free slots
-  and prefills them (batches of up to `max_prefill_batch`), (3) runs up to `steps_per_call` decode
-  steps for every busy slot at once, (4) reads the tokens back, turns them into final text with a
-  `Collector` per row (stop ids, stop strings), and posts `Delta` / `Finished` events to each job's
-  own queue. A finished row leaves its slot at once; the next row joins on the next loop.
+  and prefills them (batches of up to `max_prefill_batch`), posting their first tokens at once,
+  (3) runs up to `steps_per_call` decode steps for every busy slot at once, (4) reads the tokens
+  back, turns them into final text with a `Collector` per row (stop ids, stop strings), and posts
+  `Delta` / `Finished` events to each job's own queue. A finished row leaves its slot at once; the
+  next row joins on the next loop.
 - A request that asks for log-probabilities (`Scoring`: OpenAI's `logprobs`, `echo`) is scored after
   generation: each loop, the rows that finished in it and want scores are run together through one
   jitted full forward over prompt + completion (`jaxllm.scoring.score_tokens`; rows padded to a
@@ -57,9 +61,10 @@ from jaxllm.slots import (
     decode_jit,
     inference_config,
     init_state_jit,
+    insert_jit,
     mark_done,
     pack_prompts,
-    prefill_jit,
+    prefill_rows_jit,
     request_keys,
     resize_jit,
     row_key_data,
@@ -188,6 +193,7 @@ class Engine:
         self._waiting: collections.deque[_Row] = collections.deque()  # rows of jobs taken from the queue
         self._slots: list[_Row | None] = [None] * self.settings.slots
         self._positions = np.zeros(self.settings.slots, np.int64)  # each busy slot's newest position, last read
+        self._min_slots = self._slot_quantum()
         self._cache_lens: set[int] = set()  # cache lengths used so far (their shapes are compiled)
         self._to_score: list[tuple[_Row, str]] = []  # finished rows waiting for their scores (this loop)
         self._ready = threading.Event()
@@ -287,69 +293,94 @@ class Engine:
         self._fail_everything(unavailable("the server is shutting down", "shutting_down"))
 
     def _reset_state(self) -> None:
-        """Every slot empty, at the shortest cache length. A first prefill (of padding only) gives the
-        state the placement it keeps from then on (committed to the device of the params), which
-        compiled code is keyed on."""
+        """Every slot empty, the fewest slots, the shortest cache length. A first prefill (of padding
+        only) gives the state the placement it keeps from then on (committed to the device of the
+        params), which compiled code is keyed on."""
         s = self.settings
         self._cache_len = self._cache_bucket(1)
         self._cache_lens.add(self._cache_len)
-        self._state = init_state_jit(self.cfg, s.slots, self._cache_len, s.max_stop_ids, self.mesh)
+        self._state = init_state_jit(self.cfg, self._min_slots, self._cache_len, s.max_stop_ids, self.mesh)
         self._prefill_rows([], 1)
 
     def _cache_bucket(self, need: int) -> int:
         c = self.cfg.context_length
         return max(bucket(need, c), min(self.settings.min_cache, c))
 
+    def _slot_quantum(self) -> int:
+        """The fewest slots the state holds: the devices its slots are split over (the mesh's data x fsdp,
+        when they divide `slots`), else 1."""
+        n = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        return n if self.settings.slots % n == 0 else 1
+
+    def _slot_bucket(self, need: int) -> int:
+        """The slot count for slots 0..need-1: a power of two times the quantum, at most `slots`."""
+        return min(self._min_slots * batch_bucket(-(-need // self._min_slots)), self.settings.slots)
+
+    @property
+    def state_slots(self) -> int:
+        """Slots in the state now (each decode step computes all of them)."""
+        return self._state.seq_BS.shape[0]
+
     def _warm_up(self) -> None:
-        """Compile what serving runs at the shortest cache length: each prefill batch, the decode, the
-        stop mask. Longer caches compile on first use (logged)."""
+        """Compile what serving runs at the shortest cache length: each prefill batch, the decode and the
+        stop mask at each slot count. Longer caches compile on first use (logged)."""
         start, shapes, b = time.monotonic(), 0, 1
+        counts = sorted({self._slot_bucket(n) for n in range(1, self.settings.slots + 1)})
         while b <= self.settings.max_prefill_batch:
             self._prefill_rows([], b)  # padding rows only: dropped, the state is unchanged
             b, shapes = b * 2, shapes + 1
-        self._state = decode_jit(self.cfg, self.params, self._state, np.int32(self.settings.steps_per_call), self.mesh)
-        self._state = mark_done(self._state, np.zeros(self.settings.slots, bool))
+        for n in counts:
+            self._state = resize_jit(self._state, self._cache_len, self.mesh, n)
+            self._prefill_rows([], 1)  # the insert at this slot count (a small program)
+            self._state = decode_jit(self.cfg, self.params, self._state, np.int32(self.settings.steps_per_call),
+                                     self.mesh)  # fmt: skip
+            self._state = mark_done(self._state, np.zeros(n, bool))
+        self._state = resize_jit(self._state, self._cache_len, self.mesh, counts[0])
         request_keys(0, 1)
         jax.block_until_ready(self._state)
-        log.info("warm-up: %d shapes compiled in %.1f s (%d prefill batches up to %d and the decode, at cache length "
-                 "%d of %d; longer caches compile on first use)", shapes + 1, time.monotonic() - start, shapes,
-                 self.settings.max_prefill_batch, self._cache_len, self.cfg.context_length)  # fmt: skip
+        log.info("warm-up: %d shapes compiled in %.1f s (%d prefill batches up to %d and the decode at %d slot counts "
+                 "up to %d, at cache length %d of %d; longer caches compile on first use)",
+                 shapes + len(counts), time.monotonic() - start, shapes, self.settings.max_prefill_batch, len(counts),
+                 self.settings.slots, self._cache_len, self.cfg.context_length)  # fmt: skip
 
-    def _fit_cache(self) -> None:
-        """Resize the cache to the smallest bucket holding every busy slot's next decode call (at most
-        its prompt + max_tokens): grown as rows advance, shrunk as they leave."""
-        k, need = self.settings.steps_per_call, 1
+    def _fit_state(self) -> None:
+        """Resize the state to the fewest slots holding every busy slot and the shortest cache bucket
+        holding every busy slot's next decode call (at most its prompt + max_tokens): grown as rows come
+        and advance, shrunk as they leave."""
+        k, need, top = self.settings.steps_per_call, 1, 0
         for slot, row in enumerate(self._slots):
             if row is not None:
                 end = len(row.prompt) + row.job.req.max_new_tokens
                 need = max(need, len(row.prompt), min(int(self._positions[slot]) + k + 1, end))
-        length = self._cache_bucket(need)
-        if length == self._cache_len:
+                top = slot + 1
+        length, slots = self._cache_bucket(need), self._slot_bucket(top)
+        if length == self._cache_len and slots == self.state_slots:
             return
         if length not in self._cache_lens:
             self._cache_lens.add(length)
             log.info("cache length %d -> %d (first use: its prefill and decode compile now)", self._cache_len, length)
-        self._state = resize_jit(self._state, length, self.mesh)
+        self._state = resize_jit(self._state, length, self.mesh, slots)
         self._cache_len = length
 
     def _loop_once(self) -> None:
         self._free_abandoned()
         admitted = self._admit()
-        self._fit_cache()
+        self._fit_state()
         if admitted:
             self._prefill(admitted)
             self._free_abandoned()  # rows of a request whose other row failed to prefill
+            self._deliver()  # the first tokens (sampled by the prefill) go out now, not after the next decode
         busy = self.busy_slots()
-        if busy == 0:
-            if not self._waiting:
-                self._take_job(block=True)
-            return
-        self._state = decode_jit(self.cfg, self.params, self._state, np.int32(self.settings.steps_per_call), self.mesh)
-        if self.on_decode is not None:
-            self.on_decode(busy)
-        self._deliver()
+        if busy:
+            self._state = decode_jit(self.cfg, self.params, self._state, np.int32(self.settings.steps_per_call),
+                                     self.mesh)  # fmt: skip
+            if self.on_decode is not None:
+                self.on_decode(busy)
+            self._deliver()
         if self._to_score:
             self._score()
+        if busy == 0 and not self._waiting:
+            self._take_job(block=True)
 
     def _take_job(self, block: bool) -> bool:
         """Move the next live job from the queue into `_waiting` (one row per prompt)."""
@@ -433,28 +464,29 @@ class Engine:
         self._free_slots([slot for slot, _ in rows])
 
     def _free_slots(self, slots: list[int]) -> None:
-        freed = np.zeros(self.settings.slots, bool)
+        freed = np.zeros(self.state_slots, bool)
         for slot in slots:
             self._slots[slot] = None
             freed[slot] = True
         self._state = mark_done(self._state, freed)
 
     def _prefill_rows(self, chunk: list[tuple[int, _Row]], b: int) -> None:
-        """One jitted prefill of `chunk` padded to b rows as wide as the cache (a slot index past the end
-        drops a row)."""
+        """One jitted prefill of `chunk` padded to b rows as wide as the cache, then its rows put into
+        their slots (a slot index past the end drops a row)."""
         s = self.settings
         slots_B = np.full((b,), s.slots, np.int32)
         slots_B[: len(chunk)] = [slot for slot, _ in chunk]
         rows = [(row.prompt, row.job.req, row.job.key_data[row.index]) for _, row in chunk]
         prompts = pack_prompts(rows, b, self._cache_len, s.max_stop_ids)
-        self._state, _ = prefill_jit(self.cfg, self.params, self._state, prompts, slots_B, self.mesh)
+        new_rows, _ = prefill_rows_jit(self.cfg, self.params, prompts, self._cache_len, self.mesh)
+        self._state = insert_jit(self._state, new_rows, slots_B, self.mesh)
 
     def _deliver(self) -> None:
         """Read every busy slot's tokens back, post its new text, and free the slots that finished."""
         seq_BS, positions_B, done_B = jax.device_get((self._state.seq_BS, self._state.positions_B, self._state.done_B))
         now = time.monotonic()
-        self._positions[:] = positions_B
-        stopped = np.zeros(self.settings.slots, bool)
+        self._positions[: len(positions_B)] = positions_B
+        stopped = np.zeros(len(positions_B), bool)
         for slot, row in enumerate(self._slots):
             if row is None or row.job.closed:
                 continue
@@ -544,7 +576,7 @@ class Engine:
     def _free_abandoned(self) -> None:
         """Free the slots of closed, cancelled and expired jobs, then tell the expired ones."""
         now = time.monotonic()
-        freed = np.zeros(self.settings.slots, bool)
+        freed = np.zeros(self.state_slots, bool)
         jobs = {}
         for slot, row in enumerate(self._slots):
             if row is not None and (row.job.closed or row.job.cancelled or now > row.job.deadline):
