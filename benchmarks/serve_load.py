@@ -23,7 +23,7 @@ missing.
 
 tokens/s = completion tokens returned (`usage`) / wall time of the level (scoring: prompt tokens
 scored); latency = request sent to response read; mean batch = busy slots per decode call, from the
-server's /metrics. Writes benchmarks/results/serve_load.json and .md.
+server's /metrics. Writes benchmarks/results/serve_load_<cpu>.json and .md (one pair per CPU model).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.machine import write_results
+from benchmarks.machine import cpu_slug, write_results
 
 PROMPTS = [
     "def main():",
@@ -449,7 +449,7 @@ def main() -> None:
         **({"chat": chat} if chat else {"chat_skipped": skipped}),
     }
     text = markdown(results)
-    write_results("serve_load", results, text)
+    write_results(f"serve_load_{cpu_slug(results['machine']['cpu'])}", results, text)  # one file per CPU model
     print(text)
 
 

@@ -13,7 +13,8 @@ Built on the slot engine (`jaxllm.slots`: `prefill`, `decode`) and the host help
   (`jaxllm.slots.resize`), so short requests pay for short caches and one client's decode step
   computes one row, not `slots`. Rows take the lowest free slots. The prefill compiles once per
   (prefill batch, cache length), the decode once per (slot count, cache length); the warm-up
-  compiles the shortest cache length's, the longer ones compile on first use.
+  compiles the shortest cache length's prefills and its decode at the fewest and the most slots,
+  the other shapes compile on first use (logged).
 - With parameters sharded over a mesh (`jaxllm.sharding.param_shardings`), the state is placed by
   the same rules: slots over the batch axes, kv heads over tensor.
 - Each loop the worker (1) frees the
@@ -195,6 +196,7 @@ class Engine:
         self._positions = np.zeros(self.settings.slots, np.int64)  # each busy slot's newest position, last read
         self._min_slots = self._slot_quantum()
         self._cache_lens: set[int] = set()  # cache lengths used so far (their shapes are compiled)
+        self._slot_counts: set[int] = set()  # slot counts decoded so far
         self._to_score: list[tuple[_Row, str]] = []  # finished rows waiting for their scores (this loop)
         self._ready = threading.Event()
         self._stop = threading.Event()
@@ -323,9 +325,11 @@ class Engine:
 
     def _warm_up(self) -> None:
         """Compile what serving runs at the shortest cache length: each prefill batch, the decode and the
-        stop mask at each slot count. Longer caches compile on first use (logged)."""
+        stop mask at the fewest and at the most slots (one client; a full server). Other slot counts and
+        longer caches compile on first use (logged): each decode shape is a whole compile of the model."""
         start, shapes, b = time.monotonic(), 0, 1
-        counts = sorted({self._slot_bucket(n) for n in range(1, self.settings.slots + 1)})
+        counts = sorted({self._slot_bucket(1), self._slot_bucket(self.settings.slots)})
+        self._slot_counts.update(counts)
         while b <= self.settings.max_prefill_batch:
             self._prefill_rows([], b)  # padding rows only: dropped, the state is unchanged
             b, shapes = b * 2, shapes + 1
@@ -338,10 +342,10 @@ class Engine:
         self._state = resize_jit(self._state, self._cache_len, self.mesh, counts[0])
         request_keys(0, 1)
         jax.block_until_ready(self._state)
-        log.info("warm-up: %d shapes compiled in %.1f s (%d prefill batches up to %d and the decode at %d slot counts "
-                 "up to %d, at cache length %d of %d; longer caches compile on first use)",
-                 shapes + len(counts), time.monotonic() - start, shapes, self.settings.max_prefill_batch, len(counts),
-                 self.settings.slots, self._cache_len, self.cfg.context_length)  # fmt: skip
+        log.info("warm-up: %d shapes compiled in %.1f s (%d prefill batches up to %d and the decode at %s slots, at "
+                 "cache length %d of %d; other slot counts and longer caches compile on first use)",
+                 shapes + len(counts), time.monotonic() - start, shapes, self.settings.max_prefill_batch,
+                 " and ".join(map(str, counts)), self._cache_len, self.cfg.context_length)  # fmt: skip
 
     def _fit_state(self) -> None:
         """Resize the state to the fewest slots holding every busy slot and the shortest cache bucket
@@ -359,6 +363,9 @@ class Engine:
         if length not in self._cache_lens:
             self._cache_lens.add(length)
             log.info("cache length %d -> %d (first use: its prefill and decode compile now)", self._cache_len, length)
+        elif slots not in self._slot_counts:
+            log.info("slots %d -> %d (first use: the decode compiles now)", self.state_slots, slots)
+        self._slot_counts.add(slots)
         self._state = resize_jit(self._state, length, self.mesh, slots)
         self._cache_len = length
 
