@@ -46,11 +46,33 @@ def _amd(cpu: str) -> bool:
     return cpu_slug(cpu).startswith("amd")
 
 
+# Instruction sets that decide which matmul paths a CPU has (AMX: Intel's bf16/int8 tiles).
+ISA_FLAGS = ("avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+
+
+def cpu_topology(cpuinfo: str | None = None) -> str:
+    """'2 physical cores x 1 thread; avx512f avx512_bf16' from /proc/cpuinfo: whether the logical CPUs
+    are cores of their own or hyper-threads sharing one core's units (2-core scaling hinges on it)."""
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        cpuinfo = path.read_text() if path.exists() else ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if not fields.get("siblings") or not fields.get("cpu cores"):
+        return "unknown"
+    siblings, cores = int(fields["siblings"]), int(fields["cpu cores"])
+    flags = [f for f in ISA_FLAGS if f in fields.get("flags", "").split()]
+    return f"{cores} physical cores x {siblings // max(cores, 1)} thread(s); {' '.join(flags) or 'no AVX-512'}"
+
+
 def machine_info(packages: Sequence[str] = DEFAULT_PACKAGES) -> dict[str, Any]:
-    """CPU model, cores, GPU (if torch sees one), Python and package versions, load at start."""
+    """CPU model, cores, topology, GPU (if torch sees one), Python and package versions, load at start."""
     info: dict[str, Any] = {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
+        "cpu_topology": cpu_topology(),
         "python": platform.python_version(),
         "load_average_at_start": round(os.getloadavg()[0], 2),
     }
@@ -70,12 +92,12 @@ def machine_info(packages: Sequence[str] = DEFAULT_PACKAGES) -> dict[str, Any]:
 
 def describe(info: dict[str, Any]) -> str:
     """One line for a markdown report."""
-    versions = ", ".join(
-        f"{k} {v}" for k, v in info.items() if k not in ("cpu", "cores", "gpu", "python", "load_average_at_start") and v
-    )
+    skip = ("cpu", "cores", "cpu_topology", "gpu", "python", "load_average_at_start")
+    versions = ", ".join(f"{k} {v}" for k, v in info.items() if k not in skip and v)
     gpu = f", GPU {info['gpu']}" if info.get("gpu") else ""
+    topology = f" ({info['cpu_topology']})" if info.get("cpu_topology") else ""
     return (
-        f"{info['cpu']}, {info['cores']} cores{gpu}; Python {info['python']}, {versions}; "
+        f"{info['cpu']}, {info['cores']} cores{topology}{gpu}; Python {info['python']}, {versions}; "
         f"load average {info['load_average_at_start']} at start"
     )
 

@@ -7,13 +7,22 @@ import os
 import pytest
 
 from benchmarks import cpu_scaling as cs
-from benchmarks.machine import cpu_slug
+from benchmarks.machine import cpu_slug, cpu_topology
 
 
 def test_cpu_slug_names_the_vendor_and_family():
     assert cpu_slug("Intel(R) Xeon(R) Processor") == "intel-xeon"
     assert cpu_slug("AMD EPYC 9B14") == "amd-epyc"
     assert cpu_slug("") == "cpu"
+
+
+def test_cpu_topology_tells_cores_from_hyper_threads():
+    block = "physical id\t: 0\nsiblings\t: {}\ncpu cores\t: {}\nflags\t\t: fpu avx512f amx_tile amx_bf16\n"
+    assert cpu_topology((block.format(2, 1)) * 2) == "1 physical cores x 2 thread(s); avx512f amx_tile amx_bf16"
+    assert cpu_topology(block.format(2, 2).replace("avx512f amx_tile amx_bf16", "avx2")).startswith(
+        "2 physical cores x 1 thread(s); no AVX-512"
+    )
+    assert cpu_topology("") == "unknown"
 
 
 def test_configurations_add_the_device_split_only_on_several_cores():
