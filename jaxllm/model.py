@@ -366,9 +366,11 @@ class Transformer(nn.Module):
 
     With a `cache` (layout: `Cache`) it returns (logits, updated cache). `logits_at_B`
     (an index along T per row) keeps only those tokens' logits, (B, 1, V): a prefill needs just
-    each prompt's last token, and skips the (B, T, V) output head. `segment_ids_BT` (document
-    masking, no cache): tokens attend only within their segment; pass positions that restart at
-    each segment with them.
+    each prompt's last token, and skips the (B, T, V) output head; with `all_logits` too, the logits
+    are the pair ((B, 1, V) at `logits_at_B`, (B, T, V) everywhere), the first computed exactly as
+    without it (a scoring prefill samples from it, so it samples what a plain prefill samples).
+    `segment_ids_BT` (document masking, no cache): tokens attend only within their segment; pass
+    positions that restart at each segment with them.
     """
 
     cfg: ModelConfig
@@ -381,7 +383,8 @@ class Transformer(nn.Module):
         cache: Cache | None = None,
         logits_at_B: jax.Array | None = None,
         segment_ids_BT: jax.Array | None = None,
-    ) -> jax.Array | tuple[jax.Array, Cache]:
+        all_logits: bool = False,
+    ) -> Any:
         cfg = self.cfg
         contiguous = positions_BT is None  # positions 0..T-1 in every row (training, scoring)
         if positions_BT is None:
@@ -435,23 +438,32 @@ class Transformer(nn.Module):
                 )
                 new_cache.append(layer_cache)
             new_cache = tuple(new_cache)
-        if logits_at_B is not None:
-            x_BTD = jnp.take_along_axis(x_BTD, logits_at_B[:, None, None], axis=1)
-        x_BTD = Norm(cfg, name="final_norm")(x_BTD)
-        if cfg.tie_embeddings:
-            x_2d = x_BTD.reshape(-1, cfg.d_model)
-            enabled = cfg.few_row_matmul == "auto"
-            if embed_in_strips(cfg):
-                logits_2d = few_row_matmul.matmul_strips(x_2d, token_embed, cfg.dtype, enabled=enabled)
+        final_norm = Norm(cfg, name="final_norm")
+        lm_head = None if cfg.tie_embeddings else Dense(
+            (cfg.vocab_size,), ("embed", "vocab"), False, cfg.dtype, cfg.init_std, name="lm_head"
+        )  # fmt: skip
+
+        def head(x_BTD: jax.Array) -> jax.Array:
+            x_BTD = final_norm(x_BTD)
+            if lm_head is not None:
+                logits_BTV = lm_head(x_BTD)
             else:
-                logits_2d = few_row_matmul.matmul(x_2d, token_embed, cfg.dtype, transposed=True, enabled=enabled)
-            logits_BTV = logits_2d.reshape(*x_BTD.shape[:-1], -1)
+                x_2d = x_BTD.reshape(-1, cfg.d_model)
+                enabled = cfg.few_row_matmul == "auto"
+                if embed_in_strips(cfg):
+                    logits_2d = few_row_matmul.matmul_strips(x_2d, token_embed, cfg.dtype, enabled=enabled)
+                else:
+                    logits_2d = few_row_matmul.matmul(x_2d, token_embed, cfg.dtype, transposed=True, enabled=enabled)
+                logits_BTV = logits_2d.reshape(*x_BTD.shape[:-1], -1)
+            return _constrain(logits_BTV.astype(jnp.float32), ACT_BTV)
+
+        if logits_at_B is None:
+            logits = head(x_BTD)
         else:
-            logits_BTV = Dense((cfg.vocab_size,), ("embed", "vocab"), False, cfg.dtype, cfg.init_std, name="lm_head")(
-                x_BTD
-            )
-        logits_BTV = _constrain(logits_BTV.astype(jnp.float32), ACT_BTV)
-        return logits_BTV if cache is None else (logits_BTV, new_cache)
+            logits = head(jnp.take_along_axis(x_BTD, logits_at_B[:, None, None], axis=1))
+            if all_logits:
+                logits = (logits, head(x_BTD))
+        return logits if cache is None else (logits, new_cache)
 
 
 def embed_in_strips(cfg: ModelConfig) -> bool:
@@ -525,15 +537,19 @@ def forward_cached(
     positions_BT: jax.Array,
     cache: Cache,
     logits_at_B: jax.Array | None = None,
-) -> tuple[jax.Array, Cache]:
+    all_logits: bool = False,
+) -> tuple[Any, Cache]:
     """(float32 logits, updated cache) for tokens at explicit per-row positions. Pure; jit it.
 
     Writes each token's keys/values into `cache` at its position, then attends to the entries at
     positions <= its own (see the module docstring). Logits are (B, T, V), or (B, 1, V) at
-    `logits_at_B`. No value checks: the caller (the generation engine) validates its inputs.
+    `logits_at_B`, or with `all_logits` the pair of both (`Transformer`). No value checks: the caller
+    (the generation engine) validates its inputs.
     """
     check_layout(cfg, params)
-    return Transformer(cfg).apply({"params": params}, tokens_BT, positions_BT, cache, logits_at_B)
+    return Transformer(cfg).apply(
+        {"params": params}, tokens_BT, positions_BT, cache, logits_at_B, all_logits=all_logits
+    )
 
 
 def check_tokens(cfg: ModelConfig, tokens_BT: Any) -> None:

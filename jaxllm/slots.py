@@ -135,37 +135,68 @@ def prefill(
     prompt needs (a traced count): chunk i writes positions i*C .. i*C+C-1, each attending to the
     entries at positions <= its own, all written by then.
     """
-    rows, logits_BV = prefill_rows(cfg, params, prompts, state.seq_BS.shape[1], mesh)
+    rows, logits_BV, _ = prefill_rows(cfg, params, prompts, state.seq_BS.shape[1], mesh)
     return insert(state, rows, slots_B, mesh), logits_BV
 
 
+class PromptScores(NamedTuple):
+    """A scoring prefill's log-probabilities (the model's own, float32): index p of a row holds those of
+    the token after position p given positions <= p, for every prompt position (the last one's: the first
+    token sampled), and the `top` best (log-probability, id) pairs there, as `jaxllm.scoring.score_tokens`."""
+
+    target_BW: jax.Array
+    top_logp_BWK: jax.Array
+    top_ids_BWK: jax.Array
+
+
 def prefill_rows(
-    cfg: ModelConfig, params: Params, prompts: Prompts, cache_len: int, mesh: Mesh | None = None
-) -> tuple[DecodeState, jax.Array]:
+    cfg: ModelConfig, params: Params, prompts: Prompts, cache_len: int, mesh: Mesh | None = None, top: int = 0
+) -> tuple[DecodeState, jax.Array, PromptScores | None]:
     """`prefill`'s model part: a state of one slot per prompt (cache length `cache_len`), each prefilled
-    and given its first token, and the logits at each prompt's last token. Its shapes do not depend on
-    the slot count of the state the rows go into (`insert`)."""
+    and given its first token, the logits at each prompt's last token and, with `top` > 0, the prompts'
+    `PromptScores` (the output head over every prompt position too, in the same pass). Its shapes do
+    not depend on the slot count of the state the rows go into (`insert`)."""
     b, t = prompts.tokens_BT.shape
     s = cache_len
     c = min(PREFILL_CHUNK, s)
     tokens_BW = jnp.pad(prompts.tokens_BT, ((0, 0), (0, -t % c)))  # whole chunks
+    w = tokens_BW.shape[1]
+    next_BW = jnp.pad(tokens_BW[:, 1:], ((0, 0), (0, 1)))  # the token after each position
     last_B = prompts.lengths_B - 1
+    k = min(top, cfg.vocab_size)
 
-    def chunk(i: jax.Array, carry: tuple[Cache, jax.Array]) -> tuple[Cache, jax.Array]:
-        cache, logits_BV = carry
+    def chunk(i: jax.Array, carry: tuple[Cache, jax.Array, PromptScores | None]) -> tuple:
+        cache, logits_BV, scores = carry
         start = i * c
         tokens_BC = jax.lax.dynamic_slice_in_dim(tokens_BW, start, c, axis=1)
         positions_BC = jnp.broadcast_to(start + jnp.arange(c, dtype=jnp.int32), (b, c))
         at_B = jnp.clip(last_B - start, 0, c - 1)
         with cpu_kernels.off(mesh is not None):  # sharded params: XLA's partitioned ops
-            logits_B1V, cache = forward_cached(cfg, params, tokens_BC, positions_BC, cache, logits_at_B=at_B)
+            logits, cache = forward_cached(cfg, params, tokens_BC, positions_BC, cache, at_B, all_logits=k > 0)
+        if k > 0:
+            logits, all_BCV = logits
+            logp_BCV = jax.nn.log_softmax(all_BCV, axis=-1)
+            next_BC = jax.lax.dynamic_slice_in_dim(next_BW, start, c, axis=1)
+            chunk_scores = (
+                jnp.take_along_axis(logp_BCV, next_BC[..., None], axis=-1)[..., 0],
+                *jax.lax.top_k(logp_BCV, k),
+            )
+            scores = PromptScores(*(jax.lax.dynamic_update_slice_in_dim(a, x, start, axis=1)
+                                    for a, x in zip(scores, chunk_scores, strict=True)))  # fmt: skip
         here_B = (last_B >= start) & (last_B < start + c)
-        return cache, jnp.where(here_B[:, None], logits_B1V[:, 0], logits_BV)
+        return cache, jnp.where(here_B[:, None], logits[:, 0], logits_BV), scores
 
     chunks = (jnp.max(prompts.lengths_B) + c - 1) // c
-    empty = (init_cache(cfg, b, s), jnp.zeros((b, cfg.vocab_size), jnp.float32))
-    new_cache, logits_BV = jax.lax.fori_loop(0, chunks, chunk, empty)
+    no_scores = None
+    if k > 0:
+        no_scores = PromptScores(jnp.zeros((b, w), jnp.float32), jnp.zeros((b, w, k), jnp.float32),
+                                 jnp.zeros((b, w, k), jnp.int32))  # fmt: skip
+    empty = (init_cache(cfg, b, s), jnp.zeros((b, cfg.vocab_size), jnp.float32), no_scores)
+    new_cache, logits_BV, scores = jax.lax.fori_loop(0, chunks, chunk, empty)
     first_B = sample(logits_BV, jax.vmap(jax.random.fold_in)(prompts.keys_B, last_B), prompts.sampling)
+    if scores is not None:  # the last position's token is the one sampled, from the logits it was sampled from
+        logp_first_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, axis=-1), first_B[:, None], axis=-1)[:, 0]
+        scores = scores._replace(target_BW=scores.target_BW.at[jnp.arange(b), last_B].set(logp_first_B))
     wants_B = prompts.max_new_B > 0
     rows_B = jnp.arange(b)
     seq_BS = jnp.zeros((b, s), jnp.int32).at[:, : min(t, s)].set(prompts.tokens_BT[:, :s])
@@ -181,7 +212,7 @@ def prefill_rows(
         sampling=SamplingParams(*(jnp.asarray(a) for a in prompts.sampling)),
         stop_ids_BX=prompts.stop_ids_BX,
     )
-    return rows, logits_BV
+    return rows, logits_BV, scores
 
 
 def insert(state: DecodeState, rows: DecodeState, slots_B: jax.Array, mesh: Mesh | None = None) -> DecodeState:
@@ -280,7 +311,7 @@ def _request_keys(seed: jax.Array, n: int) -> jax.Array:
 # Jitted once per (cfg, shapes, mesh); the state is donated so the cache is updated in place.
 init_state_jit = jax.jit(init_state, static_argnums=(0, 1, 2, 3, 4))
 prefill_jit = jax.jit(prefill, static_argnums=(0, 5), donate_argnums=2)
-prefill_rows_jit = jax.jit(prefill_rows, static_argnums=(0, 3, 4))
+prefill_rows_jit = jax.jit(prefill_rows, static_argnums=(0, 3, 4, 5))
 insert_jit = jax.jit(insert, static_argnums=3, donate_argnums=0)
 decode_step_jit = jax.jit(decode_step, static_argnums=(0, 3), donate_argnums=2)
 decode_jit = jax.jit(decode, static_argnums=(0, 4), donate_argnums=2)

@@ -165,8 +165,29 @@ def test_rows_that_finish_together_are_scored_in_one_padded_call(client, monkeyp
         return score_tokens(cfg, params, tokens_BT, *args)
 
     monkeypatch.setattr(engine_module, "score_tokens", counting)
-    post(client, {"prompt": [PROMPT, "the dog"], "echo": True, "max_tokens": 0, "logprobs": 1})
+    post(client, {"prompt": [PROMPT, "the dog"], "echo": True, "max_tokens": 2, "logprobs": 1, "ignore_eos": True})
     assert shapes == [(2, 16)]  # both rows finish in one loop: one call, a (batch, length) bucket
+
+
+def test_one_token_scoring_is_done_by_the_prefill_alone(client, llama, serve_tokenizer, monkeypatch):
+    """echo with max_tokens 0 or 1 (lm-eval's loglikelihood): no second pass, the same values and top-k."""
+    import jaxllm.serve.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "score_tokens", lambda *a: pytest.fail("scored by a second pass"))
+    model, _, _ = llama
+    ids = serve_tokenizer.encode(PROMPT).ids
+    for max_tokens in (0, 1):
+        body = post(client, {"prompt": ids, "echo": True, "max_tokens": max_tokens, "logprobs": 5, "temperature": 0})
+        lp = body["choices"][0]["logprobs"]
+        seq = ids + [int(np.argmax(hf_logprobs(model, ids)[-1]))] * max_tokens
+        ref = hf_logprobs(model, seq)
+        assert lp["tokens"] == [token_string(serve_tokenizer, i) for i in seq]
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        for p in range(1, len(seq)):
+            assert abs(lp["token_logprobs"][p] - ref[p - 1, seq[p]]) < TOL
+            values, top_ids = torch.topk(torch.from_numpy(ref[p - 1]), 5)
+            assert list(lp["top_logprobs"][p]) == [token_string(serve_tokenizer, int(i)) for i in top_ids]
+            assert np.max(np.abs(np.array(list(lp["top_logprobs"][p].values())) - values.numpy())) < TOL
 
 
 def test_chat_logprobs_have_openai_shape(client, llama, chat_codec):

@@ -28,7 +28,10 @@ Built on the slot engine (`jaxllm.slots`: `prefill`, `decode`) and the host help
   generation: each loop, the rows that finished in it and want scores are run together through one
   jitted full forward over prompt + completion (`jaxllm.scoring.score_tokens`; rows padded to a
   power-of-two batch of up to `max_score_batch` and a length bucket, so few shapes compile), and only
-  then is their `Finished` posted, carrying the `Scores`.
+  then is their `Finished` posted, carrying the `Scores`. A row that wants at most one token (lm-eval's
+  `loglikelihood`: `echo`, `max_tokens` 0 or 1) is scored by its prefill instead, which then also runs the
+  output head over every prompt position (`jaxllm.slots.PromptScores`): one pass over the prompt, not
+  two; its token is sampled from the same logits as without scores.
 - Row i of a request draws with the key fold_in(key(seed), i), whichever slot it lands in and
   whatever shares the batch: a request gives what `jaxllm.generate` gives for the same arguments.
 """
@@ -54,9 +57,10 @@ from jaxllm.model import Params
 from jaxllm.request import Request
 from jaxllm.scoring import score_tokens
 from jaxllm.serve.errors import ServeError, queue_full, timed_out, unavailable
-from jaxllm.serve.logprobs import Scores, Scoring
+from jaxllm.serve.logprobs import MAX_TOP, Scores, Scoring
 from jaxllm.sharding import mesh_of
 from jaxllm.slots import (
+    PromptScores,
     batch_bucket,
     bucket,
     decode_jit,
@@ -174,10 +178,17 @@ class _Row:
     index: int
     collector: Collector
     text: TextStream  # final tokens so far (the Collector's callback pushes them) and the text posted
+    # A one-token scoring row's log-probabilities from its prefill (host `PromptScores` arrays, its index).
+    prefill_scores: tuple[PromptScores, int] | None = None
 
     @property
     def prompt(self) -> list[int]:
         return self.job.req.prompts[self.index]
+
+    @property
+    def scored_in_prefill(self) -> bool:
+        """At most one token wanted, with scores: the prefill scores the prompt and that token in one pass."""
+        return self.job.scoring is not None and self.job.req.max_new_tokens <= 1
 
 
 class Engine:
@@ -485,8 +496,13 @@ class Engine:
         slots_B[: len(chunk)] = [slot for slot, _ in chunk]
         rows = [(row.prompt, row.job.req, row.job.key_data[row.index]) for _, row in chunk]
         prompts = pack_prompts(rows, b, self._cache_len, s.max_stop_ids)
-        new_rows, _ = prefill_rows_jit(self.cfg, self.params, prompts, self._cache_len, self.mesh)
+        top = MAX_TOP if any(row.scored_in_prefill for _, row in chunk) else 0
+        new_rows, _, scores = prefill_rows_jit(self.cfg, self.params, prompts, self._cache_len, self.mesh, top)
         self._state = insert_jit(self._state, new_rows, slots_B, self.mesh)
+        if scores is not None:
+            host = jax.device_get(scores)
+            for j, (_, row) in enumerate(chunk):
+                row.prefill_scores = (host, j) if row.scored_in_prefill else None
 
     def _deliver(self) -> None:
         """Read every busy slot's tokens back, post its new text, and free the slots that finished."""
@@ -507,7 +523,11 @@ class Engine:
                 if row.collector.final[0]:
                     completion = row.collector.results[0]
                     rest = row.text.finish(completion.text or "")
-                    if row.job.scoring is not None:
+                    if row.prefill_scores is not None:  # scored by its prefill: no second pass
+                        host, j = row.prefill_scores
+                        scores = self._scores(row, host.target_BW[j], host.top_logp_BWK[j], host.top_ids_BWK[j])
+                        row.job.events.put(Finished(row.index, new_text + rest, completion, scores))
+                    elif row.job.scoring is not None:
                         self._to_score.append((row, new_text + rest))  # posted once scored, this loop
                     else:
                         row.job.events.put(Finished(row.index, new_text + rest, completion))
@@ -558,19 +578,22 @@ class Engine:
         for j, seq in enumerate(seqs):
             tokens_BT[j, : len(seq)] = seq
         target_BT, top_logp_BTK, top_ids_BTK = jax.device_get(score_tokens(self.cfg, self.params, tokens_BT))
-        out = []
-        for j, (row, seq) in enumerate(zip(rows, seqs, strict=True)):
-            scoring = row.job.scoring
-            assert scoring is not None
-            start = 0 if scoring.echo else len(row.prompt)
-            logprobs: list[float | None] = []
-            top: list[list[tuple[int, float]] | None] = []
-            for p in range(start, len(seq)):  # index p - 1 holds token p's scores; token 0 has none
-                ids, values = top_ids_BTK[j, p - 1, : scoring.top], top_logp_BTK[j, p - 1, : scoring.top]
-                logprobs.append(None if p == 0 else float(target_BT[j, p - 1]))
-                top.append(None if p == 0 else [(int(i), float(v)) for i, v in zip(ids, values, strict=True)])
-            out.append(Scores(seq[start:], logprobs, top))
-        return out
+        return [self._scores(row, target_BT[j], top_logp_BTK[j], top_ids_BTK[j]) for j, row in enumerate(rows)]
+
+    def _scores(self, row: _Row, target_T: np.ndarray, top_logp_TK: np.ndarray, top_ids_TK: np.ndarray) -> Scores:
+        """A finished row's `Scores` from arrays whose index p - 1 holds token p's log-probability and its
+        position's best alternatives (`score_tokens`, or a scoring prefill's `PromptScores`)."""
+        scoring = row.job.scoring
+        assert scoring is not None
+        seq = self._sequence(row)
+        start = 0 if scoring.echo else len(row.prompt)
+        logprobs: list[float | None] = []
+        top: list[list[tuple[int, float]] | None] = []
+        for p in range(start, len(seq)):  # token 0 has no scores: nothing precedes it
+            ids, values = top_ids_TK[p - 1, : scoring.top], top_logp_TK[p - 1, : scoring.top]
+            logprobs.append(None if p == 0 else float(target_T[p - 1]))
+            top.append(None if p == 0 else [(int(i), float(v)) for i, v in zip(ids, values, strict=True)])
+        return Scores(seq[start:], logprobs, top)
 
     def _close_if_abandoned(self, job: Job) -> bool:
         """Close a cancelled or expired job (posting `Failed` when expired); True if it is closed."""
