@@ -347,11 +347,10 @@ def markdown(results: dict) -> str:
         "`<|im_end|>`); tokens/s counts completion tokens. `score`: what lm-eval-harness's `local-completions` "
         "sends to score a choice, `POST /v1/completions` with `echo: true, logprobs: 1, max_tokens: 1, "
         "temperature: 0` on English passages of 45-150 tokens; tokens/s counts prompt tokens scored (their "
-        "log-probabilities returned). A scoring request costs two full forwards over its prompt (the prefill, "
-        "then the post-hoc scoring pass, batched over rows that finish in the same loop, up to 4), both "
-        "compute-bound on this CPU, unlike decode, which is bound by reading the weights: more clients "
-        "cannot multiply its tokens/s the way they do chat's, and here prefills go one prompt at a time; "
-        "its mean decode batch is not the whole story.",
+        "log-probabilities returned). A scoring request costs one forward over its prompt (its prefill, which "
+        "also runs the output head at every position for a request of at most one token), compute-bound on "
+        "this CPU, unlike decode, which is bound by reading the weights: more clients cannot multiply its "
+        "tokens/s the way they do chat's.",
         "",
         *table(chat["levels"]),
         "",
