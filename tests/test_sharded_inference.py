@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 from jaxllm import ModelConfig, generate, init_params, save_params
@@ -19,7 +20,10 @@ from jaxllm.checkpoint import load_params, load_params_on_mesh
 from jaxllm.generate_command import sample_checkpoint
 from jaxllm.generation import _prefilled
 from jaxllm.request import Sampling, check_request
+from jaxllm.scoring import score_tokens
 from jaxllm.serve import EngineSettings
+from jaxllm.serve.engine import Finished
+from jaxllm.serve.logprobs import Scoring
 from jaxllm.serve.server import load_engine
 
 from serve_helpers import collect
@@ -69,9 +73,20 @@ def test_sharded_serving_gives_the_same_greedy_tokens_as_one_device(llama_checkp
                 for p in PROMPTS]  # fmt: skip
         served = [collect(job, timeout=300)[0].tokens for job in jobs]
         assert engine._state.cache[0].k_BKSH.sharding.spec[:2] == ("data", "tensor")  # 4 slots over data
+        # One-token scoring (its prefill scores the prompt) on the mesh: one device's log-probabilities.
+        scored = engine.submit(check_request(cfg, [PROMPTS[1]], Sampling(max_new_tokens=1, temperature=0.0), None),
+                               Scoring(echo=True, top=2))  # fmt: skip
+        event = scored.events.get(timeout=300)
+        assert isinstance(event, Finished), event
     finally:
         engine.stop()
     assert served == generate(cfg, params, PROMPTS, max_new_tokens=30, temperature=0)
+    seq = PROMPTS[1] + served[1][:1]  # the greedy first token, as generated above
+    target_BT, top_logp_BTK, _ = score_tokens(cfg, params, np.asarray([seq]))
+    assert event.scores.tokens == seq and event.scores.logprobs[0] is None
+    assert np.allclose(event.scores.logprobs[1:], np.asarray(target_BT)[0], atol=1e-4)
+    assert np.allclose([[v for _, v in top] for top in event.scores.top[1:]], np.asarray(top_logp_BTK)[0, :, :2],
+                       atol=1e-4)  # fmt: skip
 
 
 def test_jaxllm_generate_with_mesh_overrides_prints_what_one_device_prints(llama_checkpoint):
