@@ -49,6 +49,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.model import Cache, Params, cache_axes, forward_cached, init_cache
 from jaxllm.request import Request
 from jaxllm.sampling import SamplingParams, sample
+from jaxllm.scoring import token_scores
 
 MIN_BUCKET = 16  # the shortest prompt / cache bucket; longer ones double up to the context length
 PREFILL_CHUNK = 64  # prompt tokens per step of a prefill (at most the cache length)
@@ -175,23 +176,18 @@ def prefill_rows(
             logits, cache = forward_cached(cfg, params, tokens_BC, positions_BC, cache, at_B, all_logits=k > 0)
         if k > 0:
             logits, all_BCV = logits
-            logp_BCV = jax.nn.log_softmax(all_BCV, axis=-1)
-            next_BC = jax.lax.dynamic_slice_in_dim(next_BW, start, c, axis=1)
-            chunk_scores = (
-                jnp.take_along_axis(logp_BCV, next_BC[..., None], axis=-1)[..., 0],
-                *jax.lax.top_k(logp_BCV, k),
-            )
+            chunk_scores = token_scores(all_BCV, jax.lax.dynamic_slice_in_dim(next_BW, start, c, axis=1), k)
             scores = PromptScores(*(jax.lax.dynamic_update_slice_in_dim(a, x, start, axis=1)
                                     for a, x in zip(scores, chunk_scores, strict=True)))  # fmt: skip
         here_B = (last_B >= start) & (last_B < start + c)
         return cache, jnp.where(here_B[:, None], logits[:, 0], logits_BV), scores
 
     chunks = (jnp.max(prompts.lengths_B) + c - 1) // c
-    no_scores = None
+    zero_scores = None
     if k > 0:
-        no_scores = PromptScores(jnp.zeros((b, w), jnp.float32), jnp.zeros((b, w, k), jnp.float32),
-                                 jnp.zeros((b, w, k), jnp.int32))  # fmt: skip
-    empty = (init_cache(cfg, b, s), jnp.zeros((b, cfg.vocab_size), jnp.float32), no_scores)
+        zero_scores = PromptScores(jnp.zeros((b, w), jnp.float32), jnp.zeros((b, w, k), jnp.float32),
+                                   jnp.zeros((b, w, k), jnp.int32))  # fmt: skip
+    empty = (init_cache(cfg, b, s), jnp.zeros((b, cfg.vocab_size), jnp.float32), zero_scores)
     new_cache, logits_BV, scores = jax.lax.fori_loop(0, chunks, chunk, empty)
     first_B = sample(logits_BV, jax.vmap(jax.random.fold_in)(prompts.keys_B, last_B), prompts.sampling)
     if scores is not None:  # the last position's token is the one sampled, from the logits it was sampled from
