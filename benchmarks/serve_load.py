@@ -44,7 +44,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.machine import cpu_slug, write_results
+from benchmarks.machine import cpu_model, cpu_slug, cpu_topology, write_results
 
 PROMPTS = [
     "def main():",
@@ -255,15 +255,10 @@ def machine() -> dict:
     import jax
     import numpy as np
 
-    cpu = platform.processor() or "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        cpu = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name:")), cpu)
-    except (OSError, subprocess.CalledProcessError):
-        pass
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
+        "cpu_topology": cpu_topology(),
         "python": platform.python_version(),
         "jax": jax.__version__,
         "jax_backend": jax.default_backend(),
@@ -308,6 +303,7 @@ def goal_line(levels: list[dict]) -> str:
 
 def markdown(results: dict) -> str:
     m, s = results["machine"], results["settings"]
+    topology = f" ({m['cpu_topology']})" if m.get("cpu_topology") else ""  # results before it was recorded: none
     lines = [
         "# Serving load (CPU)",
         "",
@@ -317,7 +313,7 @@ def markdown(results: dict) -> str:
         f"threads in the benchmark process, back-to-back requests, `max_tokens` {s['max_tokens']}, "
         f"temperature 0.8; {s['seconds']:g} s per level after a 1 s warm-up.",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores (shared by server and clients); Python {m['python']}, "
+        f"Machine: {m['cpu']}, {m['cores']} cores{topology} (shared by server and clients); Python {m['python']}, "
         f"jax {m['jax']} ({m['jax_backend']}), numpy {m['numpy']}, flask {m['flask']}, waitress {m['waitress']}. "
         f"Load average (1 min) before the run: {m['load_average_1min_before']:.2f}; after it, "
         f"{m['load_average_1min_after']:.2f}. The machine is shared with other engineers' jobs (tests, "
